@@ -1,0 +1,184 @@
+"""HyperAttention as a plan of pieces, run forward and backward on any backend.
+
+A *plan* splits one attention call into pieces whose (query, key) supports are disjoint:
+
+* non-causal: one rectangle, exact if it has fewer than ``min_seq_len`` query rows, else
+  sortLSH block diagonal plus sampled residual (a :class:`SparseStructure`);
+* causal (square part aligned bottom-right, so ``Nq <= Nk``): the prefix keys every query sees
+  form one rectangle; the square is split at its middle recursively, each level's lower-left
+  rectangles forming one sparse call (batched over the level), while a diagonal block whose
+  lower half would have fewer than ``min_seq_len`` rows is a leaf computed exactly (all leaves in
+  one call).
+
+Each piece's kernel merges its partial softmax into a running ``(out, lse)``; the gradient of
+the whole is the sum of the pieces' gradients computed with the final ``out`` and ``lse``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from array_api_compat import array_namespace, device
+
+from .config import HyperAttentionConfig
+from .protocol import Backend, Segments, SparseStructure
+
+
+@dataclass(frozen=True)
+class ExactPiece:
+    segments: Segments
+    causal: bool
+
+
+@dataclass(frozen=True)
+class SparsePiece:
+    structure: SparseStructure
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything random or data-dependent about one call; reused by its backward."""
+
+    pieces: tuple
+    scale: float
+
+
+def draw_projections(rng: np.random.Generator, head_dim: int, num_projs: int) -> np.ndarray:
+    """Gaussian hyperplanes of the sortLSH, float64 [D, r]."""
+    return rng.standard_normal((head_dim, num_projs))
+
+
+def causal_split(n_q: int, min_seq_len: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int, int]]]]:
+    """Split the causal square ``[0, n_q)`` into exact leaves and levels of rectangles.
+
+    Returns ``(leaves, levels)``: leaves are ``(start, end)`` diagonal blocks; each level is a list
+    of ``(start, mid, end)``: rows ``[mid, end)`` attend to keys ``[start, mid)``.  A block of at
+    least two rows is split while its lower half ``end - mid`` has at least ``min_seq_len`` rows.
+    """
+    leaves, levels = [], []
+    frontier = [(0, n_q)]
+    while frontier:
+        level, next_frontier = [], []
+        for start, end in frontier:
+            mid = start + (end - start) // 2
+            if end - start < 2 or end - mid < min_seq_len:
+                leaves.append((start, end))
+            else:
+                level.append((start, mid, end))
+                next_frontier += [(start, mid), (mid, end)]
+        if level:
+            levels.append(level)
+        frontier = next_frontier
+    return leaves, levels
+
+
+def plan_attention(
+    backend: Backend,
+    q,
+    k,
+    *,
+    causal: bool,
+    scale: float,
+    config: HyperAttentionConfig,
+    projections: np.ndarray,
+    rng: np.random.Generator,
+) -> Plan:
+    """Decide the pieces of one call.  q, k native [B, H, N, D]; projections float64 [D, r]."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    exact_ranges, sparse_calls = [], []
+
+    def rectangle(q0, q1, k0, k1):
+        if q1 - q0 < config.min_seq_len:
+            exact_ranges.append((q0, q1, k0, k1))
+        else:
+            sparse_calls.append([(q0, q1, k0, k1)])
+
+    pieces = []
+    if not causal:
+        rectangle(0, n_q, 0, n_k)
+        if exact_ranges:
+            pieces.append(ExactPiece(Segments.from_ranges(exact_ranges), causal=False))
+    else:
+        offset = n_k - n_q
+        leaves, levels = causal_split(n_q, config.min_seq_len)
+        if not levels:  # the whole call is one exact causal rectangle, prefix included
+            exact_ranges = [(0, n_q, 0, n_k)]
+        else:
+            if offset > 0:
+                rectangle(0, n_q, 0, offset)
+            if exact_ranges:
+                pieces.append(ExactPiece(Segments.from_ranges(exact_ranges), causal=False))
+            exact_ranges = [(s, e, s + offset, e + offset) for s, e in leaves]
+            sparse_calls += [[(mid, end, start + offset, mid + offset) for start, mid, end in level] for level in levels]
+        pieces.append(ExactPiece(Segments.from_ranges(exact_ranges), causal=True))
+
+    if sparse_calls:
+        xp = array_namespace(q)
+        compute_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
+        proj = xp.asarray(projections, dtype=compute_dtype, device=device(q))
+        q_codes = backend.lsh_codes(q, proj)
+        k_codes = backend.lsh_codes(k, proj)
+        for ranges in sparse_calls:
+            segments = Segments.from_ranges(ranges)
+            pieces.append(SparsePiece(_sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng)))
+    return Plan(tuple(pieces), float(scale))
+
+
+def _sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> SparseStructure:
+    xp = array_namespace(q)
+    q_order, _ = backend.segment_sort(q_codes, segments.q_start, segments.q_end)
+    k_order, k_rank = backend.segment_sort(k_codes, segments.k_start, segments.k_end)
+    m = config.sample_size
+    n_k = segments.k_len
+    samples = None
+    if m > 0:
+        batch, kv_heads = k.shape[0], k.shape[1]
+        drawn = rng.integers(0, n_k[None, None, :, None], size=(batch, kv_heads, len(segments), m))
+        drawn += segments.k_start[None, None, :, None]
+        samples = xp.asarray(drawn.astype(np.int64), device=device(k))
+    log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
+    return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
+
+
+def _accumulator_dtype(xp, x):
+    return xp.float64 if x.dtype == xp.float64 else xp.float32
+
+
+def run_forward(backend: Backend, plan: Plan, q, k, v):
+    """Run every piece: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq]) in the accumulator dtype."""
+    xp = array_namespace(q)
+    dtype = _accumulator_dtype(xp, q)
+    batch, heads, n_q = q.shape[:3]
+    out = xp.zeros((batch, heads, n_q, v.shape[3]), dtype=dtype, device=device(q))
+    lse = xp.full((batch, heads, n_q), -math.inf, dtype=dtype, device=device(q))
+    for piece in plan.pieces:
+        if isinstance(piece, ExactPiece):
+            backend.exact_forward(q, k, v, piece.segments, piece.causal, plan.scale, out, lse)
+        else:
+            backend.sparse_forward(q, k, v, piece.structure, plan.scale, out, lse)
+    return out, lse
+
+
+def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=None):
+    """Gradients (dq, dk, dv) in the accumulator dtype of the output ``out`` with final ``lse``.
+
+    ``dlse`` [B, Hq, Nq] (optional) is the gradient with respect to the returned log-sum-exp:
+    since d lse_i / d s_ij = p_ij it folds into ``delta_i = dout_i · out_i - dlse_i``.
+    """
+    xp = array_namespace(q)
+    dtype = _accumulator_dtype(xp, q)
+    dout = xp.astype(dout, dtype)
+    delta = xp.sum(dout * xp.astype(out, dtype), axis=-1)
+    if dlse is not None:
+        delta = delta - xp.astype(dlse, dtype)
+    dq = xp.zeros(q.shape, dtype=dtype, device=device(q))
+    dk = xp.zeros(k.shape, dtype=dtype, device=device(q))
+    dv = xp.zeros(v.shape, dtype=dtype, device=device(q))
+    for piece in plan.pieces:
+        if isinstance(piece, ExactPiece):
+            backend.exact_backward(q, k, v, lse, dout, delta, piece.segments, piece.causal, plan.scale, dq, dk, dv)
+        else:
+            backend.sparse_backward(q, k, v, lse, dout, delta, piece.structure, plan.scale, dq, dk, dv)
+    return dq, dk, dv

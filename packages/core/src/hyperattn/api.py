@@ -1,0 +1,223 @@
+"""The front door: validation, backend resolution, and the run of a plan."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _arrays
+from .algorithm import ExactPiece, Plan, draw_projections, plan_attention, run_forward
+from .config import HyperAttentionConfig
+from .protocol import Backend, Segments
+from .registry import FIRST_PARTY, available_backends, backend_status, known_backend_names
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The validated description of one call's inputs."""
+
+    array_type: str
+    device: str
+    dtype: str
+    batch: int
+    q_heads: int
+    kv_heads: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    v_head_dim: int
+    requires_grad: bool
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        return (self.head_dim, self.v_head_dim)
+
+
+def validate_inputs(q, k, v, *, causal: bool) -> Problem:
+    """Check q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv]; raise naming what is wrong."""
+    arrays = {"q": q, "k": k, "v": v}
+    for name, x in arrays.items():
+        if _arrays.array_type(x) is None:
+            raise TypeError(f"{name} must be a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(x).__name__}")
+    kinds = {name: _arrays.array_type(x) for name, x in arrays.items()}
+    if len(set(kinds.values())) > 1:
+        raise TypeError(f"q, k and v must be arrays of one type, got {kinds}")
+    devices = {name: _arrays.device_name(x) for name, x in arrays.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"q, k and v must be on one device, got {devices}")
+    dtypes = {name: _arrays.dtype_name(x) for name, x in arrays.items()}
+    for name, dtype in dtypes.items():
+        if dtype not in _arrays.FLOAT_DTYPES:
+            raise TypeError(f"{name} must have a floating dtype {_arrays.FLOAT_DTYPES}, got {dtype}")
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"q, k and v must have one dtype, got {dtypes}")
+    layouts = {"q": "[B, Hq, Nq, D]", "k": "[B, Hk, Nk, D]", "v": "[B, Hk, Nk, Dv]"}
+    for name, x in arrays.items():
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must have 4 dimensions {layouts[name]}, got shape {tuple(x.shape)}")
+        if 0 in tuple(x.shape):
+            raise ValueError(f"{name} must not be empty: {layouts[name]}, got shape {tuple(x.shape)}")
+    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = (
+        tuple(q.shape),
+        tuple(k.shape),
+        tuple(v.shape),
+    )
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not batch == kb == vb:
+        raise ValueError(f"q, k and v must have one batch size B, got {shapes}")
+    if kv_heads != vh:
+        raise ValueError(f"k and v must have the same number of heads Hk, got {shapes}")
+    if n_k != vn:
+        raise ValueError(f"k and v must have the same length Nk, got {shapes}")
+    if kd != head_dim:
+        raise ValueError(f"q and k must have the same head dim D, got {shapes}")
+    if q_heads % kv_heads:
+        raise ValueError(
+            f"the number of query heads Hq must be a multiple of the KV heads Hk (GQA), got Hq={q_heads}, Hk={kv_heads}"
+        )
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if causal and n_q > n_k:
+        raise ValueError(
+            f"causal=True needs Nq <= Nk (the mask is aligned bottom-right), got Nq={n_q}, Nk={n_k}"
+        )
+    return Problem(
+        kinds["q"], devices["q"], dtypes["q"], batch, q_heads, kv_heads, n_q, n_k, head_dim, v_head_dim,
+        _arrays.requires_grad(q, k, v),
+    )
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` by default, else a finite positive number."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def make_rng(seed) -> np.random.Generator:
+    """One NumPy generator per call: every backend sees the same draws for the same seed."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+def _unsupported_reason(status, problem: Problem) -> str | None:
+    if not status.available:
+        return status.reason
+    backend = status.backend
+    reason = backend.unsupported_reason(problem.array_type, problem.device, problem.dtype, problem.head_dims)
+    if reason is None and problem.requires_grad and not backend.capabilities.supports_backward:
+        reason = "inputs require grad but this backend has no backward"
+    return reason
+
+
+def resolve_backend(name, problem: Problem) -> Backend:
+    """The backend that runs ``problem``: the named one, or for "auto" the fastest that can."""
+    names = known_backend_names()
+    if not isinstance(name, str) or (name != "auto" and name not in names):
+        raise ValueError(f"backend must be one of {('auto',) + names}, got {name!r}")
+    if name != "auto":
+        status = backend_status(name)
+        reason = _unsupported_reason(status, problem)
+        if reason is not None:
+            extra = "" if status.available else f"; install it with: {status.install_hint}"
+            raise ValueError(f"backend {name!r} cannot run these inputs ({_describe(problem)}): {reason}{extra}")
+        return status.backend
+    statuses = sorted(
+        available_backends(), key=lambda s: -(s.backend.capabilities.priority if s.available else -1)
+    )
+    reasons = []
+    for status in statuses:
+        reason = _unsupported_reason(status, problem)
+        if reason is None:
+            return status.backend
+        hint = "" if status.available else f" [install: {status.install_hint}]"
+        reasons.append(f"  {status.name}: {reason}{hint}")
+    raise ValueError(f"no backend can run these inputs ({_describe(problem)}):\n" + "\n".join(reasons))
+
+
+def _describe(problem: Problem) -> str:
+    return (
+        f"{problem.array_type} {problem.dtype} on {problem.device}, "
+        f"D={problem.head_dim}, Dv={problem.v_head_dim}" + (", requires grad" if problem.requires_grad else "")
+    )
+
+
+def execute(backend: Backend, q, k, v, make_plan, *, return_lse: bool, problem: Problem):
+    """Run ``make_plan(q_native, k_native) -> Plan`` on ``backend``; outputs like q."""
+    if problem.requires_grad:
+        from .nn import planned_attention
+
+        out, lse = planned_attention(backend, q, k, v, make_plan)
+    else:
+        qn, kn, vn = (backend.to_native(x) for x in (q, k, v))
+        out_n, lse_n = run_forward(backend, make_plan(qn, kn), qn, kn, vn)
+        out = backend.from_native(out_n, q)
+        lse = backend.from_native(lse_n, q, dtype=lse_dtype(problem.dtype)) if return_lse else None
+    return (out, lse) if return_lse else out
+
+
+def lse_dtype(dtype: str) -> str:
+    """The log-sum-exp is float32, float64 for float64 inputs."""
+    return "float64" if dtype == "float64" else "float32"
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    block_size: int = 256,
+    sample_size: int = 256,
+    lsh_num_projs: int = 7,
+    min_seq_len: int = 4096,
+    seed: int | None = None,
+    return_lse: bool = False,
+):
+    """HyperAttention of q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] -> out [B, Hq, Nq, Dv].
+
+    With ``return_lse=True`` returns ``(out, lse)``, lse [B, Hq, Nq] float32 (float64 for float64
+    inputs), natural log of the softmax normaliser of the scaled scores.  ``Hq % Hk == 0`` (GQA /
+    MQA without copying K and V).  ``causal`` aligns the mask bottom-right and needs Nq <= Nk.
+    ``seed`` makes the call deterministic and identical on every backend; None draws fresh.
+    """
+    config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len)
+    problem = validate_inputs(q, k, v, causal=causal)
+    scale = resolve_scale(scale, problem.head_dim)
+    _check_flag("return_lse", return_lse)
+    rng = make_rng(seed)
+    projections = draw_projections(rng, problem.head_dim, config.lsh_num_projs)
+    impl = resolve_backend(backend, problem)
+
+    def make_plan(qn, kn) -> Plan:
+        return plan_attention(
+            impl, qn, kn, causal=bool(causal), scale=scale, config=config, projections=projections, rng=rng
+        )
+
+    return execute(impl, q, k, v, make_plan, return_lse=return_lse, problem=problem)
+
+
+def exact_attention(q, k, v, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):
+    """Exact softmax attention (same shapes, GQA and causal convention as :func:`attention`)."""
+    problem = validate_inputs(q, k, v, causal=causal)
+    scale = resolve_scale(scale, problem.head_dim)
+    _check_flag("return_lse", return_lse)
+    impl = resolve_backend("auto", problem)
+    plan = Plan((ExactPiece(Segments.from_ranges([(0, problem.n_q, 0, problem.n_k)]), bool(causal)),), scale)
+    return execute(impl, q, k, v, lambda qn, kn: plan, return_lse=return_lse, problem=problem)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+__all__ = ["attention", "exact_attention", "FIRST_PARTY"]

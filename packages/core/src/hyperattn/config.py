@@ -1,0 +1,46 @@
+"""The parameters of HyperAttention, validated once."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+#: Codes are sorted together with a 31-bit row label in one int64 key, so at most 32 bits.
+MAX_LSH_NUM_PROJS = 32
+
+
+def check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` as an int, or raise naming ``name``, the expected and the actual value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        expected = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {expected}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class HyperAttentionConfig:
+    """Parameters of the approximation (defaults of arXiv 2310.05869).
+
+    block_size:     rows per block of the sorted block diagonal (>= 1).
+    sample_size:    uniformly sampled keys per batch, KV head and rectangle (>= 0; 0 = none).
+    lsh_num_projs:  random hyperplanes of the sortLSH, i.e. bits of the bucket code (1..32).
+    min_seq_len:    pieces with fewer query rows than this are computed exactly (>= 1).
+    """
+
+    block_size: int = 256
+    sample_size: int = 256
+    lsh_num_projs: int = 7
+    min_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_size", check_int("block_size", self.block_size, minimum=1))
+        object.__setattr__(self, "sample_size", check_int("sample_size", self.sample_size, minimum=0))
+        object.__setattr__(
+            self,
+            "lsh_num_projs",
+            check_int("lsh_num_projs", self.lsh_num_projs, minimum=1, maximum=MAX_LSH_NUM_PROJS),
+        )
+        object.__setattr__(self, "min_seq_len", check_int("min_seq_len", self.min_seq_len, minimum=1))

@@ -1,0 +1,164 @@
+"""What a backend must provide, and the record of what it can run.
+
+The core decides *what* is computed (random draws, rectangles, block size, samples); a backend
+computes attention over a given structure.  Every kernel *accumulates*: forward kernels merge
+their partial softmax into a running ``(out, lse)`` by log-sum-exp, backward kernels add into
+``dq, dk, dv``.  So the pieces of one call (exact leaves, sparse rectangles) can run in any order.
+
+Conventions, for every kernel:
+  q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] in the backend's native array type and
+  compute dtype; query head h reads KV head ``h // (Hq // Hk)`` (GQA, never expanded).
+  out [B, Hq, Nq, Dv] and lse [B, Hq, Nq] are the accumulators (float32, float64 for float64
+  inputs); an untouched row has ``out = 0, lse = -inf``.  lse is the natural log of the
+  (weighted) softmax normaliser of the *scaled* scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Array = Any  # the backend's native array (numpy.ndarray, torch.Tensor, cupy.ndarray)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Rectangles computed by one kernel call, host int64 arrays of shape [S].
+
+    Rows ``[q_start[s], q_end[s])`` attend to keys ``[k_start[s], k_end[s])``.  Query ranges of
+    one call are disjoint, and so are key ranges, so a kernel may write both without races.
+    For a causal rectangle the mask is aligned bottom-right: local row r sees local keys
+    ``j <= r + (n_k - n_q)`` (FlashAttention >= 2.1 convention).
+    """
+
+    q_start: np.ndarray
+    q_end: np.ndarray
+    k_start: np.ndarray
+    k_end: np.ndarray
+
+    @classmethod
+    def from_ranges(cls, ranges) -> Segments:
+        """From an iterable of ``(q_start, q_end, k_start, k_end)`` tuples."""
+        table = np.asarray(list(ranges), dtype=np.int64).reshape(-1, 4)
+        return cls(*(np.ascontiguousarray(table[:, i]) for i in range(4)))
+
+    @property
+    def table(self) -> np.ndarray:
+        """[S, 4] int64: q_start, q_end, k_start, k_end."""
+        return np.stack([self.q_start, self.q_end, self.k_start, self.k_end], axis=1)
+
+    @property
+    def q_len(self) -> np.ndarray:
+        return self.q_end - self.q_start
+
+    @property
+    def k_len(self) -> np.ndarray:
+        return self.k_end - self.k_start
+
+    def __len__(self) -> int:
+        return len(self.q_start)
+
+
+def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):
+    """First sorted query rank of key block ``block`` (vectorised, exact integer arithmetic).
+
+    Sorted queries are split in proportion to sorted keys: query rank t belongs to block
+    ``(t * n_k // n_q) // block_size``, so with n_q == n_k the query and key blocks coincide and
+    with n_q != n_k each block receives its share.  Block i holds query ranks
+    ``[query_block_bounds(i), query_block_bounds(i + 1))``, clipped to ``n_q``.
+    """
+    start = -((-np.asarray(block, dtype=np.int64) * block_size * n_q) // n_k)  # ceil division
+    return np.minimum(start, n_q)
+
+
+@dataclass(frozen=True)
+class SparseStructure:
+    """The sorted block diagonal plus sampled keys of one call (HyperAttention steps 1-3).
+
+    q_order  native int64 [B, Hq, Nq]: inside each segment's query range, the row indices of
+             that range sorted by LSH bucket rank (absolute indices).
+    k_order  native int64 [B, Hk, Nk]: the same for keys.
+    k_rank   native int64 [B, Hk, Nk]: position of key j in its segment's sorted order
+             (``k_order[k_start + k_rank[j]] == j``); key block of j is ``k_rank[j] // block_size``.
+    samples  native int64 [B, Hk, S, m] absolute key indices drawn uniformly with replacement
+             from each segment's key range, or None when m == 0.  A query attends to a sample
+             unless the sample lies in the query's own key block; each draw has weight
+             ``n_k / m``, i.e. ``log_sample_weight[s]`` is added to its score.
+    """
+
+    segments: Segments
+    block_size: int
+    q_order: Array
+    k_order: Array
+    k_rank: Array
+    samples: Array | None
+    log_sample_weight: np.ndarray = field(repr=False)
+
+    @property
+    def sample_size(self) -> int:
+        return 0 if self.samples is None else int(self.samples.shape[-1])
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run; dispatch turns a mismatch into a reason."""
+
+    array_types: tuple[str, ...]  # e.g. ("numpy", "torch")
+    devices: tuple[str, ...]  # e.g. ("cpu",), ("cuda",)
+    dtypes: tuple[str, ...]  # e.g. ("float16", "bfloat16", "float32", "float64")
+    min_head_dim: int = 1
+    max_head_dim: int = 1 << 16
+    supports_backward: bool = True
+    #: Larger runs first under backend="auto".
+    priority: int = 0
+    notes: str = ""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The kernels a backend provides.  See the module docstring for shapes and conventions."""
+
+    name: str
+    capabilities: Capabilities
+
+    def version(self) -> str: ...
+
+    def unsupported_reason(self, array_type: str, device: str, dtype: str, head_dims) -> str | None:
+        """Why this backend cannot run such inputs, or None if it can."""
+
+    def to_native(self, x) -> Array:
+        """The input as this backend's native array in its compute dtype (may copy)."""
+
+    def from_native(self, y: Array, like) -> Any:
+        """``y`` as an array of ``like``'s type, device and dtype."""
+
+    def lsh_codes(self, x: Array, projections: Array) -> Array:
+        """Gray-code rank of the sign pattern of ``x @ projections``: int64 [B, H, N].
+
+        projections [D, r].  Bit j of the code c is ``x · P_j > 0``; the result is the rank of c
+        in the reflected Gray-code sequence, ``c ^ (c >> 1) ^ (c >> 2) ^ ...``.
+        """
+
+    def segment_sort(self, codes: Array, starts: np.ndarray, ends: np.ndarray) -> tuple[Array, Array]:
+        """Stable sort of each range ``[starts[s], ends[s])`` by code: (order, rank), int64 [B, H, N].
+
+        Rows outside every range keep ``order[p] == p`` and ``rank[p] == 0``.
+        """
+
+    def exact_forward(self, q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> None:
+        """Exact attention of each segment, merged into ``(out, lse)``."""
+
+    def sparse_forward(self, q, k, v, structure: SparseStructure, scale: float, out, lse) -> None:
+        """Block diagonal plus weighted samples of each segment, merged into ``(out, lse)``."""
+
+    def exact_backward(
+        self, q, k, v, lse, dout, delta, segments: Segments, causal: bool, scale: float, dq, dk, dv
+    ) -> None:
+        """Add this piece's gradients, using the *final* lse and ``delta = rowsum(dout * out) - dlse``."""
+
+    def sparse_backward(
+        self, q, k, v, lse, dout, delta, structure: SparseStructure, scale: float, dq, dk, dv
+    ) -> None:
+        """Add this piece's gradients (duplicate samples accumulate), as ``exact_backward``."""

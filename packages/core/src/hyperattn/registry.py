@@ -1,0 +1,92 @@
+"""Backends: the first-party ones by module name, others through the ``hyperattn.backends``
+entry-point group.  Loaded lazily; a backend that fails to load is listed with the reason.
+
+A backend module (or entry point) exposes ``get_backend() -> Backend``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from .protocol import Backend
+
+ENTRY_POINT_GROUP = "hyperattn.backends"
+
+
+@dataclass(frozen=True)
+class KnownBackend:
+    name: str
+    module: str
+    distribution: str
+    source_dir: str
+
+
+FIRST_PARTY = {
+    b.name: b
+    for b in (
+        KnownBackend("triton", "hyperattn_triton", "hyperattn-triton", "packages/triton_backend"),
+        KnownBackend("cupy", "hyperattn_cupy", "hyperattn-cupy", "packages/cupy_backend"),
+        KnownBackend("reference", "hyperattn_reference", "hyperattn-reference", "packages/reference"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One row of :func:`available_backends`."""
+
+    name: str
+    available: bool
+    reason: str  # why it is unavailable ("" when available)
+    version: str
+    install_hint: str
+    backend: Backend | None = None
+
+    def __repr__(self) -> str:
+        state = f"available, version {self.version}" if self.available else f"unavailable: {self.reason}"
+        return f"BackendStatus({self.name!r}, {state})"
+
+
+def install_hint(name: str) -> str:
+    known = FIRST_PARTY.get(name)
+    if known is None:
+        return f"install a package that registers the {ENTRY_POINT_GROUP!r} entry point {name!r}"
+    return f"pip install {known.distribution}  (from a checkout: pip install ./{known.source_dir})"
+
+
+def _third_party_entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in FIRST_PARTY}
+
+
+def known_backend_names() -> tuple[str, ...]:
+    return tuple(FIRST_PARTY) + tuple(sorted(_third_party_entry_points()))
+
+
+@lru_cache(maxsize=None)
+def backend_status(name: str) -> BackendStatus:
+    """Load backend ``name`` (once) and report whether it works here."""
+    hint = install_hint(name)
+    try:
+        if name in FIRST_PARTY:
+            module = importlib.import_module(FIRST_PARTY[name].module)
+            factory = module.get_backend
+        else:
+            entry = _third_party_entry_points().get(name)
+            if entry is None:
+                raise LookupError(f"no backend named {name!r}")
+            factory = entry.load()
+            factory = getattr(factory, "get_backend", factory)
+        backend = factory()
+    except ModuleNotFoundError as error:
+        return BackendStatus(name, False, f"not installed ({error})", "", hint)
+    except Exception as error:  # a broken install must not break the other backends
+        return BackendStatus(name, False, f"failed to load: {type(error).__name__}: {error}", "", hint)
+    return BackendStatus(name, True, "", backend.version(), hint, backend)
+
+
+def available_backends() -> list[BackendStatus]:
+    """Every known backend, available or not, with the reason and how to install it."""
+    return [backend_status(name) for name in known_backend_names()]
