@@ -1,0 +1,140 @@
+"""Determinism, causality, NaN handling, dtypes and array types of the public API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_inputs
+
+import hyperattn
+from hyperattn import testing
+
+SPARSE = dict(block_size=32, sample_size=24, lsh_num_projs=4, min_seq_len=64)
+
+
+def test_seed_makes_calls_deterministic_and_none_draws_fresh():
+    q, k, v = make_inputs((1, 2, 400, 16), seed=1)
+    a = hyperattn.attention(q, k, v, seed=5, **SPARSE)
+    b = hyperattn.attention(q, k, v, seed=5, **SPARSE)
+    c = hyperattn.attention(q, k, v, seed=6, **SPARSE)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    fresh = [hyperattn.attention(q, k, v, **SPARSE) for _ in range(2)]
+    assert not np.array_equal(*fresh)
+
+
+@pytest.mark.parametrize("n_q, n_k", [(700, 700), (500, 900)])
+@pytest.mark.parametrize("position", [0, 333, 499])
+def test_causal_leak(n_q, n_k, position):
+    """Changing keys and values after position i leaves rows <= i unchanged (bottom-right aligned)."""
+    q, k, v = make_inputs((1, 2, n_q, 16), kv_heads=1, n_k=n_k, seed=position)
+    key_position = position + (n_k - n_q)  # row `position` sees keys <= key_position
+    out = hyperattn.attention(q, k, v, causal=True, seed=3, **SPARSE)
+    k2, v2 = k.copy(), v.copy()
+    rng = np.random.default_rng(99)
+    k2[:, :, key_position + 1 :] = rng.standard_normal(k2[:, :, key_position + 1 :].shape) * 10
+    v2[:, :, key_position + 1 :] = rng.standard_normal(v2[:, :, key_position + 1 :].shape) * 10
+    out2 = hyperattn.attention(q, k2, v2, causal=True, seed=3, **SPARSE)
+    np.testing.assert_array_equal(out[:, :, : position + 1], out2[:, :, : position + 1])
+    if position + 1 < n_q:
+        assert not np.allclose(out[:, :, position + 1 :], out2[:, :, position + 1 :])
+
+
+def test_nan_propagates_like_exact_attention():
+    q, k, v = make_inputs((1, 1, 300, 16), seed=8)
+    q[0, 0, 17] = np.nan
+    out = hyperattn.attention(q, k, v, seed=0, **SPARSE)
+    exact = hyperattn.exact_attention(q, k, v)
+    assert np.isnan(out[0, 0, 17]).all() and np.isnan(exact[0, 0, 17]).all()
+    others = np.delete(out[0, 0], 17, axis=0)
+    assert np.isfinite(others).all()
+    v[0, 0, 5] = np.nan  # every row that gives key 5 a weight turns NaN, the others stay finite
+    out = hyperattn.attention(q, k, v, seed=0, **SPARSE)
+    plan = testing.seeded_plan(
+        hyperattn.registry.backend_status("reference").backend,
+        q, k, causal=False, scale=16**-0.5, config=hyperattn.HyperAttentionConfig(**SPARSE), seed=0,
+    )
+    sees_key_5 = testing.plan_weights(plan, 1, 1, 300, 300)[0, 0, :, 5] > 0
+    assert np.isnan(out[0, 0, sees_key_5]).all()
+    assert np.isfinite(out[0, 0, ~sees_key_5 & (np.arange(300) != 17)]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_write_every_row_over_a_poisoned_output(causal, reference):
+    """Rows inside the pieces are overwritten (lse = -inf means 'nothing yet'); rows outside are untouched."""
+    from hyperattn.algorithm import ExactPiece, SparsePiece
+
+    q, k, v = make_inputs((2, 4, 300, 16), kv_heads=2, seed=3)
+    plan = testing.seeded_plan(
+        reference, q, k, causal=causal, scale=0.25, config=hyperattn.HyperAttentionConfig(**SPARSE), seed=0
+    )
+    for piece in plan.pieces:
+        out = np.full((2, 4, 300, 16), np.nan)
+        lse = np.full((2, 4, 300), -np.inf)
+        if isinstance(piece, ExactPiece):
+            segments = piece.segments
+            reference.exact_forward(q, k, v, segments, piece.causal, 0.25, out, lse)
+        else:
+            assert isinstance(piece, SparsePiece)
+            segments = piece.structure.segments
+            reference.sparse_forward(q, k, v, piece.structure, 0.25, out, lse)
+        inside = np.zeros(300, dtype=bool)
+        for start, end in zip(segments.q_start, segments.q_end):
+            inside[start:end] = True
+        assert np.isfinite(out[:, :, inside]).all() and np.isfinite(lse[:, :, inside]).all()
+        assert np.isnan(out[:, :, ~inside]).all() and (lse[:, :, ~inside] == -np.inf).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_torch_tensors_keep_type_device_and_dtype(dtype):
+    q, k, v = (torch.from_numpy(x).to(dtype) for x in make_inputs((1, 4, 200, 16), kv_heads=2, v_dim=8, seed=2))
+    out, lse = hyperattn.attention(q, k, v, causal=True, seed=1, return_lse=True, **SPARSE)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == (1, 4, 200, 8)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (1, 4, 200)
+    reference = hyperattn.attention(*(x.double() for x in (q, k, v)), causal=True, seed=1, **SPARSE)
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    assert testing.relative_error(out, reference) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_numpy_arrays_keep_dtype(dtype):
+    q, k, v = make_inputs((2, 2, 100, 16), dtype=dtype, seed=6)
+    out, lse = hyperattn.attention(q, k, v, seed=0, return_lse=True, **SPARSE)
+    assert isinstance(out, np.ndarray) and out.dtype == dtype
+    assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make_inputs((1, 1, 100, 25), seed=0)
+    np.testing.assert_allclose(
+        hyperattn.attention(q, k, v, seed=0, **SPARSE), hyperattn.attention(q, k, v, scale=0.2, seed=0, **SPARSE)
+    )
+
+
+def test_module_projections_are_fixed_and_samples_fresh():
+    torch.manual_seed(0)
+    q, k, v = (torch.from_numpy(x) for x in make_inputs((1, 2, 300, 16), seed=4))
+    layer = hyperattn.HyperAttention(input_dim=16, seed=3, **SPARSE)
+    same_seed = hyperattn.HyperAttention(input_dim=16, seed=3, **SPARSE)
+    torch.testing.assert_close(layer.lsh_projections, same_seed.lsh_projections, rtol=0, atol=0)
+    first, second = layer(q, k, v), layer(q, k, v)
+    assert not torch.equal(first, second)  # fresh samples per call
+    torch.testing.assert_close(first, same_seed(q, k, v), rtol=0, atol=0)  # reproducible sequence
+    no_samples = hyperattn.HyperAttention(input_dim=16, seed=3, **{**SPARSE, "sample_size": 0})
+    torch.testing.assert_close(no_samples(q, k, v), no_samples(q, k, v), rtol=0, atol=0)
+    out, lse = layer(q, k, v, scale=0.3, causal=True, return_lse=True)
+    assert out.shape == (1, 2, 300, 16) and lse.shape == (1, 2, 300)
+    assert "block_size=32" in repr(layer) and layer.block_size == 32 and layer.min_seq_len == 64
+
+
+def test_available_backends_and_info_command(capsys):
+    from hyperattn.__main__ import main
+
+    rows = {row.name: row for row in hyperattn.available_backends()}
+    assert rows["reference"].available and rows["reference"].reason == ""
+    for name in ("triton", "cupy"):
+        assert name in rows and "pip install" in rows[name].install_hint
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference" in printed and "hyperattn" in printed

@@ -1,0 +1,100 @@
+"""Gradients of the seeded function: finite differences, and autograd of the dense oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_inputs
+
+import hyperattn
+from hyperattn import testing
+from hyperattn.config import HyperAttentionConfig
+
+TINY = dict(block_size=4, sample_size=5, lsh_num_projs=3, min_seq_len=6)
+
+# (B, Hq, Hk, Nq, Nk, D, Dv, causal)
+CASES = [
+    (1, 2, 1, 13, 13, 5, 3, False),
+    (1, 2, 2, 17, 17, 4, 6, True),
+    (2, 2, 1, 9, 14, 3, 3, True),
+    (1, 1, 1, 11, 7, 4, 2, False),
+]
+
+
+def _tensors(case, seed=0):
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, _ = case
+    arrays = make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=seed)
+    return [torch.from_numpy(x).requires_grad_() for x in arrays]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_finite_differences(case):
+    causal = case[-1]
+    q, k, v = _tensors(case)
+
+    def function(q, k, v):
+        out, lse = hyperattn.attention(q, k, v, causal=causal, seed=3, return_lse=True, **TINY)
+        return out, lse
+
+    assert torch.autograd.gradcheck(function, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _weighted_attention_torch(q, k, v, weights, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.where(weights > 0, q @ k.transpose(-1, -2) * scale + weights.log(), -torch.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_autograd_of_the_dense_oracle(causal, reference):
+    """Larger shapes (duplicate samples, scattered rows, GQA, several recursion levels)."""
+    params = dict(block_size=16, sample_size=40, lsh_num_projs=4, min_seq_len=32)
+    q, k, v = _tensors((1, 4, 2, 200, 200, 8, 5, causal), seed=1)
+    out, lse = hyperattn.attention(q, k, v, causal=causal, seed=9, return_lse=True, **params)
+    d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), (q, k, v))
+
+    plan = testing.seeded_plan(reference, q, k, causal=causal, scale=8**-0.5, config=HyperAttentionConfig(**params), seed=9)
+    weights = torch.from_numpy(testing.plan_weights(plan, 1, 4, 200, 200))
+    assert weights.max() > 1.0  # samples with their n/m weight are really part of it
+    dense_out, dense_lse = _weighted_attention_torch(q, k, v, weights, 8**-0.5)
+    expected = torch.autograd.grad((dense_out * d_out).sum() + (dense_lse * d_lse).sum(), (q, k, v))
+    torch.testing.assert_close(out, dense_out, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip("qkv", grads, expected):
+        assert testing.relative_error(got, want) < 1e-11, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_gradients_follow_float64(dtype):
+    params = dict(block_size=16, sample_size=16, lsh_num_projs=4, min_seq_len=32)
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in _tensors((1, 2, 1, 120, 120, 16, 16, True), seed=4))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))  # same rounded inputs, same hashes
+    out = hyperattn.attention(q, k, v, causal=True, seed=2, **params)
+    d_out = torch.randn_like(out, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
+    expected = torch.autograd.grad(hyperattn.attention(q64, k64, v64, causal=True, seed=2, **params), (q64, k64, v64), d_out)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(grads, expected):
+        assert got.dtype == dtype
+        assert testing.relative_error(got, want) < tolerance
+
+
+def test_exact_attention_gradients_and_output_only_or_lse_only_losses():
+    q, k, v = _tensors((1, 2, 1, 10, 12, 4, 3, True), seed=6)
+    assert torch.autograd.gradcheck(lambda q, k, v: hyperattn.exact_attention(q, k, v, causal=True), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: hyperattn.exact_attention(q, k, v, return_lse=True)[1], (q, k, v)
+    )
+
+
+def test_no_grad_inputs_give_plain_outputs():
+    q, k, v = (x.detach() for x in _tensors(CASES[0]))
+    out = hyperattn.attention(q, k, v, seed=0, **TINY)
+    assert not out.requires_grad
+    with torch.no_grad():
+        q.requires_grad_()
+        assert not hyperattn.attention(q, k, v, seed=0, **TINY).requires_grad
+    assert np.isfinite(out.numpy()).all()

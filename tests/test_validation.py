@@ -1,0 +1,115 @@
+"""Bad input gets a ValueError or TypeError naming the argument, the expected and the actual value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_inputs
+
+import hyperattn
+
+
+def _qkv(**kwargs):
+    return make_inputs((1, 2, 16, 8), dtype=np.float32, **kwargs)
+
+
+def test_wrong_rank_names_the_argument_and_shape():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"k must have 4 dimensions \[B, Hk, Nk, D\], got shape \(2, 16, 8\)"):
+        hyperattn.attention(q, k[0], v)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda q, k, v: (q[:, :, :, :4], k, v), r"q and k must have the same head dim D, got q \(1, 2, 16, 4\)"),
+        (lambda q, k, v: (q, k, v[:, :, :8]), r"k and v must have the same length Nk"),
+        (lambda q, k, v: (q, k, np.concatenate([v, v], axis=1)), r"k and v must have the same number of heads Hk"),
+        (lambda q, k, v: (np.concatenate([q, q]), k, v), r"one batch size B"),
+        (lambda q, k, v: (np.concatenate([q, q[:, :1]], axis=1), k, v), r"multiple of the KV heads Hk \(GQA\), got Hq=3, Hk=2"),
+        (lambda q, k, v: (q[:, :, :0], k, v), r"q must not be empty"),
+    ],
+)
+def test_mismatched_shapes(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        hyperattn.attention(*mutate(*_qkv()))
+
+
+def test_causal_needs_nq_at_most_nk():
+    q, k, v = make_inputs((1, 1, 20, 8), n_k=10)
+    with pytest.raises(ValueError, match=r"causal=True needs Nq <= Nk .* got Nq=20, Nk=10"):
+        hyperattn.attention(q, k, v, causal=True)
+
+
+def test_mixed_dtypes_integer_dtypes_and_array_types():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"one dtype, got \{'q': 'float32', 'k': 'float64', 'v': 'float32'\}"):
+        hyperattn.attention(q, k.astype(np.float64), v)
+    with pytest.raises(TypeError, match=r"q must have a floating dtype .* got int64"):
+        hyperattn.attention(q.astype(np.int64), k, v)
+    with pytest.raises(TypeError, match=r"one type, got \{'q': 'numpy', 'k': 'torch', 'v': 'numpy'\}"):
+        hyperattn.attention(q, torch.from_numpy(k), v)
+    with pytest.raises(TypeError, match=r"v must be a numpy.ndarray, torch.Tensor or cupy.ndarray, got list"):
+        hyperattn.attention(q, k, v.tolist())
+
+
+def test_mixed_devices():
+    q, k, v = (torch.from_numpy(x) for x in _qkv())
+    with pytest.raises(ValueError, match=r"one device, got \{'q': 'cpu', 'k': 'meta', 'v': 'cpu'\}"):
+        hyperattn.attention(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(block_size=0), ValueError, r"block_size must be an int >= 1, got 0"),
+        (dict(block_size=2.5), TypeError, r"block_size must be an int, got float 2.5"),
+        (dict(block_size=True), TypeError, r"block_size must be an int, got bool"),
+        (dict(sample_size=-1), ValueError, r"sample_size must be an int >= 0, got -1"),
+        (dict(lsh_num_projs=0), ValueError, r"lsh_num_projs must be an int in \[1, 32\], got 0"),
+        (dict(lsh_num_projs=33), ValueError, r"lsh_num_projs must be an int in \[1, 32\], got 33"),
+        (dict(min_seq_len=0), ValueError, r"min_seq_len must be an int >= 1, got 0"),
+        (dict(scale=0.0), ValueError, r"scale must be None or a finite number > 0, got 0.0"),
+        (dict(scale=float("nan")), ValueError, r"scale must be None or a finite number > 0, got nan"),
+        (dict(seed=-3), ValueError, r"seed must be None or an int >= 0, got -3"),
+        (dict(seed=1.5), ValueError, r"seed must be None or an int >= 0, got 1.5"),
+        (dict(causal="yes"), TypeError, r"causal must be a bool, got str 'yes'"),
+        (dict(return_lse=1), TypeError, r"return_lse must be a bool, got int 1"),
+        (dict(backend="cuda-magic"), ValueError, r"backend must be one of \('auto', 'triton', 'cupy', 'reference'.*got 'cuda-magic'"),
+    ],
+)
+def test_bad_parameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        hyperattn.attention(*_qkv(), **kwargs)
+
+
+def test_missing_backend_says_how_to_install_it():
+    from hyperattn.registry import backend_status
+
+    if backend_status("cupy").available:
+        pytest.skip("the cupy backend is installed here")
+    with pytest.raises(ValueError, match=r"backend 'cupy' cannot run .*not installed.*pip install hyperattn-cupy"):
+        hyperattn.attention(*_qkv(), backend="cupy")
+
+
+def test_explicit_backend_that_cannot_run_the_inputs_never_falls_back():
+    q, k, v = (torch.from_numpy(x).to("meta") for x in _qkv())
+    with pytest.raises(ValueError, match=r"backend 'reference' cannot run these inputs .*CPU only, inputs are on meta"):
+        hyperattn.attention(q, k, v, backend="reference")
+
+
+def test_auto_lists_every_backend_with_its_reason():
+    q, k, v = (torch.from_numpy(x).to("meta") for x in _qkv())
+    with pytest.raises(ValueError, match=r"no backend can run these inputs") as error:
+        hyperattn.attention(q, k, v)
+    for name in ("reference", "triton", "cupy"):
+        assert f"  {name}: " in str(error.value)
+
+
+def test_module_checks_input_dim():
+    q, k, v = (torch.from_numpy(x) for x in _qkv())
+    with pytest.raises(ValueError, match=r"head dim D must equal the module's input_dim=64, got 8"):
+        hyperattn.HyperAttention(input_dim=64)(q, k, v)
+    with pytest.raises(ValueError, match=r"block_size must be an int >= 1, got -2"):
+        hyperattn.HyperAttention(input_dim=8, block_size=-2)
