@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from hyperattn.protocol import Segments, SparseStructure, query_block_bounds
 
-TILE_SCORES = 1 << 17  # ~0.5 MB of float32 scores: tiles stay in cache
+TILE_SCORES = 1 << 19  # 2 MB of float32 scores: large enough for BLAS, small enough for cache
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
@@ -63,18 +63,25 @@ def merge_rows(out, lse, rows, o, row_lse):
             lse[row] = total
 
 
-def softmax_tile(scores: np.ndarray, values: np.ndarray):
-    """Row softmax of the biased, scaled ``scores`` [..., n, c] times ``values`` [..., c, Dv].
+def with_ones_column(values: np.ndarray) -> np.ndarray:
+    """values [..., c, Dv] -> [..., c, Dv + 1]: P @ this gives P @ values and the row sums of P at once."""
+    ones = np.ones(values.shape[:-1] + (1,), dtype=values.dtype)
+    return np.concatenate([values, ones], axis=-1)
 
-    Returns (o [..., n, Dv], lse [..., n]).  Overwrites ``scores``.
+
+def softmax_tile(scores: np.ndarray, values_and_ones: np.ndarray):
+    """Row softmax of the biased, scaled ``scores`` [..., n, c] times values [..., c, Dv].
+
+    ``values_and_ones`` is :func:`with_ones_column` of the values, so one BLAS call yields the
+    weighted values and the normaliser.  Returns (o [..., n, Dv], lse [..., n]); overwrites ``scores``.
     """
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         row_max = scores.max(axis=-1, keepdims=True)
         np.subtract(scores, row_max, out=scores)
         np.exp(scores, out=scores)
-        total = scores.sum(axis=-1, keepdims=True)
-        o = np.matmul(scores, values) / total
-        return o, (row_max + np.log(total))[..., 0]
+        weighted = np.matmul(scores, values_and_ones)
+        total = weighted[..., -1:]
+        return weighted[..., :-1] / total, (row_max + np.log(total))[..., 0]
 
 
 def score_gradient(p: np.ndarray, dp: np.ndarray, delta: np.ndarray, scale: float) -> np.ndarray:
@@ -108,8 +115,12 @@ class _BlockLayout:
         return [(c, min(c + step, self.n_blocks)) for c in range(0, self.n_blocks, step)]
 
 
-def _sparse_tile(q, k, v, st: SparseStructure, b, hk, group, s, layout: _BlockLayout, c0, c1, scale):
-    """Gathered tile of blocks [c0, c1) of segment s: rows, validity, queries, keys, values, scores."""
+def _sparse_tile(q, k, v, st: SparseStructure, b, hk, group, s, layout: _BlockLayout, c0, c1, scale, ones=False):
+    """Gathered tile of blocks [c0, c1) of segment s: rows, validity, queries, keys, values, scores.
+
+    The score bias (padding, own-block samples, log sample weight) rides in the matmul as one
+    extra column: [q * scale, 1] @ [k, bias]^T.  With ``ones`` the values carry a ones column.
+    """
     qs, _, ks, _ = st.segments.table[s]
     heads = slice(hk * group, (hk + 1) * group)
     rows = st.q_order[b, heads][:, qs + layout.q_pos[c0:c1]]  # [G, nbc, bq]
@@ -124,10 +135,12 @@ def _sparse_tile(q, k, v, st: SparseStructure, b, hk, group, s, layout: _BlockLa
         shape = (c1 - c0, len(drawn))
         keys = np.concatenate([keys, np.broadcast_to(k[b, hk][drawn], shape + k.shape[3:])], axis=1)
         values = np.concatenate([values, np.broadcast_to(v[b, hk][drawn], shape + v.shape[3:])], axis=1)
-    scores = np.matmul(queries, np.swapaxes(keys, 1, 2)[None])
-    scores *= scale
-    scores += bias[None, :, None, :].astype(scores.dtype)
-    return rows, layout.q_valid[c0:c1], queries, keys, values, scores
+    keys_and_bias = np.concatenate([keys, bias[..., None].astype(k.dtype)], axis=-1)
+    queries_and_one = np.concatenate(
+        [queries * q.dtype.type(scale), np.ones(queries.shape[:-1] + (1,), q.dtype)], axis=-1
+    )
+    scores = np.matmul(queries_and_one, np.swapaxes(keys_and_bias, 1, 2)[None])
+    return rows, layout.q_valid[c0:c1], queries, keys, (with_ones_column(values) if ones else values), scores
 
 
 def sparse_forward(q, k, v, st: SparseStructure, scale: float, out, lse) -> None:
@@ -138,7 +151,9 @@ def sparse_forward(q, k, v, st: SparseStructure, scale: float, out, lse) -> None
     def work(b, hk):
         for s, layout in enumerate(layouts):
             for c0, c1 in layout.chunks(group, columns):
-                rows, valid, _, _, values, scores = _sparse_tile(q, k, v, st, b, hk, group, s, layout, c0, c1, scale)
+                rows, valid, _, _, values, scores = _sparse_tile(
+                    q, k, v, st, b, hk, group, s, layout, c0, c1, scale, ones=True
+                )
                 o, row_lse = softmax_tile(scores, values[None])
                 for g in range(group):
                     h = hk * group + g
@@ -209,8 +224,7 @@ def _exact_tile(q, k, v, segments, b, hk, group, s, r0, r1, key_end, causal, sca
     heads = slice(hk * group, (hk + 1) * group)
     queries = q[b, heads, qs + r0 : qs + r1]  # [G, n, D]
     keys, values = k[b, hk, ks : ks + key_end], v[b, hk, ks : ks + key_end]
-    scores = np.matmul(queries, keys.T)
-    scores *= scale
+    scores = np.matmul(queries * queries.dtype.type(scale), keys.T)  # scaling q is cheaper than scores
     if causal:  # bottom-right aligned: local row r sees local keys <= r + (n_k - n_q)
         first = r0 + (ke - ks) - (qe - qs)  # keys before this one are visible to every row
         scores[..., first:key_end] += _upper_triangle_bias(r1 - r0, key_end - first, scores.dtype)
@@ -223,7 +237,7 @@ def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, 
     def work(b, hk):
         for s, r0, r1, key_end in _exact_chunks(segments, group, causal):
             _, _, values, scores = _exact_tile(q, k, v, segments, b, hk, group, s, r0, r1, key_end, causal, scale)
-            o, row_lse = softmax_tile(scores, values)
+            o, row_lse = softmax_tile(scores, with_ones_column(values))
             rows = np.arange(r0, r1) + segments.q_start[s]
             for g in range(group):
                 h = hk * group + g
