@@ -41,7 +41,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """asv against the installed packages: `nox -s bench -- --quick` for a fast pass."""
-    install_project(session, "asv==0.6.6", "virtualenv")
+    install_project(session, "asv==0.6.6", "matplotlib")
     session.run("asv", "machine", "--yes")
     session.run("asv", "run", "--python=same", "--environment", "existing", *session.posargs)
 

@@ -1,0 +1,144 @@
+"""What the asv suite and the single-layer script share: inputs, steps, timing, FLOP counts.
+
+A *method* is ``hyper`` (hyperattn.attention on a backend) or ``sdpa`` (PyTorch's
+scaled_dot_product_attention, the exact baseline; cuDNN on the GPU when it is available).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import hyperattn
+from hyperattn.algorithm import ExactPiece, Plan
+from hyperattn.config import HyperAttentionConfig
+from hyperattn.testing import seeded_plan
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def make_inputs(batch, heads, kv_heads, n, dim, dtype, device, requires_grad=False, seed=0):
+    """Gaussian q [B, H, N, D], k and v [B, Hkv, N, D] (never zeros: they time differently)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = [(batch, heads, n, dim), (batch, kv_heads, n, dim), (batch, kv_heads, n, dim)]
+    return [
+        torch.randn(shape, generator=generator).to(device=device, dtype=DTYPES[dtype]).requires_grad_(requires_grad)
+        for shape in shapes
+    ]
+
+
+def sdpa(q, k, v, causal):
+    """Exact attention through PyTorch: cuDNN on CUDA when it can, GQA without copying K/V."""
+    enable_gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+
+
+def make_step(method, q, k, v, *, causal, mode, backend="auto", params=None):
+    """A zero-argument callable doing one forward ('fwd') or forward+backward ('fwd+bwd') step."""
+    params = params or {}
+
+    def forward():
+        if method == "sdpa":
+            return sdpa(q, k, v, causal)
+        return hyperattn.attention(q, k, v, causal=causal, backend=backend, seed=0, **params)
+
+    if mode == "fwd":
+        return forward
+    grad = None
+
+    def forward_backward():
+        nonlocal grad
+        out = forward()
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+        return out
+
+    return forward_backward
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``step``: CUDA events on the GPU, the host clock after a sync elsewhere."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - begin)
+    return statistics.median(samples)
+
+
+def attended_pairs(plan: Plan, n_q: int, n_k: int) -> float:
+    """(query, key) score evaluations per query head that a plan needs (exact + sparse)."""
+    total = 0.0
+    for piece in plan.pieces:
+        if isinstance(piece, ExactPiece):
+            for qs, qe, ks, ke in piece.segments.table.tolist():
+                nq, nk = qe - qs, ke - ks
+                total += nq * nk - (nq * (nq - 1) / 2 if piece.causal else 0)
+        else:
+            st = piece.structure
+            total += float(np.sum(st.segments.q_len)) * (st.block_size + st.sample_size)
+    return total
+
+
+def attention_flops(pairs: float, batch: int, heads: int, dim: int, mode: str) -> float:
+    """2 matmuls of 2·D FLOPs per pair forward; backward adds 5 (recomputed scores included)."""
+    per_pair = 4 * dim if mode == "fwd" else 4 * dim * 3.5
+    return pairs * batch * heads * per_pair
+
+
+def pairs_of_method(method, q, k, *, causal, params, backend) -> float:
+    n_q, n_k = q.shape[2], k.shape[2]
+    if method == "sdpa":
+        return n_q * n_k - (n_q * (n_q - 1) / 2 if causal else 0)
+    from hyperattn.api import resolve_backend, validate_inputs
+
+    impl = resolve_backend(backend, validate_inputs(q, k, k, causal=causal))
+    plan = seeded_plan(
+        impl, q.detach(), k.detach(), causal=causal, scale=q.shape[-1] ** -0.5,
+        config=HyperAttentionConfig(**params), seed=0,
+    )
+    return attended_pairs(plan, n_q, n_k)
+
+
+def io_bytes(q, k, v, mode: str) -> float:
+    """Fewest bytes: read q, k, v and write out (forward); backward also reads dO, out and writes dq, dk, dv."""
+    forward = (q.numel() + k.numel() + v.numel() + q.numel()) * q.element_size()
+    return forward if mode == "fwd" else forward * 2.5
+
+
+def measure_ceilings(device: str, dtype: str) -> tuple[float, float]:
+    """(matrix FLOP/s, memory bytes/s) measured here: a large matmul and a device-to-device copy."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    flops = 2 * n**3 / time_step(lambda: a @ b, device, repeats=5)
+    big = torch.empty(1 << (28 if device.startswith("cuda") else 25), dtype=torch.uint8, device=device)
+    other = torch.empty_like(big)
+    bandwidth = 2 * big.numel() / time_step(lambda: other.copy_(big), device, repeats=5)
+    return flops, bandwidth
