@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from harness import make_inputs, make_step, synchronize  # noqa: E402
 
+from harness import make_inputs, make_step, synchronize  # noqa: E402
 from hyperattn.registry import backend_status  # noqa: E402
 
 LARGE = os.environ.get("HYPERATTN_BENCH_LARGE") == "1"

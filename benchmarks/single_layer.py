@@ -18,6 +18,9 @@ import subprocess
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
 from harness import (
     DTYPES,
     attention_flops,
@@ -28,8 +31,6 @@ from harness import (
     pairs_of_method,
     time_step,
 )
-from rich.console import Console
-from rich.table import Table
 
 
 def parse_args(argv=None):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs
 
 import hyperattn
+from conftest import make_inputs
 from hyperattn import testing
 
 SPARSE = dict(block_size=32, sample_size=24, lsh_num_projs=4, min_seq_len=64)

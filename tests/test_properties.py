@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
+from conftest import make_inputs
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 

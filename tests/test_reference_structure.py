@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_inputs
 
 import hyperattn
+from conftest import make_inputs
 from hyperattn import testing
 from hyperattn.algorithm import ExactPiece, SparsePiece
 from hyperattn.config import HyperAttentionConfig

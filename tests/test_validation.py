@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs
 
 import hyperattn
+from conftest import make_inputs
 
 
 def _qkv(**kwargs):

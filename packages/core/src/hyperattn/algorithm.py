@@ -122,11 +122,12 @@ def plan_attention(
         k_codes = backend.lsh_codes(k, proj)
         for ranges in sparse_calls:
             segments = Segments.from_ranges(ranges)
-            pieces.append(SparsePiece(_sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng)))
+            pieces.append(SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng)))
     return Plan(tuple(pieces), float(scale))
 
 
-def _sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> SparseStructure:
+def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> SparseStructure:
+    """Sort each segment by LSH code and draw its samples (from ``rng``, after the projections)."""
     xp = array_namespace(q)
     q_order, _ = backend.segment_sort(q_codes, segments.q_start, segments.q_end)
     k_order, k_rank = backend.segment_sort(k_codes, segments.k_start, segments.k_end)

@@ -12,7 +12,7 @@ from . import _arrays
 from .algorithm import ExactPiece, Plan, draw_projections, plan_attention, run_forward
 from .config import HyperAttentionConfig
 from .protocol import Backend, Segments
-from .registry import FIRST_PARTY, available_backends, backend_status, known_backend_names
+from .registry import available_backends, backend_status, known_backend_names
 
 
 @dataclass(frozen=True)
@@ -220,4 +220,4 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-__all__ = ["attention", "exact_attention", "FIRST_PARTY"]
+__all__ = ["attention", "exact_attention", "resolve_backend", "validate_inputs"]

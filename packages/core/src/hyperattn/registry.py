@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import entry_points
 
 from .protocol import Backend
@@ -65,7 +65,7 @@ def known_backend_names() -> tuple[str, ...]:
     return tuple(FIRST_PARTY) + tuple(sorted(_third_party_entry_points()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def backend_status(name: str) -> BackendStatus:
     """Load backend ``name`` (once) and report whether it works here."""
     hint = install_hint(name)
