@@ -87,32 +87,23 @@ def plan_attention(
 ) -> Plan:
     """Decide the pieces of one call.  q, k native [B, H, N, D]; projections float64 [D, r]."""
     n_q, n_k = q.shape[2], k.shape[2]
-    exact_ranges, sparse_calls = [], []
-
-    def rectangle(q0, q1, k0, k1):
-        if q1 - q0 < config.min_seq_len:
-            exact_ranges.append((q0, q1, k0, k1))
-        else:
-            sparse_calls.append([(q0, q1, k0, k1)])
-
-    pieces = []
+    pieces, sparse_calls = [], []
     if not causal:
-        rectangle(0, n_q, 0, n_k)
-        if exact_ranges:
-            pieces.append(ExactPiece(Segments.from_ranges(exact_ranges), causal=False))
+        if n_q < config.min_seq_len:
+            pieces.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=False))
+        else:
+            sparse_calls.append([(0, n_q, 0, n_k)])
     else:
-        offset = n_k - n_q
         leaves, levels = causal_split(n_q, config.min_seq_len)
         if not levels:  # the whole call is one exact causal rectangle, prefix included
-            exact_ranges = [(0, n_q, 0, n_k)]
+            pieces.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=True))
         else:
-            if offset > 0:
-                rectangle(0, n_q, 0, offset)
-            if exact_ranges:
-                pieces.append(ExactPiece(Segments.from_ranges(exact_ranges), causal=False))
-            exact_ranges = [(s, e, s + offset, e + offset) for s, e in leaves]
+            offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
+            if offset > 0:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
+                sparse_calls.append([(0, n_q, 0, offset)])
+            leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
+            pieces.append(ExactPiece(Segments.from_ranges(leaf_ranges), causal=True))
             sparse_calls += [[(mid, end, start + offset, mid + offset) for start, mid, end in level] for level in levels]
-        pieces.append(ExactPiece(Segments.from_ranges(exact_ranges), causal=True))
 
     if sparse_calls:
         xp = array_namespace(q)
