@@ -9,12 +9,12 @@ nox.options.default_venv_backend = "venv"  # not uv: uv would download a CUDA bu
 
 TORCH = "torch==2.13.0"  # always pinned: an unpinned torch pulls a multi-GB CUDA build
 TRITON = "triton==3.7.1"  # the version torch 2.13 pairs with
-PACKAGES = ["./packages/core", "./packages/reference"]
+PACKAGES = ["./packages/core", "./packages/reference", "./packages/triton_backend"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6"]
 
 
 def install_project(session: nox.Session, *extra: str) -> None:
-    session.install(TORCH, *extra)
+    session.install(TORCH, TRITON, *extra)
     session.install(*PACKAGES)
 
 

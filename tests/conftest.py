@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from hyperattn.registry import backend_status
+
+try:  # without a GPU the Triton kernels run in Triton's interpreter (set before they are compiled)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 def pytest_configure(config):

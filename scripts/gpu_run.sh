@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network, no nox/asv): install the packages in place, run the GPU tests,
+# then the single-layer benchmarks.  Results land in ${OUT:-benchmarks/results}.
+#   bash scripts/gpu_run.sh [tests|bench|all]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/reference -e packages/triton_backend
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+what=${1:-all}
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q -x tests/test_triton.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+  status=${PIPESTATUS[0]}
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  for mode in fwd fwd+bwd; do
+    for causal in --no_causal ""; do
+      python3 benchmarks/single_layer.py --backend triton --mode "$mode" $causal --out "$OUT" \
+        --seq_lens 1024 4096 16384 65536 131072 --heads 32 --dim 64 --dtype bfloat16 --repeats 5
+    done
+  done
+fi
+exit $status

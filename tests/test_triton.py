@@ -1,0 +1,245 @@
+"""The Triton backend against the reference, on the same plan (same permutations and samples).
+
+Without a GPU the kernels run in Triton's interpreter on small CPU shapes (fp32/fp16: the
+interpreter's bf16 dot is broken).  Tests marked `gpu` run on the GPU machine: fp16/bf16 with the
+FlashAttention tolerance rule, awkward shapes, causal leak, NaN poison, N up to 131072.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_inputs
+
+import hyperattn
+from hyperattn import testing
+from hyperattn.algorithm import ExactPiece, Plan, SparsePiece, run_backward, run_forward
+from hyperattn.config import HyperAttentionConfig
+from hyperattn.registry import backend_status
+
+TRITON = backend_status("triton")
+pytestmark = pytest.mark.skipif(not TRITON.available, reason=f"triton backend: {TRITON.reason}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def plan_on(plan: Plan, device) -> Plan:
+    """The same plan with its index arrays as torch tensors on ``device``."""
+    pieces = []
+    for piece in plan.pieces:
+        if isinstance(piece, SparsePiece):
+            st = piece.structure
+            moved = {
+                name: None if getattr(st, name) is None else torch.from_numpy(np.asarray(getattr(st, name))).to(device)
+                for name in ("q_order", "k_order", "k_rank", "samples")
+            }
+            piece = SparsePiece(dataclasses.replace(st, **moved))
+        pieces.append(piece)
+    return Plan(tuple(pieces), plan.scale)
+
+
+def run_both(q, k, v, *, causal, params, seed=0, backward=True):
+    """Forward (and backward) of one reference-built plan on the reference and on Triton.
+
+    Returns {name: (out, lse, dq, dk, dv)} as float64 NumPy arrays.
+    """
+    reference, triton_backend = backend_status("reference").backend, TRITON.backend
+    plan = testing.seeded_plan(reference, q, k, causal=causal, scale=q.shape[-1] ** -0.5,
+                               config=HyperAttentionConfig(**params), seed=seed)
+    results = {}
+    d_out = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed))
+    for name, backend, this_plan in (("reference", reference, plan), ("triton", triton_backend, plan_on(plan, q.device))):
+        qn, kn, vn = (backend.to_native(x) for x in (q, k, v))
+        out, lse = run_forward(backend, this_plan, qn, kn, vn)
+        grads = ()
+        if backward:
+            dout = backend.to_native(d_out.to(device=q.device, dtype=torch.float32))
+            grads = run_backward(backend, this_plan, qn, kn, vn, out, lse, dout)
+        results[name] = tuple(testing.to_numpy64(x) for x in (out, lse, *grads))
+    return results, plan
+
+
+def _error(got, want) -> float:
+    """Relative error, measured against 1 where the expected value is ~0 (e.g. dq of a single key)."""
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1.0))
+
+
+SMALL = dict(block_size=16, sample_size=10, lsh_num_projs=3, min_seq_len=20)
+# (B, Hq, Hk, Nq, Nk, D, Dv, causal)
+INTERPRETER_CASES = [
+    (1, 2, 1, 70, 70, 16, 8, False),
+    (1, 2, 1, 100, 130, 16, 16, True),
+    (2, 2, 2, 33, 33, 40, 24, True),
+    (1, 1, 1, 1, 1, 8, 8, True),
+    (1, 2, 2, 50, 17, 24, 32, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", INTERPRETER_CASES)
+def test_same_plan_matches_reference(case, dtype):
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = case
+    q, k, v = (torch.from_numpy(x).to(DEVICE, dtype) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=n_q))
+    results, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-3
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert np.isfinite(got).all(), name
+        assert _error(got, want) < tolerance, name
+
+
+def test_lsh_codes_and_sorting_match_reference():
+    reference, triton_backend = backend_status("reference").backend, TRITON.backend
+    x = torch.randn(2, 3, 300, 24)
+    projections = np.random.default_rng(0).standard_normal((24, 5))
+    expected = reference.lsh_codes(x.numpy(), projections.astype(np.float32))
+    got = triton_backend.lsh_codes(x.to(DEVICE), torch.from_numpy(projections).to(DEVICE, torch.float32))
+    assert (got.cpu().numpy() == expected).mean() > 0.999  # fp32 sums in another order: rare sign flips
+    starts, ends = np.array([10, 200]), np.array([150, 300])
+    codes = torch.from_numpy(expected)
+    order, rank = triton_backend.segment_sort(codes.to(DEVICE), starts, ends)
+    expected_order, expected_rank = reference.segment_sort(expected, starts, ends)
+    np.testing.assert_array_equal(order.cpu().numpy(), expected_order)
+    np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank)
+
+
+def test_api_end_to_end_with_a_seed():
+    q, k, v = (torch.from_numpy(x).to(DEVICE).requires_grad_() for x in make_inputs((1, 2, 90, 16), kv_heads=1, seed=3, dtype=np.float32))
+    out = hyperattn.attention(q, k, v, causal=True, seed=4, backend="triton", **SMALL)
+    assert out.device.type == DEVICE and out.dtype == torch.float32
+    expected = hyperattn.attention(*(x.detach().cpu() for x in (q, k, v)), causal=True, seed=4, backend="reference", **SMALL)
+    assert testing.relative_error(out, expected) < 1e-3  # same seed; rare LSH sign flips allowed
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_explicit_triton_refuses_what_it_cannot_run():
+    q, k, v = (torch.from_numpy(x) for x in make_inputs((1, 1, 8, 8), dtype=np.float64))
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run .*dtype float64 is not supported"):
+        hyperattn.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run .*needs torch tensors, got numpy"):
+        hyperattn.attention(q.numpy().astype(np.float32), k.numpy().astype(np.float32), v.numpy().astype(np.float32), backend="triton")
+
+
+COMPILE_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hyperattn_triton import kernels
+
+def sig(fn, types, constexprs):
+    names = fn.arg_names
+    signature = {n: types.get(n, "i64") for n in names}
+    for n in constexprs:
+        signature[n] = "constexpr"
+    return ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+
+ptr = "*{}"
+for dtype in ("fp16", "bf16"):
+    common = dict(HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=64, BLOCK_N=64, PERMUTED=True, CAUSAL=False,
+                  HAS_SAMPLES=True, PRECISION="tf32")
+    fwd_types = {"Q": ptr.format(dtype), "K": ptr.format(dtype), "V": ptr.format(dtype), "Out": "*fp32", "Lse": "*fp32",
+                 "Tiles": "*i64", "QOrder": "*i64", "KOrder": "*i64", "KRank": "*i64", "Samples": "*i64", "LogW": "*fp32",
+                 "scale2": "fp32"}
+    bwd_types = dict(fwd_types, DO="*fp32", Delta="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32", scale="fp32")
+    for fn, types in ((kernels.attention_fwd_kernel, fwd_types), (kernels.attention_bwd_kernel, bwd_types)):
+        compiled = triton.compile(sig(fn, types, common), target=GPUTarget("cuda", 90, 32))
+        assert "ptx" in compiled.asm and "cubin" in compiled.asm
+lsh = sig(kernels.lsh_codes_kernel, {"X": "*bf16", "P": "*fp32", "Codes": "*i64"},
+          dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128))
+assert "cubin" in triton.compile(lsh, target=GPUTarget("cuda", 90, 32)).asm
+print("compiled for sm_90")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert result.returncode == 0 and "compiled for sm_90" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------- GPU
+def _bf16_rule_error(q, k, v, plan, reference_out):
+    """Error of plain PyTorch in q's dtype on the same dense weights (the FlashAttention rule's yardstick)."""
+    weights = torch.from_numpy(testing.plan_weights(plan, q.shape[0], q.shape[1], q.shape[2], k.shape[2])).to(q.device)
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ kk.transpose(-1, -2)) * plan.scale
+    scores = torch.where(weights > 0, scores.float() + weights.log(), -torch.inf).to(q.dtype)
+    plain = torch.softmax(scores, dim=-1) @ vv
+    return testing.relative_error(plain, reference_out)
+
+
+GPU_CASES = [
+    (1, 4, 2, 4097, 4097, 64, 64, True, dict(block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=1024)),
+    (2, 2, 1, 1000, 2500, 128, 64, True, dict(block_size=128, sample_size=64, lsh_num_projs=5, min_seq_len=200)),
+    (1, 2, 2, 3000, 777, 40, 40, False, dict(block_size=100, sample_size=50, lsh_num_projs=4, min_seq_len=300)),
+    (1, 8, 1, 2048, 2048, 256, 256, False, dict(block_size=256, sample_size=128, lsh_num_projs=7, min_seq_len=512)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: str(c[:8]) if isinstance(c, tuple) else str(c))
+def test_gpu_same_plan_within_flash_attention_tolerance(case, dtype):
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal, params = case
+    q, k, v = (torch.from_numpy(x).to("cuda", dtype) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=dim))
+    results, plan = run_both(q, k, v, causal=causal, params=params)
+    yardstick = _bf16_rule_error(q, k, v, plan, results["reference"][0])
+    out_error = testing.relative_error(results["triton"][0], results["reference"][0])
+    assert out_error <= 2 * yardstick + 1e-4, (out_error, yardstick)
+    assert testing.relative_error(results["triton"][1], results["reference"][1]) < 1e-3
+    bound = {torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    for name, got, want in zip(("dq", "dk", "dv"), results["triton"][2:], results["reference"][2:]):
+        assert _error(got, want) < bound, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_131072_tokens(causal):
+    q, k, v = (torch.randn(1, 2, 131072, 64, generator=torch.Generator().manual_seed(i)).to("cuda", torch.bfloat16)
+               for i in range(3))
+    results, _ = run_both(q, k, v, causal=causal, params={}, backward=not causal)
+    assert testing.relative_error(results["triton"][0], results["reference"][0]) < 2e-2
+    assert testing.relative_error(results["triton"][1], results["reference"][1]) < 1e-3
+    for got, want in zip(results["triton"][2:], results["reference"][2:]):
+        assert _error(got, want) < 5e-2
+
+
+@pytest.mark.gpu
+def test_gpu_causal_leak_and_nan_poison():
+    params = dict(block_size=64, sample_size=32, lsh_num_projs=5, min_seq_len=128)
+    q, k, v = (torch.randn(1, 4, 1500, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = hyperattn.attention(q, k[:, :2], v[:, :2], causal=True, seed=1, backend="triton", **params)
+    k2, v2 = k[:, :2].clone(), v[:, :2].clone()
+    k2[:, :, 700:] = torch.randn_like(k2[:, :, 700:]) * 10
+    v2[:, :, 700:] = torch.randn_like(v2[:, :, 700:]) * 10
+    out2 = hyperattn.attention(q, k2, v2, causal=True, seed=1, backend="triton", **params)
+    assert torch.equal(out[:, :, :700], out2[:, :, :700])
+    assert not torch.allclose(out[:, :, 700:], out2[:, :, 700:])
+    # every row of every piece is written over a NaN-poisoned accumulator
+    backend = TRITON.backend
+    plan = testing.seeded_plan(backend, q, k[:, :2], causal=True, scale=0.125, config=HyperAttentionConfig(**params), seed=0)
+    for piece in plan.pieces:
+        acc = torch.full(q.shape, torch.nan, device="cuda")
+        lse = torch.full(q.shape[:3], -torch.inf, device="cuda")
+        if isinstance(piece, ExactPiece):
+            segments = piece.segments
+            backend.exact_forward(q, k[:, :2], v[:, :2], segments, piece.causal, 0.125, acc, lse)
+        else:
+            segments = piece.structure.segments
+            backend.sparse_forward(q, k[:, :2], v[:, :2], piece.structure, 0.125, acc, lse)
+        inside = torch.zeros(q.shape[2], dtype=torch.bool)
+        for start, end in zip(segments.q_start, segments.q_end):
+            inside[start:end] = True
+        assert torch.isfinite(acc[:, :, inside]).all() and torch.isfinite(lse[:, :, inside]).all()
+        assert torch.isnan(acc[:, :, ~inside]).all() and torch.isinf(lse[:, :, ~inside]).all()
