@@ -66,7 +66,7 @@ class ReferenceBackend:
         if array_type(x) == "torch":
             import torch
 
-            x = x.detach()
+            x = x.detach().cpu()  # CUDA tensors too: the tests compare GPU backends against it
             x = (x if x.dtype == torch.float64 else x.to(torch.float32)).numpy()
         compute = np.float64 if x.dtype == np.float64 else np.float32
         return np.ascontiguousarray(x, dtype=compute)
