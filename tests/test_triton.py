@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_inputs
 
 import hyperattn
+from conftest import make_inputs
 from hyperattn import testing
 from hyperattn.algorithm import ExactPiece, Plan, SparsePiece, run_backward, run_forward
 from hyperattn.config import HyperAttentionConfig
