@@ -21,6 +21,13 @@ from . import kernels
 
 BLOCK_M = 64
 BLOCK_N = 64
+
+
+def block_sizes(head_dim: int, v_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_stages): smaller tiles for wide heads so shared memory fits (228 KB)."""
+    if max(head_dim, v_dim) > 128:
+        return 32, 32, 1
+    return BLOCK_M, BLOCK_N, 2
 MAX_HEAD_DIM = 256
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -130,16 +137,20 @@ class TritonBackend:
 
     # -- kernels --------------------------------------------------------------------------------
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):
-        self._forward(q, k, v, exact_tiles(segments, causal), None, scale, out, lse, causal=bool(causal))
+        tiles = exact_tiles(segments, causal, block_sizes(q.shape[3], v.shape[3])[0])
+        self._forward(q, k, v, tiles, None, scale, out, lse, causal=bool(causal))
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse):
-        self._forward(q, k, v, sparse_tiles(structure), structure, scale, out, lse, causal=False)
+        tiles = sparse_tiles(structure, block_sizes(q.shape[3], v.shape[3])[0])
+        self._forward(q, k, v, tiles, structure, scale, out, lse, causal=False)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv):
-        self._backward(q, k, v, lse, dout, delta, exact_tiles(segments, causal), None, scale, dq, dk, dv, bool(causal))
+        tiles = exact_tiles(segments, causal, block_sizes(q.shape[3], v.shape[3])[0])
+        self._backward(q, k, v, lse, dout, delta, tiles, None, scale, dq, dk, dv, bool(causal))
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):
-        self._backward(q, k, v, lse, dout, delta, sparse_tiles(structure), structure, scale, dq, dk, dv, False)
+        tiles = sparse_tiles(structure, block_sizes(q.shape[3], v.shape[3])[0])
+        self._backward(q, k, v, lse, dout, delta, tiles, structure, scale, dq, dk, dv, False)
 
     # -- launches -------------------------------------------------------------------------------
     def _common(self, q, k, v, tiles, structure, scale):
@@ -156,9 +167,10 @@ class TritonBackend:
             order_strides = (q_order.stride(0), q_order.stride(1), k_order.stride(0), k_order.stride(1))
             sample_strides = samples.stride()[:3] if structure.samples is not None else (0, 0, 0)
             block_size, m = structure.block_size, structure.sample_size
+        block_m, block_n, stages = block_sizes(q.shape[3], v.shape[3])
         meta = dict(
             HEAD_DIM=q.shape[3], D_PAD=_pad(q.shape[3]), V_DIM=v.shape[3], DV_PAD=_pad(v.shape[3]),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PERMUTED=structure is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages, PERMUTED=structure is not None,
             HAS_SAMPLES=structure is not None and m > 0,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
