@@ -17,8 +17,8 @@ for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64), (4
     for causal in (False, True):
         try:
             with torch.no_grad():
-                fwd = triton.testing.do_bench(lambda: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"), return_mode="median")
-            def step():
+                fwd = triton.testing.do_bench(lambda causal=causal: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"), return_mode="median")
+            def step(causal=causal):
                 hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton").sum().backward()
             both = triton.testing.do_bench(step, return_mode="median")
             row.append(f"causal={causal}: fwd {fwd:7.2f} ms fwd+bwd {both:7.2f} ms")
