@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network, no nox/asv): install the packages in place, run the GPU tests,
 # then the single-layer benchmarks.  Results land in ${OUT:-benchmarks/results}.
-#   bash scripts/gpu_run.sh [tests|bench|all]
+#   bash scripts/gpu_run.sh [tests|bench|all|asv]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -24,5 +24,9 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
         --seq_lens 1024 4096 16384 65536 131072 --heads 32 --dim 64 --dtype bfloat16 --repeats 5
     done
   done
+fi
+if [ "$what" = asv ]; then  # asv travels as wheels in .whl (the GPU image has none)
+  python3 -m asv machine --yes --machine gpu >/dev/null
+  python3 -m asv run --python=same --quick --machine gpu --show-stderr 2>&1 | tee "$OUT/asv_gpu.log"
 fi
 exit $status

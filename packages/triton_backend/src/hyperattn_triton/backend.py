@@ -24,7 +24,7 @@ BLOCK_N = 64
 
 
 #: Launch configuration for head dims up to 128 (tuned on an H200, see benchmarks/results/).
-TUNING = {"block_m": BLOCK_M, "block_n": BLOCK_N, "warps": 4, "stages": 2}
+TUNING = {"block_m": 128, "block_n": 32, "warps": 4, "stages": 3}
 
 
 def block_sizes(head_dim: int, v_dim: int) -> tuple[int, int, int, int]:
