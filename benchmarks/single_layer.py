@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -117,6 +118,8 @@ def _argv_of(args) -> list[str]:
 
 
 def _git_commit() -> str:
+    if os.environ.get("HYPERATTN_COMMIT"):  # machines that receive the tree without .git
+        return os.environ["HYPERATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
