@@ -5,8 +5,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+if [ -d .whl ]; then  # wheels carried from a machine with network (array-api-compat; asv and its needs)
+  # into the interpreter itself, not a --target folder: asv runs benchmarks with a clean environment
+  python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/reference -e packages/triton_backend
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
