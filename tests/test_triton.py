@@ -183,6 +183,9 @@ GPU_CASES = [
     (2, 2, 1, 1000, 2500, 128, 64, True, dict(block_size=128, sample_size=64, lsh_num_projs=5, min_seq_len=200)),
     (1, 2, 2, 3000, 777, 40, 40, False, dict(block_size=100, sample_size=50, lsh_num_projs=4, min_seq_len=300)),
     (1, 8, 1, 2048, 2048, 256, 256, False, dict(block_size=256, sample_size=128, lsh_num_projs=7, min_seq_len=512)),
+    # no GQA, D == Dv: exact pieces go through PyTorch's flash attention (leaves, and a whole call)
+    (1, 4, 4, 2048, 2048, 64, 64, True, dict(block_size=128, sample_size=64, lsh_num_projs=5, min_seq_len=256)),
+    (2, 2, 2, 1000, 1000, 128, 128, False, dict(block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096)),
 ]
 
 

@@ -68,6 +68,59 @@ def sparse_tiles(structure: SparseStructure, block_m: int = BLOCK_M) -> np.ndarr
     return np.asarray(tiles, dtype=np.int64).reshape(-1, 7)
 
 
+def _equal_tiling(segments: Segments, n_q: int, causal: bool):
+    """(L, n) when the segments are L equal squares tiling all rows [0, n_q), aligned with their keys."""
+    table = segments.table
+    n = int(table[0, 1] - table[0, 0])
+    starts = np.arange(len(table)) * n
+    ok = (
+        len(table) * n == n_q
+        and (table[:, 0] == starts).all()
+        and (table[:, 1] - table[:, 0] == n).all()
+        and (table[:, 3] - table[:, 2] == n).all()
+        and (table[:, 2] - table[:, 0] == table[0, 2]).all()
+    )
+    if not ok and len(table) == 1 and not causal and table[0, 0] == 0 and table[0, 1] == n_q:
+        return 1, n  # one non-causal rectangle over all rows (any key range)
+    return (len(table), n) if ok else None
+
+
+def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> bool:
+    """Exact pieces through PyTorch's fused flash attention (it returns the log-sum-exp).
+
+    Used when the segments are one rectangle over all rows, or equal causal squares tiling the rows
+    (the recursion's leaves), with fp16/bf16, D == Dv <= 256 and as many KV heads as query heads:
+    then (heads, segments) fold into one head axis without copies.  Returns False otherwise, and
+    the Triton kernel runs instead.
+    """
+    if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[3] != v.shape[3] or q.shape[3] > MAX_HEAD_DIM or q.shape[1] != k.shape[1]:
+        return False
+    tiling = _equal_tiling(segments, q.shape[2], causal)
+    if tiling is None:
+        return False
+    count, n = tiling
+    k_start, k_end = int(segments.k_start[0]), int(segments.k_end[-1])
+    batch, heads = q.shape[:2]
+    try:
+        n_k = (k_end - k_start) // count
+        folded = [x.view(batch, heads * count, n if x is q else n_k, x.shape[3]) for x in (q, k[:, :, k_start:k_end], v[:, :, k_start:k_end])]
+        out_view = out.view(batch, heads * count, n, out.shape[3])
+        lse_view = lse.view(batch, heads * count, n)
+    except RuntimeError:  # strides that do not fold
+        return False
+    o, row_lse = torch.ops.aten._scaled_dot_product_flash_attention(*folded, 0.0, causal, False, scale=scale)[:2]
+    fresh = lse_view == -torch.inf
+    total = torch.logaddexp(lse_view, row_lse)
+    keep = torch.where(fresh, 0.0, torch.exp(lse_view - total))
+    add = torch.exp(row_lse - total)
+    merged = out_view * keep[..., None] + o.float() * add[..., None]
+    out_view.copy_(torch.where(fresh[..., None], o.float(), merged))
+    lse_view.copy_(total)
+    return True
+
+
 def _pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
@@ -141,6 +194,8 @@ class TritonBackend:
 
     # -- kernels --------------------------------------------------------------------------------
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):
+        if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse):
+            return
         tiles = exact_tiles(segments, causal, block_sizes(q.shape[3], v.shape[3])[0])
         self._forward(q, k, v, tiles, None, scale, out, lse, causal=bool(causal))
 
