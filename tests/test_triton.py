@@ -246,3 +246,25 @@ def test_gpu_causal_leak_and_nan_poison():
             inside[start:end] = True
         assert torch.isfinite(acc[:, :, inside]).all() and torch.isfinite(lse[:, :, inside]).all()
         assert torch.isnan(acc[:, :, ~inside]).all() and torch.isinf(lse[:, :, ~inside]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_flash_exact_path_merges_like_the_kernel():
+    """Merging the same exact piece twice keeps out and adds log 2 to lse (fresh-row copy and merge branches)."""
+    from hyperattn.protocol import Segments
+    from hyperattn_triton.backend import exact_tiles, flash_exact_forward
+
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    leaves = Segments.from_ranges([(s, s + 256, s, s + 256) for s in range(0, 1024, 256)])
+    out = torch.zeros(1, 4, 1024, 64, device="cuda")
+    lse = torch.full((1, 4, 1024), -torch.inf, device="cuda")
+    assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
+    kernel_out = torch.zeros_like(out)
+    kernel_lse = torch.full_like(lse, -torch.inf)
+    TRITON.backend._forward(q, k, v, exact_tiles(leaves, True, 128), None, 0.125, kernel_out, kernel_lse, causal=True)
+    torch.testing.assert_close(out, kernel_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, kernel_lse, atol=1e-3, rtol=1e-4)
+    first_out, first_lse = out.clone(), lse.clone()
+    assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
+    torch.testing.assert_close(out, first_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, first_lse + np.log(2.0), atol=1e-5, rtol=1e-5)
