@@ -43,7 +43,8 @@ def sdpa(q, k, v, causal):
 
 
 def make_step(method, q, k, v, *, causal, mode, backend="auto", params=None):
-    """A zero-argument callable doing one forward ('fwd') or forward+backward ('fwd+bwd') step."""
+    """A zero-argument callable doing one step: 'fwd', 'bwd' (backward only, of one forward made
+    here) or 'fwd+bwd' (both, timed as one step)."""
     params = params or {}
 
     def forward():
@@ -53,6 +54,16 @@ def make_step(method, q, k, v, *, causal, mode, backend="auto", params=None):
 
     if mode == "fwd":
         return forward
+    if mode == "bwd":
+        out = forward()
+        grad = torch.randn_like(out)
+
+        def backward_only():
+            q.grad = k.grad = v.grad = None
+            out.backward(grad, retain_graph=True)
+            return out
+
+        return backward_only
     grad = None
 
     def forward_backward():
@@ -107,8 +118,8 @@ def attended_pairs(plan: Plan, n_q: int, n_k: int) -> float:
 
 
 def attention_flops(pairs: float, batch: int, heads: int, dim: int, mode: str) -> float:
-    """2 matmuls of 2·D FLOPs per pair forward; backward adds 5 (recomputed scores included)."""
-    per_pair = 4 * dim if mode == "fwd" else 4 * dim * 3.5
+    """Per pair: forward 2 matmuls of 2·D FLOPs; backward 5 (recomputed scores included)."""
+    per_pair = {"fwd": 4 * dim, "bwd": 10 * dim, "fwd+bwd": 14 * dim}[mode]
     return pairs * batch * heads * per_pair
 
 
@@ -127,9 +138,9 @@ def pairs_of_method(method, q, k, *, causal, params, backend) -> float:
 
 
 def io_bytes(q, k, v, mode: str) -> float:
-    """Fewest bytes: read q, k, v and write out (forward); backward also reads dO, out and writes dq, dk, dv."""
+    """Fewest bytes: forward reads q, k, v and writes out; backward reads q, k, v, out, dO, writes dq, dk, dv."""
     forward = (q.numel() + k.numel() + v.numel() + q.numel()) * q.element_size()
-    return forward if mode == "fwd" else forward * 2.5
+    return {"fwd": forward, "bwd": forward * 2, "fwd+bwd": forward * 3}[mode]
 
 
 def measure_ceilings(device: str, dtype: str) -> tuple[float, float]:

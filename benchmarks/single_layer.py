@@ -64,7 +64,7 @@ def device_name(device: str) -> str:
 
 
 def run(args) -> dict:
-    mode = "fwd+bwd" if args.mode == "bwd" else args.mode  # backward alone is timed as part of the step
+    mode = args.mode
     causal = not args.no_causal
     kv_heads = args.kv_heads or args.heads
     repeats = args.repeats or (10 if args.device.startswith("cuda") else 3)
