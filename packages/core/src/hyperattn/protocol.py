@@ -61,6 +61,18 @@ class Segments:
         return len(self.q_start)
 
 
+def segment_labels(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """int64 [n]: the start of each position's segment, or the position itself outside every segment.
+
+    Non-decreasing, so a stable sort by ``(label << 32) + code`` reorders rows only inside their
+    segments, leaves other rows in place, and ``position - label`` is the rank in the segment.
+    """
+    labels = np.arange(n, dtype=np.int64)
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        labels[start:end] = start
+    return labels
+
+
 def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):
     """First sorted query rank of key block ``block`` (vectorised, exact integer arithmetic).
 

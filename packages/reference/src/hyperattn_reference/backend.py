@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from hyperattn._arrays import array_type
-from hyperattn.protocol import Capabilities, Segments, SparseStructure
+from hyperattn.protocol import Capabilities, Segments, SparseStructure, segment_labels
 
 from . import _kernels
 
@@ -24,17 +24,6 @@ def gray_rank(codes: np.ndarray) -> np.ndarray:
         rank ^= rank >> shift
         shift *= 2
     return rank
-
-
-def segment_labels(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Per position: the start of its segment, or the position itself outside every segment.
-
-    Non-decreasing, so a stable sort by ``(label, code)`` reorders rows only inside segments.
-    """
-    labels = np.arange(n, dtype=np.int64)
-    for start, end in zip(starts.tolist(), ends.tolist()):
-        labels[start:end] = start
-    return labels
 
 
 class ReferenceBackend:
@@ -91,11 +80,8 @@ class ReferenceBackend:
         order = np.argsort((labels << 32) + codes, axis=-1, kind="stable")
         positions = np.broadcast_to(np.arange(n, dtype=np.int64), codes.shape)
         rank = np.empty_like(order)
-        np.put_along_axis(rank, order, positions - labels, axis=-1)
-        inside = np.zeros(n, dtype=bool)
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            inside[start:end] = True
-        return order, np.where(inside, rank, 0)
+        np.put_along_axis(rank, order, positions - labels, axis=-1)  # 0 outside every segment
+        return order, rank
 
     # -- kernels --------------------------------------------------------------------------------
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):

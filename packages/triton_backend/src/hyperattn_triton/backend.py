@@ -15,16 +15,13 @@ import numpy as np
 import torch
 import triton
 
-from hyperattn.protocol import Capabilities, Segments, SparseStructure, query_block_bounds
+from hyperattn.protocol import Capabilities, Segments, SparseStructure, query_block_bounds, segment_labels
 
 from . import kernels
 
-BLOCK_M = 64
-BLOCK_N = 64
-
-
 #: Launch configuration for head dims up to 128 (tuned on an H200, see benchmarks/results/).
 TUNING = {"block_m": 128, "block_n": 32, "warps": 4, "stages": 3}
+BLOCK_M = TUNING["block_m"]
 
 
 def block_sizes(head_dim: int, v_dim: int) -> tuple[int, int, int, int]:
@@ -187,10 +184,7 @@ class TritonBackend:
 
     def segment_sort(self, codes, starts: np.ndarray, ends: np.ndarray):
         n = codes.shape[-1]
-        labels = np.arange(n, dtype=np.int64)
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            labels[start:end] = start
-        labels = torch.from_numpy(labels).to(codes.device)
+        labels = torch.from_numpy(segment_labels(n, starts, ends)).to(codes.device)
         _, order = torch.sort((labels << 32) + codes, dim=-1, stable=True)
         positions = torch.arange(n, device=codes.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(-1, order, positions - labels)
