@@ -94,6 +94,24 @@ def test_same_plan_matches_reference(case, dtype):
         assert _error(got, want) < tolerance, name
 
 
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1]])
+def test_same_plan_matches_reference_with_small_tiles(case, monkeypatch):
+    """Many tiles per block, key tiles shorter than blocks, several row chunks adding into the samples."""
+    from hyperattn_triton import backend as triton_module
+
+    monkeypatch.setitem(triton_module.TUNING, "block_m", 16)
+    monkeypatch.setitem(triton_module.TUNING, "block_n", 16)
+    monkeypatch.setitem(triton_module.TUNING, "kv_block_m", 16)
+    monkeypatch.setitem(triton_module.TUNING, "kv_block_n", 16)
+    monkeypatch.setattr(triton_module, "SAMPLE_ROW_CHUNK", 24)
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = case
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=1))
+    results, _ = run_both(q, k, v, causal=causal, params=dict(SMALL, block_size=32, sample_size=40))
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert _error(got, want) < 1e-5, name
+
+
 def test_lsh_codes_and_sorting_match_reference():
     reference, triton_backend = backend_status("reference").backend, TRITON.backend
     x = torch.randn(2, 3, 300, 24)
@@ -145,13 +163,16 @@ def sig(fn, types, constexprs):
 ptr = "*{}"
 for dtype in ("fp16", "bf16"):
     common = dict(HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=64, BLOCK_N=64, PERMUTED=True, CAUSAL=False,
-                  HAS_SAMPLES=True, PRECISION="tf32")
+                  PRECISION="tf32")
     fwd_types = {"Q": ptr.format(dtype), "K": ptr.format(dtype), "V": ptr.format(dtype), "Out": "*fp32", "Lse": "*fp32",
-                 "Tiles": "*i64", "QOrder": "*i64", "KOrder": "*i64", "KRank": "*i64", "Samples": "*i64", "LogW": "*fp32",
-                 "scale2": "fp32"}
+                 "Tiles": "*i64", "QOrder": "*i32", "KOrder": "*i32", "QBlock": "*i32", "Samples": "*i32",
+                 "SampleBlock": "*i32", "LogW": "*fp32", "scale2": "fp32"}
     bwd_types = dict(fwd_types, DO="*fp32", Delta="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32", scale="fp32")
-    for fn, types in ((kernels.attention_fwd_kernel, fwd_types), (kernels.attention_bwd_kernel, bwd_types)):
-        compiled = triton.compile(sig(fn, types, common), target=GPUTarget("cuda", 90, 32))
+    for fn, types, flags in ((kernels.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True)),
+                             (kernels.attention_bwd_dq_kernel, bwd_types, dict(HAS_SAMPLES=True)),
+                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True)),
+                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False))):
+        compiled = triton.compile(sig(fn, types, dict(common, **flags)), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
 lsh = sig(kernels.lsh_codes_kernel, {"X": "*bf16", "P": "*fp32", "Codes": "*i64"},
           dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128))

@@ -19,16 +19,37 @@ from hyperattn.protocol import Capabilities, Segments, SparseStructure, query_bl
 
 from . import kernels
 
-#: Launch configuration for head dims up to 128 (tuned on an H200, see benchmarks/results/).
-TUNING = {"block_m": 128, "block_n": 32, "warps": 4, "stages": 3}
-BLOCK_M = TUNING["block_m"]
+#: Launch configurations for head dims up to 128 (tuned on an H200, see benchmarks/results/):
+#: the forward and dQ kernels walk query tiles of ``block_m`` rows in steps of ``block_n`` keys;
+#: the dK/dV kernel walks key tiles of ``kv_block_n`` keys in steps of ``kv_block_m`` rows.
+TUNING = {"block_m": 128, "block_n": 32, "warps": 4, "stages": 3,
+          "kv_block_n": 64, "kv_block_m": 64, "kv_warps": 4, "kv_stages": 2}
+#: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
+SAMPLE_ROW_CHUNK = 4096
 
 
-def block_sizes(head_dim: int, v_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_stages, num_warps): smaller tiles for wide heads so shared memory fits."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    block_m: int
+    block_n: int
+    stages: int
+    warps: int
+
+
+def query_launch(head_dim: int, v_dim: int) -> Launch:
+    """Forward and dQ: smaller tiles for wide heads so shared memory fits."""
     if max(head_dim, v_dim) > 128:
-        return 32, 32, 1, 4
-    return TUNING["block_m"], TUNING["block_n"], TUNING["stages"], TUNING["warps"]
+        return Launch(32, 32, 1, 4)
+    return Launch(TUNING["block_m"], TUNING["block_n"], TUNING["stages"], TUNING["warps"])
+
+
+def key_launch(head_dim: int, v_dim: int) -> Launch:
+    """dK/dV."""
+    if max(head_dim, v_dim) > 128:
+        return Launch(32, 32, 1, 4)
+    return Launch(TUNING["kv_block_m"], TUNING["kv_block_n"], TUNING["kv_stages"], TUNING["kv_warps"])
+
+
 MAX_HEAD_DIM = 256
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -38,31 +59,81 @@ def interpreting() -> bool:
 
 
 # ------------------------------------------------------------------------------- tile tables
-def exact_tiles(segments: Segments, causal: bool, block_m: int = BLOCK_M) -> np.ndarray:
-    """[T, 7] int64 rows (segment, 0, q0, q1, k0, k1, diag) covering every segment's rows."""
-    tiles = []
-    for s, (qs, qe, ks, ke) in enumerate(segments.table.tolist()):
-        diag = ke - qe  # causal, bottom-right aligned: key j is visible to row i when j <= i + diag
-        for q0 in range(qs, qe, block_m):
-            q1 = min(q0 + block_m, qe)
-            k1 = min(ke, q1 - 1 + diag + 1) if causal else ke
-            tiles.append((s, 0, q0, q1, ks, k1, diag))
-    return np.asarray(tiles, dtype=np.int64).reshape(-1, 7)
+def _split(starts, ends, step: int):
+    """Cut every range [starts[i], ends[i]) into pieces of ``step``: (owner i, piece start, piece end)."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    counts = np.maximum(-(-(ends - starts) // step), 0)
+    owner = np.repeat(np.arange(len(starts)), counts)
+    first = np.cumsum(counts) - counts
+    piece_start = starts[owner] + (np.arange(counts.sum()) - first[owner]) * step
+    return owner, piece_start, np.minimum(piece_start + step, ends[owner])
 
 
-def sparse_tiles(structure: SparseStructure, block_m: int = BLOCK_M) -> np.ndarray:
-    """[T, 7] int64 rows (segment, block, sorted q0, q1, sorted k0, k1, 0): each block's queries in tiles."""
-    tiles = []
-    bs = structure.block_size
-    for s, (qs, qe, ks, ke) in enumerate(structure.segments.table.tolist()):
-        n_q, n_k = qe - qs, ke - ks
-        n_blocks = -(-n_k // bs)
-        bounds = query_block_bounds(np.arange(n_blocks + 1), bs, n_q, n_k).tolist()
-        for blk in range(n_blocks):
-            k0, k1 = ks + blk * bs, ks + min((blk + 1) * bs, n_k)
-            for r in range(bounds[blk], bounds[blk + 1], block_m):
-                tiles.append((s, blk, qs + r, qs + min(r + block_m, bounds[blk + 1]), k0, k1, 0))
-    return np.asarray(tiles, dtype=np.int64).reshape(-1, 7)
+def _table(*columns) -> np.ndarray:
+    return np.stack([np.broadcast_to(np.asarray(c, dtype=np.int64), np.shape(columns[2])) for c in columns],
+                    axis=1).reshape(-1, 7)
+
+
+def exact_tiles(segments: Segments, causal: bool, block_m: int) -> np.ndarray:
+    """Query side, [T, 7] (segment, 0, q0, q1, k0, k1, diag) covering every segment's rows."""
+    seg, q0, q1 = _split(segments.q_start, segments.q_end, block_m)
+    diag = (segments.k_end - segments.q_end)[seg]  # causal, bottom-right: key j visible to row i when j <= i + diag
+    k1 = np.minimum(segments.k_end[seg], q1 + diag) if causal else segments.k_end[seg]
+    return _table(seg, 0, q0, q1, segments.k_start[seg], k1, diag)
+
+
+def exact_key_tiles(segments: Segments, causal: bool, block_n: int) -> np.ndarray:
+    """Key side, [T, 7] (segment, 0, k0, k1, q0, q1, diag): every key tile with the rows that see it."""
+    seg, k0, k1 = _split(segments.k_start, segments.k_end, block_n)
+    diag = (segments.k_end - segments.q_end)[seg]
+    q0 = np.maximum(segments.q_start[seg], k0 - diag) if causal else segments.q_start[seg]
+    tiles = _table(seg, 0, k0, k1, q0, segments.q_end[seg], diag)
+    return tiles[tiles[:, 4] < tiles[:, 5]]
+
+
+def _blocks(structure: SparseStructure):
+    """Every (segment, key block): (segment, block, sorted k0, k1, sorted q0, q1)."""
+    bs, seg_table = structure.block_size, structure.segments
+    n_q, n_k = seg_table.q_len, seg_table.k_len
+    seg, k0, k1 = _split(seg_table.k_start, seg_table.k_end, bs)
+    blk = (k0 - seg_table.k_start[seg]) // bs
+    q0 = seg_table.q_start[seg] + query_block_bounds(blk, bs, n_q[seg], n_k[seg])
+    q1 = seg_table.q_start[seg] + query_block_bounds(blk + 1, bs, n_q[seg], n_k[seg])
+    return seg, blk, k0, k1, q0, q1
+
+
+def sparse_tiles(structure: SparseStructure, block_m: int) -> np.ndarray:
+    """Query side, [T, 7] (segment, block, sorted q0, q1, sorted k0, k1, 0): each block's queries in tiles."""
+    seg, blk, k0, k1, q0, q1 = _blocks(structure)
+    owner, t0, t1 = _split(q0, q1, block_m)
+    return _table(seg[owner], blk[owner], t0, t1, k0[owner], k1[owner], 0)
+
+
+def sparse_key_tiles(structure: SparseStructure, block_n: int) -> np.ndarray:
+    """Key side, [T, 7] (segment, block, sorted k0, k1, sorted q0, q1, 0): each block's keys in tiles."""
+    seg, blk, k0, k1, q0, q1 = _blocks(structure)
+    owner, t0, t1 = _split(k0, k1, block_n)
+    tiles = _table(seg[owner], blk[owner], t0, t1, q0[owner], q1[owner], 0)
+    return tiles[tiles[:, 4] < tiles[:, 5]]
+
+
+def sample_key_tiles(structure: SparseStructure, block_n: int) -> np.ndarray:
+    """Key side for samples, [T, 7] (segment, -1, slot j0, j1, sorted q0, q1, 0): slot tiles x row chunks."""
+    seg_table, m = structure.segments, structure.sample_size
+    seg, q0, q1 = _split(seg_table.q_start, seg_table.q_end, SAMPLE_ROW_CHUNK)
+    slot_tiles = -(-m // block_n)
+    j0 = np.tile(np.arange(slot_tiles) * block_n, len(seg))
+    rep = np.repeat(np.arange(len(seg)), slot_tiles)
+    return _table(seg[rep], -1, j0, np.minimum(j0 + block_n, m), q0[rep], q1[rep], 0)
+
+
+def query_blocks(structure: SparseStructure, n_q: int) -> np.ndarray:
+    """int32 [Nq]: the key block of each sorted query position (-2 outside every segment)."""
+    ids = np.full(n_q, -2, dtype=np.int32)
+    seg, blk, _, _, q0, q1 = _blocks(structure)
+    for b, start, end in zip(blk.tolist(), q0.tolist(), q1.tolist()):
+        ids[start:end] = b
+    return ids
 
 
 def _equal_tiling(segments: Segments, n_q: int, causal: bool):
@@ -194,70 +265,100 @@ class TritonBackend:
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):
         if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse):
             return
-        tiles = exact_tiles(segments, causal, block_sizes(q.shape[3], v.shape[3])[0])
-        self._forward(q, k, v, tiles, None, scale, out, lse, causal=bool(causal))
+        launch = query_launch(q.shape[3], v.shape[3])
+        self._forward(q, k, v, exact_tiles(segments, causal, launch.block_m), None, scale, out, lse, bool(causal))
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse):
-        tiles = sparse_tiles(structure, block_sizes(q.shape[3], v.shape[3])[0])
-        self._forward(q, k, v, tiles, structure, scale, out, lse, causal=False)
+        launch = query_launch(q.shape[3], v.shape[3])
+        self._forward(q, k, v, sparse_tiles(structure, launch.block_m), structure, scale, out, lse, False)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv):
-        tiles = exact_tiles(segments, causal, block_sizes(q.shape[3], v.shape[3])[0])
-        self._backward(q, k, v, lse, dout, delta, tiles, None, scale, dq, dk, dv, bool(causal))
+        causal = bool(causal)
+        q_tiles = exact_tiles(segments, causal, query_launch(q.shape[3], v.shape[3]).block_m)
+        k_tiles = exact_key_tiles(segments, causal, key_launch(q.shape[3], v.shape[3]).block_n)
+        self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal)
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):
-        tiles = sparse_tiles(structure, block_sizes(q.shape[3], v.shape[3])[0])
-        self._backward(q, k, v, lse, dout, delta, tiles, structure, scale, dq, dk, dv, False)
+        q_tiles = sparse_tiles(structure, query_launch(q.shape[3], v.shape[3]).block_m)
+        block_n = key_launch(q.shape[3], v.shape[3]).block_n
+        k_tiles = [(sparse_key_tiles(structure, block_n), False)]
+        if structure.sample_size > 0:
+            k_tiles.append((sample_key_tiles(structure, block_n), True))
+        self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False)
 
     # -- launches -------------------------------------------------------------------------------
-    def _common(self, q, k, v, tiles, structure, scale):
+    def _indices(self, q, structure):
+        """The structure's index tensors as the kernels read them (int32), plus their strides."""
         device = q.device
-        dummy = torch.zeros(1, dtype=torch.int64, device=device)
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
         if structure is None:
-            q_order = k_order = k_rank = samples = dummy
             log_w = torch.zeros(1, dtype=torch.float32, device=device)
-            order_strides, sample_strides, block_size, m = (0, 0, 0, 0), (0, 0, 0), 1, 0
-        else:
-            q_order, k_order, k_rank = structure.q_order, structure.k_order, structure.k_rank
-            samples = structure.samples if structure.samples is not None else dummy
-            log_w = torch.from_numpy(np.asarray(structure.log_sample_weight, dtype=np.float32)).to(device)
-            order_strides = (q_order.stride(0), q_order.stride(1), k_order.stride(0), k_order.stride(1))
-            sample_strides = samples.stride()[:3] if structure.samples is not None else (0, 0, 0)
-            block_size, m = structure.block_size, structure.sample_size
-        block_m, block_n, stages, warps = block_sizes(q.shape[3], v.shape[3])
-        meta = dict(
+            return dict(q_order=dummy, k_order=dummy, samples=dummy, sample_blocks=dummy, log_w=log_w,
+                        order_strides=(0, 0, 0, 0), sample_strides=(0, 0, 0), m=0)
+        q_order = structure.q_order.to(torch.int32)
+        k_order = structure.k_order.to(torch.int32)
+        samples = sample_blocks = dummy
+        sample_strides = (0, 0, 0)
+        if structure.samples is not None:
+            drawn = structure.samples.to(torch.int64)
+            batch, kv_heads = drawn.shape[:2]
+            ranks = torch.gather(structure.k_rank, 2, drawn.reshape(batch, kv_heads, -1)).reshape(drawn.shape)
+            samples = drawn.to(torch.int32).contiguous()
+            sample_blocks = (ranks // structure.block_size).to(torch.int32).contiguous()
+            sample_strides = samples.stride()[:3]
+        log_w = torch.from_numpy(np.asarray(structure.log_sample_weight, dtype=np.float32)).to(device)
+        return dict(q_order=q_order, k_order=k_order, samples=samples, sample_blocks=sample_blocks, log_w=log_w,
+                    order_strides=(*q_order.stride()[:2], *k_order.stride()[:2]), sample_strides=sample_strides,
+                    m=structure.sample_size)
+
+    @staticmethod
+    def _meta(q, v, launch: Launch, permuted: bool):
+        return dict(
             HEAD_DIM=q.shape[3], D_PAD=_pad(q.shape[3]), V_DIM=v.shape[3], DV_PAD=_pad(v.shape[3]),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages, num_warps=warps, PERMUTED=structure is not None,
-            HAS_SAMPLES=structure is not None and m > 0,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_stages=launch.stages, num_warps=launch.warps,
+            PERMUTED=permuted, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
-        tile_table = torch.from_numpy(tiles).to(device)
-        grid = (len(tiles), q.shape[0] * q.shape[1])
-        args = (tile_table, q_order, k_order, k_rank, samples, log_w)
-        return args, order_strides, sample_strides, block_size, m, meta, grid
 
     def _forward(self, q, k, v, tiles, structure, scale, out, lse, causal):
         if len(tiles) == 0:
             return
-        args, order_strides, sample_strides, block_size, m, meta, grid = self._common(q, k, v, tiles, structure, scale)
-        kernels.attention_fwd_kernel[grid](
-            q, k, v, out, lse, *args,
+        ix = self._indices(q, structure)
+        meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None)
+        kernels.attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
+            q, k, v, out, lse, torch.from_numpy(tiles).to(q.device),
+            ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            *order_strides, *sample_strides,
-            q.shape[1], q.shape[1] // k.shape[1], scale * kernels.LOG2E, block_size, m,
-            CAUSAL=causal, **meta,
+            *ix["order_strides"], *ix["sample_strides"],
+            q.shape[1], q.shape[1] // k.shape[1], scale * kernels.LOG2E, ix["m"],
+            CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, **meta,
         )
 
-    def _backward(self, q, k, v, lse, dout, delta, tiles, structure, scale, dq, dk, dv, causal):
-        if len(tiles) == 0:
-            return
-        args, order_strides, sample_strides, block_size, m, meta, grid = self._common(q, k, v, tiles, structure, scale)
+    def _backward(self, q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, causal):
+        """dQ over the query tiles, then dK/dV over each (key tiles, are they sample slots) table."""
+        ix = self._indices(q, structure)
         delta = delta.contiguous() if delta.stride() != lse.stride() else delta
-        kernels.attention_bwd_kernel[grid](
-            q, k, v, dout, lse, delta, dq, dk, dv, *args,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(),
-            *order_strides, *sample_strides,
-            q.shape[1], q.shape[1] // k.shape[1], scale, scale * kernels.LOG2E, block_size, m,
-            CAUSAL=causal, **meta,
-        )
+        group = q.shape[1] // k.shape[1]
+        common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+        if len(q_tiles):
+            meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None)
+            kernels.attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
+                q, k, v, dout, lse, delta, dq, torch.from_numpy(q_tiles).to(q.device),
+                ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
+                *common, *dq.stride(), *ix["order_strides"], *ix["sample_strides"],
+                q.shape[1], group, scale, scale * kernels.LOG2E, ix["m"],
+                CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, **meta,
+            )
+        meta = self._meta(q, v, key_launch(q.shape[3], v.shape[3]), structure is not None)
+        for tiles, samples in k_tiles:
+            if len(tiles) == 0:
+                continue
+            q_blocks = ix["samples"]  # unused unless samples
+            if samples:
+                q_blocks = torch.from_numpy(query_blocks(structure, q.shape[2])).to(q.device)
+            kernels.attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
+                q, k, v, dout, lse, delta, dk, dv, torch.from_numpy(tiles).to(q.device),
+                ix["q_order"], ix["k_order"], q_blocks, ix["samples"], ix["sample_blocks"], ix["log_w"],
+                *common, *dk.stride(), *dv.stride(), *ix["order_strides"], *ix["sample_strides"],
+                k.shape[1], group, scale, scale * kernels.LOG2E,
+                CAUSAL=causal and not samples, SAMPLES=samples, **meta,
+            )

@@ -1,17 +1,22 @@
-"""Triton kernels: one forward and one backward for every attention piece.
+"""Triton kernels: a forward and a two-kernel backward for every attention piece.
 
-A launch covers a table of *tiles* (int64 [T, 7]: segment, key block, first and last+1 query
-position, first and last+1 key position, causal diagonal) times every (batch, query head).
-With ``PERMUTED`` the positions index the LSH orders (rows and keys are gathered through
+A launch covers a table of *tiles* (int64 [T, 7]) times every (batch, head).  Query-side tiles
+(forward, dQ) are ``(segment, key block, q0, q1, k0, k1, diag)``: rows ``[q0, q1)`` against keys
+``[k0, k1)``; key-side tiles (dK/dV) are ``(segment, key block, k0, k1, q0, q1, diag)``: keys
+``[k0, k1)`` (or sample slots ``[k0, k1)`` of the segment) against rows ``[q0, q1)``.
+With ``PERMUTED`` the positions index the LSH orders (rows and keys are gathered through the int32
 ``QOrder``/``KOrder``, never copied sorted); without it they are rows and keys themselves.
-``CAUSAL`` keeps key j for row i when ``j <= i + diag``.  ``HAS_SAMPLES`` adds the sampled keys
-of the segment, masked when their key block (``KRank // block_size``) is the tile's own, and
+``CAUSAL`` keeps key j for row i when ``j <= i + diag``.  Samples (int32 ``Samples`` with their
+key block ``SampleBlock``, both [B, Hk, S, m]) are masked for rows of their own key block and
 weighted by ``exp(LogW[segment])``.
 
 Forward: online softmax (base 2) over the tile's keys then its samples, merged by log-sum-exp
 into the running fp32 ``Out``/``Lse`` (rows are disjoint inside one launch).
-Backward: FlashAttention's formula with the final ``Lse`` and ``Delta``; dQ rows are owned by the
-tile, dK/dV are added with fp32 atomics (block keys are shared by GQA heads, samples by all tiles).
+Backward: FlashAttention's formulas with the final ``Lse`` and ``Delta``, split so that nothing
+contends: the dQ kernel walks a query tile's keys and samples (it owns its rows); the dK/dV kernel
+walks a key tile's rows, for every query head of its KV group, and owns its keys.  Only sample
+slots, which every row of a segment sees, add their partial dK/dV per chunk of rows with fp32
+atomics (duplicate draws add up there too).
 """
 
 from __future__ import annotations
@@ -24,44 +29,53 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _tile_rows(Tiles, QOrder, b, h, sqo_b, sqo_h, BLOCK_M: tl.constexpr, PERMUTED: tl.constexpr):
+def _tile(Tiles):
     tile = Tiles + tl.program_id(0).to(tl.int64) * 7
-    seg = tl.load(tile)
-    blk = tl.load(tile + 1)
-    q0 = tl.load(tile + 2)
-    q1 = tl.load(tile + 3)
-    k0 = tl.load(tile + 4)
-    k1 = tl.load(tile + 5)
-    diag = tl.load(tile + 6)
-    offs_m = q0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < q1
-    if PERMUTED:
-        rows = tl.load(QOrder + b * sqo_b + h * sqo_h + offs_m, mask=mask_m, other=0)
-    else:
-        rows = offs_m
-    return seg, blk, k0, k1, diag, rows, mask_m
+    return (tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4),
+            tl.load(tile + 5), tl.load(tile + 6))
 
 
 @triton.jit
-def _keys_of(start, k1, KOrder, b, hk, sko_b, sko_h, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr):
-    offs_n = start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < k1
-    if PERMUTED:
-        keys = tl.load(KOrder + b * sko_b + hk * sko_h + offs_n, mask=mask_n, other=0)
-    else:
-        keys = offs_n
-    return keys, mask_n
+def _program_heads(num_heads, group):
+    """(b, h, hk) of this program: axis 1 runs over batch x heads (query heads, or KV heads if group == 0)."""
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    return b, h, h // group
 
 
 @triton.jit
-def _samples_of(start, Samples, KRank, b, hk, seg, blk, ss_b, ss_h, ss_s, sko_b, sko_h, num_samples, block_size,
-                BLOCK_N: tl.constexpr):
-    offs_j = start + tl.arange(0, BLOCK_N)
-    mask_j = offs_j < num_samples
-    keys = tl.load(Samples + b * ss_b + hk * ss_h + seg * ss_s + offs_j, mask=mask_j, other=0)
-    rank = tl.load(KRank + b * sko_b + hk * sko_h + keys, mask=mask_j, other=0)
-    keep = mask_j & ((rank // block_size) != blk)
-    return keys, keep
+def _positions(start, end, Order, BLOCK: tl.constexpr, PERMUTED: tl.constexpr):
+    """Row or key indices (int64) of positions [start, start + BLOCK) clipped to end, and their mask."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < end
+    if PERMUTED:
+        return tl.load(Order + offs, mask=mask, other=0).to(tl.int64), mask
+    return offs.to(tl.int64), mask
+
+
+@triton.jit
+def _samples(start, end, SampleRow, SampleBlockRow, BLOCK: tl.constexpr):
+    """Key indices (int64), key blocks and mask of sample slots [start, start + BLOCK) clipped to end."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < end
+    keys = tl.load(SampleRow + offs, mask=mask, other=0).to(tl.int64)
+    blocks = tl.load(SampleBlockRow + offs, mask=mask, other=-1)
+    return keys, blocks, mask
+
+
+@triton.jit
+def _rows_of(base, idx, s_n, offs_c, s_c, mask, n_cols):
+    """Load rows ``idx`` [R] x columns ``offs_c`` as [R, C] (zero outside mask and n_cols)."""
+    return tl.load(base + idx[:, None] * s_n + offs_c[None, :] * s_c,
+                   mask=mask[:, None] & (offs_c[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _cols_of(base, idx, s_n, offs_c, s_c, mask, n_cols):
+    """Load rows ``idx`` [R] x columns ``offs_c`` transposed, as [C, R]."""
+    return tl.load(base + idx[None, :] * s_n + offs_c[:, None] * s_c,
+                   mask=mask[None, :] & (offs_c[:, None] < n_cols), other=0.0)
 
 
 @triton.jit
@@ -79,48 +93,43 @@ def _online_step(q, kt, vv, valid, bias2, m_i, l_i, acc, scale2, PRECISION: tl.c
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Tiles, QOrder, KOrder, KRank, Samples, LogW,
+    Q, K, V, Out, Lse, Tiles, QOrder, KOrder, Samples, SampleBlock, LogW,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     so_b, so_h, so_n, so_d, sl_b, sl_h, sl_n,
     sqo_b, sqo_h, sko_b, sko_h, ss_b, ss_h, ss_s,
-    num_heads, group, scale2, block_size, num_samples,
+    num_heads, group, scale2, num_samples,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    hk = h // group
-    seg, blk, k0, k1, diag, rows, mask_m = _tile_rows(Tiles, QOrder, b, h, sqo_b, sqo_h, BLOCK_M, PERMUTED)
+    b, h, hk = _program_heads(num_heads, group)
+    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
+    rows, mask_m = _positions(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, PERMUTED)
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _rows_of(Q + b * sq_b + h * sq_h, rows, sq_n, offs_d, sq_d, mask_m, HEAD_DIM)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     for start in range(k0, k1, BLOCK_N):
-        keys, mask_n = _keys_of(start, k1, KOrder, b, hk, sko_b, sko_h, BLOCK_N, PERMUTED)
-        kt = tl.load(k_base + keys[None, :] * sk_n + offs_d[:, None] * sk_d,
-                     mask=mask_n[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
-                     mask=mask_n[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
+        keys, mask_n = _positions(start, k1, KOrder + b * sko_b + hk * sko_h, BLOCK_N, PERMUTED)
+        kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, mask_n, HEAD_DIM)
+        vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, mask_n, V_DIM)
         valid = mask_n[None, :]
         if CAUSAL:
             valid = valid & (keys[None, :] <= rows[:, None] + diag)
         m_i, l_i, acc = _online_step(q, kt, vv, valid, 0.0, m_i, l_i, acc, scale2, PRECISION)
     if HAS_SAMPLES:
         log_w2 = tl.load(LogW + seg) * 1.4426950408889634
+        sample_row = b * ss_b + hk * ss_h + seg * ss_s
         for start in range(0, num_samples, BLOCK_N):
-            keys, keep = _samples_of(start, Samples, KRank, b, hk, seg, blk, ss_b, ss_h, ss_s, sko_b, sko_h,
-                                     num_samples, block_size, BLOCK_N)
-            kt = tl.load(k_base + keys[None, :] * sk_n + offs_d[:, None] * sk_d,
-                         mask=keep[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
-                         mask=keep[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
+            keys, key_blocks, mask_n = _samples(start, num_samples, Samples + sample_row, SampleBlock + sample_row,
+                                                BLOCK_N)
+            keep = mask_n & (key_blocks != blk)
+            kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, keep, HEAD_DIM)
+            vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, keep, V_DIM)
             m_i, l_i, acc = _online_step(q, kt, vv, keep[None, :], log_w2, m_i, l_i, acc, scale2, PRECISION)
     # this piece's (o, lse), natural log
     has_keys = l_i > 0
@@ -144,79 +153,122 @@ def attention_fwd_kernel(
 
 
 @triton.jit
-def _grad_step(q, do, kt, vv, keys, write, valid, bias2, lse2, delta, dq, DK_base, DV_base,
-               sdk_n, sdk_d, sdv_n, sdv_d, offs_d, offs_v, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-               scale, scale2, PRECISION: tl.constexpr):
+def _dq_step(q, do, kt, vv, valid, bias2, lse2, delta, dq, scale, scale2, PRECISION: tl.constexpr):
     s = tl.dot(q, kt, input_precision=PRECISION) * scale2 + bias2
     p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-    dv_part = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    tl.atomic_add(DV_base + keys[:, None] * sdv_n + offs_v[None, :] * sdv_d, dv_part,
-                  mask=write[:, None] & (offs_v[None, :] < V_DIM))
     dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
     ds = p * (dp - delta[:, None]) * scale
-    dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
-    dk_part = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    tl.atomic_add(DK_base + keys[:, None] * sdk_n + offs_d[None, :] * sdk_d, dk_part,
-                  mask=write[:, None] & (offs_d[None, :] < HEAD_DIM))
-    return dq
+    return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
 
 
 @triton.jit
-def attention_bwd_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DK, DV, Tiles, QOrder, KOrder, KRank, Samples, LogW,
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Tiles, QOrder, KOrder, Samples, SampleBlock, LogW,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-    sdo_b, sdo_h, sdo_n, sdo_d, sl_b, sl_h, sl_n,
-    sdq_b, sdq_h, sdq_n, sdq_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d, sl_b, sl_h, sl_n, sdq_b, sdq_h, sdq_n, sdq_d,
     sqo_b, sqo_h, sko_b, sko_h, ss_b, ss_h, ss_s,
-    num_heads, group, scale, scale2, block_size, num_samples,
+    num_heads, group, scale, scale2, num_samples,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    hk = h // group
-    seg, blk, k0, k1, diag, rows, mask_m = _tile_rows(Tiles, QOrder, b, h, sqo_b, sqo_h, BLOCK_M, PERMUTED)
+    """dQ of a query tile: its rows are owned, so dQ is read, added to and written once."""
+    b, h, hk = _program_heads(num_heads, group)
+    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
+    rows, mask_m = _positions(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, PERMUTED)
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_v[None, :] * sdo_d,
-                 mask=mask_m[:, None] & (offs_v[None, :] < V_DIM), other=0.0).to(q.dtype)
+    q = _rows_of(Q + b * sq_b + h * sq_h, rows, sq_n, offs_d, sq_d, mask_m, HEAD_DIM)
+    do = _rows_of(DO + b * sdo_b + h * sdo_h, rows, sdo_n, offs_v, sdo_d, mask_m, V_DIM).to(q.dtype)
     lse2 = tl.load(Lse + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
-    DK_base = DK + b * sdk_b + hk * sdk_h
-    DV_base = DV + b * sdv_b + hk * sdv_h
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start in range(k0, k1, BLOCK_N):
-        keys, mask_n = _keys_of(start, k1, KOrder, b, hk, sko_b, sko_h, BLOCK_N, PERMUTED)
-        kt = tl.load(k_base + keys[None, :] * sk_n + offs_d[:, None] * sk_d,
-                     mask=mask_n[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
-                     mask=mask_n[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
+        keys, mask_n = _positions(start, k1, KOrder + b * sko_b + hk * sko_h, BLOCK_N, PERMUTED)
+        kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, mask_n, HEAD_DIM)
+        vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, mask_n, V_DIM)
         valid = mask_n[None, :] & mask_m[:, None]
         if CAUSAL:
             valid = valid & (keys[None, :] <= rows[:, None] + diag)
-        dq = _grad_step(q, do, kt, vv, keys, mask_n, valid, 0.0, lse2, delta, dq, DK_base, DV_base,
-                        sdk_n, sdk_d, sdv_n, sdv_d, offs_d, offs_v, HEAD_DIM, V_DIM, scale, scale2, PRECISION)
+        dq = _dq_step(q, do, kt, vv, valid, 0.0, lse2, delta, dq, scale, scale2, PRECISION)
     if HAS_SAMPLES:
         log_w2 = tl.load(LogW + seg) * 1.4426950408889634
+        sample_row = b * ss_b + hk * ss_h + seg * ss_s
         for start in range(0, num_samples, BLOCK_N):
-            keys, keep = _samples_of(start, Samples, KRank, b, hk, seg, blk, ss_b, ss_h, ss_s, sko_b, sko_h,
-                                     num_samples, block_size, BLOCK_N)
-            kt = tl.load(k_base + keys[None, :] * sk_n + offs_d[:, None] * sk_d,
-                         mask=keep[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
-                         mask=keep[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
-            dq = _grad_step(q, do, kt, vv, keys, keep, keep[None, :] & mask_m[:, None], log_w2, lse2, delta, dq,
-                            DK_base, DV_base, sdk_n, sdk_d, sdv_n, sdv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
-                            scale, scale2, PRECISION)
+            keys, key_blocks, mask_n = _samples(start, num_samples, Samples + sample_row, SampleBlock + sample_row,
+                                                BLOCK_N)
+            keep = mask_n & (key_blocks != blk)
+            kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, keep, HEAD_DIM)
+            vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, keep, V_DIM)
+            dq = _dq_step(q, do, kt, vv, keep[None, :] & mask_m[:, None], log_w2, lse2, delta, dq, scale, scale2,
+                          PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + offs_d[None, :] * sdq_d
     dq_mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq, mask=dq_mask)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Tiles, QOrder, KOrder, QBlock, Samples, SampleBlock, LogW,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d, sl_b, sl_h, sl_n,
+    sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
+    sqo_b, sqo_h, sko_b, sko_h, ss_b, ss_h, ss_s,
+    num_kv_heads, group, scale, scale2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of a key tile (block keys, exact keys, or sample slots) over rows [q0, q1) of every
+    query head of its KV head; program axis 1 runs over batch x KV heads."""
+    b, hk, _ = _program_heads(num_kv_heads, 1)
+    seg, blk, k0, k1, q0, q1, diag = _tile(Tiles)
+    if SAMPLES:
+        sample_row = b * ss_b + hk * ss_h + seg * ss_s
+        keys, key_blocks, mask_n = _samples(k0, k1, Samples + sample_row, SampleBlock + sample_row, BLOCK_N)
+        bias2 = tl.load(LogW + seg) * 1.4426950408889634
+    else:
+        keys, mask_n = _positions(k0, k1, KOrder + b * sko_b + hk * sko_h, BLOCK_N, PERMUTED)
+        bias2 = 0.0
+    offs_d = tl.arange(0, D_PAD)
+    offs_v = tl.arange(0, DV_PAD)
+    k = _rows_of(K + b * sk_b + hk * sk_h, keys, sk_n, offs_d, sk_d, mask_n, HEAD_DIM)
+    v = _rows_of(V + b * sv_b + hk * sv_h, keys, sv_n, offs_v, sv_d, mask_n, V_DIM)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    for g in range(group):
+        h = hk * group + g
+        q_order = QOrder + b * sqo_b + h * sqo_h
+        for start in range(q0, q1, BLOCK_M):
+            rows, mask_m = _positions(start, q1, q_order, BLOCK_M, PERMUTED)
+            qt = _cols_of(Q + b * sq_b + h * sq_h, rows, sq_n, offs_d, sq_d, mask_m, HEAD_DIM)
+            do = _rows_of(DO + b * sdo_b + h * sdo_h, rows, sdo_n, offs_v, sdo_d, mask_m, V_DIM).to(qt.dtype)
+            lse2 = tl.load(Lse + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0)
+            st = tl.dot(k, qt, input_precision=PRECISION) * scale2 + bias2  # [BLOCK_N, BLOCK_M]
+            valid = mask_n[:, None] & mask_m[None, :]
+            if CAUSAL:
+                valid = valid & (keys[:, None] <= rows[None, :] + diag)
+            if SAMPLES:  # sorted position -> the row's key block: samples of that block are not its
+                row_blocks = tl.load(QBlock + start + tl.arange(0, BLOCK_M), mask=mask_m, other=-2)
+                valid = valid & (key_blocks[:, None] != row_blocks[None, :])
+            pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :]) * scale
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+    dk_ptrs = DK + b * sdk_b + hk * sdk_h + keys[:, None] * sdk_n + offs_d[None, :] * sdk_d
+    dv_ptrs = DV + b * sdv_b + hk * sdv_h + keys[:, None] * sdv_n + offs_v[None, :] * sdv_d
+    dk_mask = mask_n[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dv_mask = mask_n[:, None] & (offs_v[None, :] < V_DIM)
+    if SAMPLES:  # every chunk of rows adds into the same sample keys, and draws repeat
+        tl.atomic_add(dk_ptrs, dk, mask=dk_mask)
+        tl.atomic_add(dv_ptrs, dv, mask=dv_mask)
+    else:  # this tile owns its keys within the launch
+        tl.store(dk_ptrs, tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk, mask=dk_mask)
+        tl.store(dv_ptrs, tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv, mask=dv_mask)
 
 
 @triton.jit
@@ -224,15 +276,12 @@ def lsh_codes_kernel(X, P, Codes, n_rows, num_heads, sx_b, sx_h, sx_n, sx_d, sc_
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_PROJS: tl.constexpr, R_PAD: tl.constexpr,
                      BLOCK: tl.constexpr):
     """Gray rank of the sign pattern of x @ P for BLOCK rows of one (batch, head), in fp32."""
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    b, h, _ = _program_heads(num_heads, 1)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
     offs_r = tl.arange(0, R_PAD)
     mask_n = offs_n < n_rows
-    x = tl.load(X + b * sx_b + h * sx_h + offs_n[:, None] * sx_n + offs_d[None, :] * sx_d,
-                mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    x = _rows_of(X + b * sx_b + h * sx_h, offs_n, sx_n, offs_d, sx_d, mask_n, HEAD_DIM).to(tl.float32)
     p = tl.load(P + offs_d[:, None] * R_PAD + offs_r[None, :], mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     projected = tl.dot(x, p, input_precision="ieee")
     bits = ((projected > 0) & (offs_r[None, :] < NUM_PROJS)).to(tl.int64) << offs_r[None, :].to(tl.int64)
