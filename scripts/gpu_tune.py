@@ -1,4 +1,8 @@
-"""Sweep the Triton launch configuration on one forward and one forward+backward step."""
+"""Sweep the Triton launch configurations at N=131072 (bf16, H=32, D=64).
+
+    python scripts/gpu_tune.py fwd [N]   # forward and dQ tiles: block_m, block_n, warps, stages
+    python scripts/gpu_tune.py bwd [N]   # dK/dV tiles: kv_block_n, kv_block_m, kv_warps, kv_stages
+"""
 
 import itertools
 import sys
@@ -9,19 +13,37 @@ import triton
 import hyperattn
 from hyperattn_triton import backend
 
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+what = sys.argv[1] if len(sys.argv) > 1 else "fwd"
+n = int(sys.argv[2]) if len(sys.argv) > 2 else 131072
 q, k, v = (torch.randn(1, 32, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (2, 3)):
-    backend.TUNING.update(block_m=block_m, block_n=block_n, warps=warps, stages=stages)
+
+
+def forward(causal):
+    with torch.no_grad():
+        return triton.testing.do_bench(lambda: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"),
+                                       return_mode="median")
+
+
+def forward_backward(causal):
+    def step():
+        hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton").sum().backward()
+    return triton.testing.do_bench(step, return_mode="median")
+
+
+if what == "fwd":
+    keys, grid = ("block_m", "block_n", "warps", "stages"), itertools.product((64, 128), (32, 64, 128), (4, 8), (3,))
+    measures = (("fwd", forward, False), ("fwd causal", forward, True))
+else:
+    keys, grid = ("kv_block_n", "kv_block_m", "kv_warps", "kv_stages"), itertools.product((64, 128), (32, 64), (4, 8), (2, 3))
+    measures = (("fwd+bwd", forward_backward, False), ("fwd+bwd causal", forward_backward, True))
+default = dict(backend.TUNING)
+for values in grid:
+    backend.TUNING.update(default)
+    backend.TUNING.update(zip(keys, values))
     row = []
-    for causal in (False, True):
+    for label, fn, causal in measures:
         try:
-            with torch.no_grad():
-                fwd = triton.testing.do_bench(lambda causal=causal: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"), return_mode="median")
-            def step(causal=causal):
-                hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton").sum().backward()
-            both = triton.testing.do_bench(step, return_mode="median")
-            row.append(f"causal={causal}: fwd {fwd:7.2f} ms fwd+bwd {both:7.2f} ms")
+            row.append(f"{label} {fn(causal):7.2f} ms")
         except Exception as error:  # out of shared memory etc.
-            row.append(f"causal={causal}: {type(error).__name__}")
-    print(f"BM={block_m:3d} BN={block_n:3d} warps={warps} stages={stages} | " + " | ".join(row), flush=True)
+            row.append(f"{label} {type(error).__name__}")
+    print(" ".join(f"{key}={value:<3}" for key, value in zip(keys, values)), "|", " | ".join(row), flush=True)

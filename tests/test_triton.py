@@ -125,6 +125,9 @@ def test_lsh_codes_and_sorting_match_reference():
     expected_order, expected_rank = reference.segment_sort(expected, starts, ends)
     np.testing.assert_array_equal(order.cpu().numpy(), expected_order)
     np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank)
+    order, rank = triton_backend.segment_sort(codes.to(DEVICE), starts, ends, code_bits=5)  # int32 sort keys
+    np.testing.assert_array_equal(order.cpu().numpy(), expected_order)
+    np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank)
 
 
 def test_api_end_to_end_with_a_seed():

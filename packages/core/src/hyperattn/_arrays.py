@@ -54,3 +54,24 @@ def requires_grad(*arrays) -> bool:
     import torch
 
     return torch.is_grad_enabled() and any(a.requires_grad for a in arrays)
+
+
+def host_to_device(values: np.ndarray, like):
+    """``values`` (host NumPy) as an array of ``like``'s type on its device.
+
+    For CUDA torch tensors the copy goes through pinned memory without blocking: a copy from
+    pageable memory would wait for the GPU to finish its queued work first.
+    """
+    kind = array_type(like)
+    if kind == "numpy":
+        return values
+    if kind == "torch":
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        if like.device.type == "cuda":
+            return tensor.pin_memory().to(like.device, non_blocking=True)
+        return tensor.to(like.device)
+    from array_api_compat import array_namespace, device
+
+    return array_namespace(like).asarray(values, device=device(like))

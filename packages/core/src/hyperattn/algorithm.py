@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from array_api_compat import array_namespace, device
 
+from ._arrays import host_to_device
 from .config import HyperAttentionConfig
 from .protocol import Backend, Segments, SparseStructure
 
@@ -108,7 +109,7 @@ def plan_attention(
     if sparse_calls:
         xp = array_namespace(q)
         compute_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
-        proj = xp.asarray(projections, dtype=compute_dtype, device=device(q))
+        proj = xp.astype(host_to_device(np.asarray(projections), q), compute_dtype)
         q_codes = backend.lsh_codes(q, proj)
         k_codes = backend.lsh_codes(k, proj)
         for ranges in sparse_calls:
@@ -119,9 +120,9 @@ def plan_attention(
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> SparseStructure:
     """Sort each segment by LSH code and draw its samples (from ``rng``, after the projections)."""
-    xp = array_namespace(q)
-    q_order, _ = backend.segment_sort(q_codes, segments.q_start, segments.q_end)
-    k_order, k_rank = backend.segment_sort(k_codes, segments.k_start, segments.k_end)
+    bits = config.lsh_num_projs
+    q_order, _ = backend.segment_sort(q_codes, segments.q_start, segments.q_end, code_bits=bits)
+    k_order, k_rank = backend.segment_sort(k_codes, segments.k_start, segments.k_end, code_bits=bits)
     m = config.sample_size
     n_k = segments.k_len
     samples = None
@@ -129,7 +130,7 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> 
         batch, kv_heads = k.shape[0], k.shape[1]
         drawn = rng.integers(0, n_k[None, None, :, None], size=(batch, kv_heads, len(segments), m))
         drawn += segments.k_start[None, None, :, None]
-        samples = xp.asarray(drawn.astype(np.int64), device=device(k))
+        samples = host_to_device(drawn.astype(np.int64), k)
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
 

@@ -153,8 +153,12 @@ class Backend(Protocol):
         in the reflected Gray-code sequence, ``c ^ (c >> 1) ^ (c >> 2) ^ ...``.
         """
 
-    def segment_sort(self, codes: Array, starts: np.ndarray, ends: np.ndarray) -> tuple[Array, Array]:
+    def segment_sort(
+        self, codes: Array, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64
+    ) -> tuple[Array, Array]:
         """Stable sort of each range ``[starts[s], ends[s])`` by code: (order, rank), int64 [B, H, N].
+
+        Every code is below ``2**code_bits`` (a backend may use narrower sort keys).
 
         Rows outside every range keep ``order[p] == p`` and ``rank[p] == 0``.
         """

@@ -74,7 +74,7 @@ class ReferenceBackend:
         codes = (bits.astype(np.int64) << np.arange(bits.shape[-1], dtype=np.int64)).sum(axis=-1)
         return gray_rank(codes)
 
-    def segment_sort(self, codes: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    def segment_sort(self, codes: np.ndarray, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64):
         n = codes.shape[-1]
         labels = segment_labels(n, starts, ends)
         order = np.argsort((labels << 32) + codes, axis=-1, kind="stable")

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 import triton
 
-from hyperattn.protocol import Capabilities, Segments, SparseStructure, query_block_bounds, segment_labels
+from hyperattn._arrays import host_to_device
+from hyperattn.protocol import Capabilities, Segments, SparseStructure, query_block_bounds
 
 from . import kernels
 
 #: Launch configurations for head dims up to 128 (tuned on an H200, see benchmarks/results/):
 #: the forward and dQ kernels walk query tiles of ``block_m`` rows in steps of ``block_n`` keys;
 #: the dK/dV kernel walks key tiles of ``kv_block_n`` keys in steps of ``kv_block_m`` rows.
-TUNING = {"block_m": 128, "block_n": 32, "warps": 4, "stages": 3,
-          "kv_block_n": 64, "kv_block_m": 64, "kv_warps": 4, "kv_stages": 2}
+TUNING = {"block_m": 128, "block_n": 64, "warps": 4, "stages": 3,
+          "kv_block_n": 128, "kv_block_m": 32, "kv_warps": 4, "kv_stages": 3}
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
 SAMPLE_ROW_CHUNK = 4096
 
@@ -153,6 +154,25 @@ def _equal_tiling(segments: Segments, n_q: int, causal: bool):
     return (len(table), n) if ok else None
 
 
+#: PyTorch's fused kernels that return the log-sum-exp, fastest first (cuDNN's is about 1.5x
+#: FlashAttention-2's on Hopper); a kernel that rejects the shapes passes to the next.
+FUSED_KERNELS = ["cudnn", "flash"]
+
+
+def _fused_attention(q, k, v, causal: bool, scale: float):
+    """(out, lse) of exact attention through the first of FUSED_KERNELS that accepts the inputs."""
+    for name in FUSED_KERNELS:
+        if name == "cudnn" and torch.backends.cuda.cudnn_sdp_enabled():
+            try:
+                return torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+            except RuntimeError:  # shapes or layouts cuDNN does not take
+                continue
+        if name == "flash":
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    raise RuntimeError(f"no fused attention kernel among {FUSED_KERNELS}")
+
+
 def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> bool:
     """Exact pieces through PyTorch's fused flash attention (it returns the log-sum-exp).
 
@@ -178,7 +198,8 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
         lse_view = lse.view(batch, heads * count, n)
     except RuntimeError:  # strides that do not fold
         return False
-    o, row_lse = torch.ops.aten._scaled_dot_product_flash_attention(*folded, 0.0, causal, False, scale=scale)[:2]
+    o, row_lse = _fused_attention(*folded, causal, scale)
+    row_lse = row_lse.reshape(lse_view.shape)
     fresh = lse_view == -torch.inf
     if bool(fresh.all()):  # the usual case (exact pieces run first): no merge, no fp32 temporaries
         out_view.copy_(o)
@@ -191,6 +212,16 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     out_view.copy_(torch.where(fresh[..., None], o.float(), merged))
     lse_view.copy_(total)
     return True
+
+
+def _segment_labels(positions, starts: np.ndarray, ends: np.ndarray):
+    """protocol.segment_labels computed on the device (no large host-to-device copy)."""
+    if len(starts) == 0:
+        return positions
+    bounds = host_to_device(np.stack([starts, ends]).astype(np.int64), positions)
+    owner = (torch.searchsorted(bounds[0], positions, right=True) - 1).clamp_(min=0)
+    inside = (positions >= bounds[0][owner]) & (positions < bounds[1][owner])
+    return torch.where(inside, bounds[0][owner], positions)
 
 
 def _pad(dim: int) -> int:
@@ -253,12 +284,17 @@ class TritonBackend:
         )
         return codes
 
-    def segment_sort(self, codes, starts: np.ndarray, ends: np.ndarray):
+    def segment_sort(self, codes, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64):
+        """One stable sort of ``(segment label, code)`` keys, int32 when they fit (half the radix passes)."""
         n = codes.shape[-1]
-        labels = torch.from_numpy(segment_labels(n, starts, ends)).to(codes.device)
-        _, order = torch.sort((labels << 32) + codes, dim=-1, stable=True)
-        positions = torch.arange(n, device=codes.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(-1, order, positions - labels)
+        positions = torch.arange(n, device=codes.device)
+        labels = _segment_labels(positions, starts, ends)
+        if code_bits < 31 and (n << code_bits) < 2**31:
+            keys = (labels.to(torch.int32) << code_bits) + codes.to(torch.int32)
+        else:  # labels < 2**31 above any 32-bit code
+            keys = (labels << 32) + codes
+        _, order = torch.sort(keys, dim=-1, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, (positions - labels).expand_as(order))
         return order, rank
 
     # -- kernels --------------------------------------------------------------------------------
@@ -306,7 +342,7 @@ class TritonBackend:
             samples = drawn.to(torch.int32).contiguous()
             sample_blocks = (ranks // structure.block_size).to(torch.int32).contiguous()
             sample_strides = samples.stride()[:3]
-        log_w = torch.from_numpy(np.asarray(structure.log_sample_weight, dtype=np.float32)).to(device)
+        log_w = host_to_device(np.asarray(structure.log_sample_weight, dtype=np.float32), q)
         return dict(q_order=q_order, k_order=k_order, samples=samples, sample_blocks=sample_blocks, log_w=log_w,
                     order_strides=(*q_order.stride()[:2], *k_order.stride()[:2]), sample_strides=sample_strides,
                     m=structure.sample_size)
@@ -325,7 +361,7 @@ class TritonBackend:
         ix = self._indices(q, structure)
         meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None)
         kernels.attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
-            q, k, v, out, lse, torch.from_numpy(tiles).to(q.device),
+            q, k, v, out, lse, host_to_device(tiles, q),
             ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             *ix["order_strides"], *ix["sample_strides"],
@@ -342,7 +378,7 @@ class TritonBackend:
         if len(q_tiles):
             meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None)
             kernels.attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
-                q, k, v, dout, lse, delta, dq, torch.from_numpy(q_tiles).to(q.device),
+                q, k, v, dout, lse, delta, dq, host_to_device(q_tiles, q),
                 ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *common, *dq.stride(), *ix["order_strides"], *ix["sample_strides"],
                 q.shape[1], group, scale, scale * kernels.LOG2E, ix["m"],
@@ -354,9 +390,9 @@ class TritonBackend:
                 continue
             q_blocks = ix["samples"]  # unused unless samples
             if samples:
-                q_blocks = torch.from_numpy(query_blocks(structure, q.shape[2])).to(q.device)
+                q_blocks = host_to_device(query_blocks(structure, q.shape[2]), q)
             kernels.attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
-                q, k, v, dout, lse, delta, dk, dv, torch.from_numpy(tiles).to(q.device),
+                q, k, v, dout, lse, delta, dk, dv, host_to_device(tiles, q),
                 ix["q_order"], ix["k_order"], q_blocks, ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *common, *dk.stride(), *dv.stride(), *ix["order_strides"], *ix["sample_strides"],
                 k.shape[1], group, scale, scale * kernels.LOG2E,
