@@ -292,3 +292,26 @@ def test_gpu_flash_exact_path_merges_like_the_kernel():
     assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
     torch.testing.assert_close(out, first_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, first_lse + np.log(2.0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_flash_exact_backward_matches_the_kernels():
+    """Leaves' gradients through FlashAttention's backward (final out and lse) equal the Triton kernels'."""
+    from hyperattn.protocol import Segments
+    from hyperattn_triton.backend import flash_exact_backward, flash_exact_forward
+
+    q, k, v = (torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    leaves = Segments.from_ranges([(s, s + 256, s, s + 256) for s in range(0, 1024, 256)])
+    out = torch.zeros(2, 4, 1024, 64, device="cuda")
+    lse = torch.full((2, 4, 1024), -torch.inf, device="cuda")
+    assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
+    dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16).float()
+    delta = (dout * out).sum(-1)
+    fused = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
+    assert flash_exact_backward(q, k, v, out, lse, dout, leaves, True, 0.125, *fused)
+    kernel = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
+    TRITON.backend.exact_backward(q, k, v, lse, dout, delta, leaves, True, 0.125, *kernel)  # no out: kernels
+    for name, got, want in zip(("dq", "dk", "dv"), fused, kernel):
+        assert testing.relative_error(got, want) < 1e-2, name
+    # GQA does not fold: the kernels run
+    assert not flash_exact_backward(q, k[:, :2], v[:, :2], out, lse, dout, leaves, True, 0.125, *kernel)

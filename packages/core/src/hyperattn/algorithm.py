@@ -171,7 +171,8 @@ def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=Non
     dv = xp.zeros(v.shape, dtype=dtype, device=device(q))
     for piece in plan.pieces:
         if isinstance(piece, ExactPiece):
-            backend.exact_backward(q, k, v, lse, dout, delta, piece.segments, piece.causal, plan.scale, dq, dk, dv)
+            backend.exact_backward(q, k, v, lse, dout, delta, piece.segments, piece.causal, plan.scale, dq, dk, dv,
+                                   out=out if dlse is None else None)
         else:
             backend.sparse_backward(q, k, v, lse, dout, delta, piece.structure, plan.scale, dq, dk, dv)
     return dq, dk, dv

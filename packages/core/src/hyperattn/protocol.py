@@ -170,9 +170,13 @@ class Backend(Protocol):
         """Block diagonal plus weighted samples of each segment, merged into ``(out, lse)``."""
 
     def exact_backward(
-        self, q, k, v, lse, dout, delta, segments: Segments, causal: bool, scale: float, dq, dk, dv
+        self, q, k, v, lse, dout, delta, segments: Segments, causal: bool, scale: float, dq, dk, dv, out=None
     ) -> None:
-        """Add this piece's gradients, using the *final* lse and ``delta = rowsum(dout * out) - dlse``."""
+        """Add this piece's gradients, using the *final* lse and ``delta = rowsum(dout * out) - dlse``.
+
+        ``out`` (the final output) is given only when there is no lse gradient, so that
+        ``delta == rowsum(dout * out)``: fused kernels that recompute delta from ``out`` may run then.
+        """
 
     def sparse_backward(
         self, q, k, v, lse, dout, delta, structure: SparseStructure, scale: float, dq, dk, dv

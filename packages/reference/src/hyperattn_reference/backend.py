@@ -90,7 +90,7 @@ class ReferenceBackend:
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse):
         _kernels.sparse_forward(q, k, v, structure, float(scale), out, lse)
 
-    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv):
+    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
         _kernels.exact_backward(q, k, v, lse, dout, delta, segments, bool(causal), float(scale), dq, dk, dv)
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):

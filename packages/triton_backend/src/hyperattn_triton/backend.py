@@ -25,6 +25,8 @@ from . import kernels
 #: the dK/dV kernel walks key tiles of ``kv_block_n`` keys in steps of ``kv_block_m`` rows.
 TUNING = {"block_m": 128, "block_n": 64, "warps": 4, "stages": 3,
           "kv_block_n": 128, "kv_block_m": 32, "kv_warps": 4, "kv_stages": 3}
+#: Rows per program of the LSH hashing kernel.
+LSH_LAUNCH = {"block": 128, "warps": 4}
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
 SAMPLE_ROW_CHUNK = 4096
 
@@ -173,32 +175,43 @@ def _fused_attention(q, k, v, causal: bool, scale: float):
     raise RuntimeError(f"no fused attention kernel among {FUSED_KERNELS}")
 
 
-def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> bool:
-    """Exact pieces through PyTorch's fused flash attention (it returns the log-sum-exp).
+def _fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=()):
+    """Views of the exact segments as one batched attention, or None when they do not fold.
 
-    Used when the segments are one rectangle over all rows, or equal causal squares tiling the rows
-    (the recursion's leaves), with fp16/bf16, D == Dv <= 256 and as many KV heads as query heads:
-    then (heads, segments) fold into one head axis without copies.  Returns False otherwise, and
-    the Triton kernel runs instead.
+    They fold when the segments are one rectangle over all rows, or equal causal squares tiling
+    the rows (the recursion's leaves), with fp16/bf16, D == Dv <= 256 and as many KV heads as query
+    heads: then (heads, segments) merge into one head axis without copies.  Returns
+    ``(q, k, v, *query_side, *key_side)`` as [B, H * S, n, .] views (``query_side`` arrays have
+    q's rows, ``key_side`` arrays k's keys), or None.
     """
     if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
+        return None
     if q.shape[3] != v.shape[3] or q.shape[3] > MAX_HEAD_DIM or q.shape[1] != k.shape[1]:
-        return False
+        return None
     tiling = _equal_tiling(segments, q.shape[2], causal)
     if tiling is None:
-        return False
+        return None
     count, n = tiling
     k_start, k_end = int(segments.k_start[0]), int(segments.k_end[-1])
+    n_k = (k_end - k_start) // count
     batch, heads = q.shape[:2]
     try:
-        n_k = (k_end - k_start) // count
-        folded = [x.view(batch, heads * count, n if x is q else n_k, x.shape[3]) for x in (q, k[:, :, k_start:k_end], v[:, :, k_start:k_end])]
-        out_view = out.view(batch, heads * count, n, out.shape[3])
-        lse_view = lse.view(batch, heads * count, n)
+        rows = [x.view(batch, heads * count, n, *x.shape[3:]) for x in (q, *query_side)]
+        keys = [x[:, :, k_start:k_end].view(batch, heads * count, n_k, x.shape[3]) for x in (k, v, *key_side)]
     except RuntimeError:  # strides that do not fold
+        return None
+    return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
+
+
+def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> bool:
+    """Exact pieces through PyTorch's fused attention (which returns the log-sum-exp), merged into
+    ``(out, lse)``.  Returns False when the segments do not fold (see ``_fold``); the Triton kernel
+    runs instead."""
+    folded = _fold(segments, causal, q, k, v, query_side=(out, lse))
+    if folded is None:
         return False
-    o, row_lse = _fused_attention(*folded, causal, scale)
+    qf, kf, vf, out_view, lse_view = folded
+    o, row_lse = _fused_attention(qf, kf, vf, causal, scale)
     row_lse = row_lse.reshape(lse_view.shape)
     fresh = lse_view == -torch.inf
     if bool(fresh.all()):  # the usual case (exact pieces run first): no merge, no fp32 temporaries
@@ -211,6 +224,30 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     merged = out_view * keep[..., None] + o.float() * add[..., None]
     out_view.copy_(torch.where(fresh[..., None], o.float(), merged))
     lse_view.copy_(total)
+    return True
+
+
+def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, scale: float, dq, dk, dv) -> bool:
+    """This piece's gradients through PyTorch's FlashAttention backward, added to ``dq, dk, dv``.
+
+    Given the *final* ``out`` and ``lse`` it computes ``P = exp(S - lse)`` and
+    ``delta = rowsum(dout * out)``: exactly this piece's share of the whole call's gradient (the
+    usual trick of ring attention), so only without a log-sum-exp gradient.  Returns False when
+    the segments do not fold.
+    """
+    if out is None:
+        return False
+    folded = _fold(segments, causal, q, k, v, query_side=(out, dout, lse, dq), key_side=(dk, dv))
+    if folded is None:
+        return False
+    qf, kf, vf, out_f, dout_f, lse_f, dq_f, dk_f, dv_f = folded
+    out_f, dout_f = out_f.to(q.dtype), dout_f.to(q.dtype)  # the kernel's dtype (dout came from it)
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is off: never read
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout_f, qf, kf, vf, out_f, lse_f.contiguous(), None, None, qf.shape[2], kf.shape[2], 0.0, causal,
+        seed, seed, scale=scale)
+    for acc, grad in zip((dq_f, dk_f, dv_f), grads):
+        acc += grad
     return True
 
 
@@ -277,10 +314,10 @@ class TritonBackend:
         padded = torch.zeros(dim, r_pad, dtype=torch.float32, device=x.device)
         padded[:, :num_projs] = projections.to(torch.float32)
         codes = torch.empty(batch, heads, n, dtype=torch.int64, device=x.device)
-        block = 128
+        block, warps = LSH_LAUNCH["block"], LSH_LAUNCH["warps"]
         kernels.lsh_codes_kernel[(triton.cdiv(n, block), batch * heads)](
             x, padded, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
-            HEAD_DIM=dim, D_PAD=_pad(dim), NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=block,
+            HEAD_DIM=dim, D_PAD=_pad(dim), NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=block, num_warps=warps,
         )
         return codes
 
@@ -308,8 +345,10 @@ class TritonBackend:
         launch = query_launch(q.shape[3], v.shape[3])
         self._forward(q, k, v, sparse_tiles(structure, launch.block_m), structure, scale, out, lse, False)
 
-    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv):
+    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
         causal = bool(causal)
+        if flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv):
+            return
         q_tiles = exact_tiles(segments, causal, query_launch(q.shape[3], v.shape[3]).block_m)
         k_tiles = exact_key_tiles(segments, causal, key_launch(q.shape[3], v.shape[3]).block_n)
         self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal)
