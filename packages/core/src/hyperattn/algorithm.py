@@ -75,6 +75,15 @@ def causal_split(n_q: int, min_seq_len: int) -> tuple[list[tuple[int, int]], lis
     return leaves, levels
 
 
+def is_exact_call(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig, backend: Backend) -> bool:
+    """True when the plan of such a call is one exact piece: too short for the approximation, or
+    short enough that the backend's exact attention is faster (``Capabilities.exact_below``)."""
+    exact_keys, exact_rows = backend.capabilities.exact_below
+    if not causal:
+        return n_q < config.min_seq_len or n_k < exact_keys
+    return n_q < 2 or n_q - n_q // 2 < config.min_seq_len or n_q < exact_rows  # no split (see causal_split)
+
+
 def plan_attention(
     backend: Backend,
     q,
@@ -83,30 +92,32 @@ def plan_attention(
     causal: bool,
     scale: float,
     config: HyperAttentionConfig,
-    projections: np.ndarray,
-    rng: np.random.Generator,
+    projections,
+    rng,
 ) -> Plan:
-    """Decide the pieces of one call.  q, k native [B, H, N, D]; projections float64 [D, r]."""
+    """Decide the pieces of one call.  q, k native [B, H, N, D].
+
+    ``projections`` (float64 [D, r]) and ``rng`` may be given as functions returning them: they
+    are then called (projections first) only when the plan has a sparse piece.
+    """
     n_q, n_k = q.shape[2], k.shape[2]
     pieces, sparse_calls = [], []
-    if not causal:
-        if n_q < config.min_seq_len:
-            pieces.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=False))
-        else:
-            sparse_calls.append([(0, n_q, 0, n_k)])
+    if is_exact_call(n_q, n_k, causal, config, backend):  # one exact rectangle, the causal prefix included
+        pieces.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal))
+    elif not causal:
+        sparse_calls.append([(0, n_q, 0, n_k)])
     else:
         leaves, levels = causal_split(n_q, config.min_seq_len)
-        if not levels:  # the whole call is one exact causal rectangle, prefix included
-            pieces.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=True))
-        else:
-            offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
-            if offset > 0:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
-                sparse_calls.append([(0, n_q, 0, offset)])
-            leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
-            pieces.append(ExactPiece(Segments.from_ranges(leaf_ranges), causal=True))
-            sparse_calls += [[(mid, end, start + offset, mid + offset) for start, mid, end in level] for level in levels]
+        offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
+        if offset > 0:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
+            sparse_calls.append([(0, n_q, 0, offset)])
+        leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
+        pieces.append(ExactPiece(Segments.from_ranges(leaf_ranges), causal=True))
+        sparse_calls += [[(mid, end, start + offset, mid + offset) for start, mid, end in level] for level in levels]
 
     if sparse_calls:
+        projections = projections() if callable(projections) else projections
+        rng = rng() if callable(rng) else rng
         xp = array_namespace(q)
         compute_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
         proj = xp.astype(host_to_device(np.asarray(projections), q), compute_dtype)
@@ -128,7 +139,9 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> 
     samples = None
     if m > 0:
         batch, kv_heads = k.shape[0], k.shape[1]
-        drawn = rng.integers(0, n_k[None, None, :, None], size=(batch, kv_heads, len(segments), m))
+        # uniform floats scaled to each segment: about twice as fast as integers with per-segment bounds
+        spans = n_k[None, None, :, None]
+        drawn = np.minimum((rng.random((batch, kv_heads, len(segments), m)) * spans).astype(np.int64), spans - 1)
         drawn += segments.k_start[None, None, :, None]
         samples = host_to_device(drawn.astype(np.int64), k)
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
@@ -157,13 +170,15 @@ def run_forward(backend: Backend, plan: Plan, q, k, v):
 def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=None):
     """Gradients (dq, dk, dv) in the accumulator dtype of the output ``out`` with final ``lse``.
 
+    ``out`` and ``dout`` may be in q's dtype or the accumulator's; kernels read them as they are.
     ``dlse`` [B, Hq, Nq] (optional) is the gradient with respect to the returned log-sum-exp:
     since d lse_i / d s_ij = p_ij it folds into ``delta_i = dout_i · out_i - dlse_i``.
     """
     xp = array_namespace(q)
     dtype = _accumulator_dtype(xp, q)
-    dout = xp.astype(dout, dtype)
-    delta = xp.sum(dout * xp.astype(out, dtype), axis=-1)
+    # one head at a time: no accumulator-dtype copy of dout or out in memory
+    delta = xp.stack([xp.sum(xp.astype(dout[:, h], dtype) * xp.astype(out[:, h], dtype), axis=-1)
+                      for h in range(q.shape[1])], axis=1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, dtype)
     dq = xp.zeros(q.shape, dtype=dtype, device=device(q))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays
-from .algorithm import ExactPiece, Plan, draw_projections, plan_attention, run_forward
+from .algorithm import ExactPiece, Plan, draw_projections, is_exact_call, plan_attention, run_forward
 from .config import HyperAttentionConfig
 from .protocol import Backend, Segments
 from .registry import available_backends, backend_status, known_backend_names
@@ -99,10 +100,14 @@ def resolve_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def make_rng(seed) -> np.random.Generator:
-    """One NumPy generator per call: every backend sees the same draws for the same seed."""
+def check_seed(seed) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
         raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+
+
+def make_rng(seed) -> np.random.Generator:
+    """One NumPy generator per call: every backend sees the same draws for the same seed."""
+    check_seed(seed)
     return np.random.default_rng(seed)
 
 
@@ -193,16 +198,28 @@ def attention(
     problem = validate_inputs(q, k, v, causal=causal)
     scale = resolve_scale(scale, problem.head_dim)
     _check_flag("return_lse", return_lse)
-    rng = make_rng(seed)
-    projections = draw_projections(rng, problem.head_dim, config.lsh_num_projs)
+    check_seed(seed)
     impl = resolve_backend(backend, problem)
+    if not return_lse and is_exact_call(problem.n_q, problem.n_k, bool(causal), config, impl):
+        out = fused_exact(impl, q, k, v, causal=bool(causal), scale=scale)
+        if out is not None:
+            return out
+    rng = functools.cache(lambda: make_rng(seed))  # drawn from only when the plan has a sparse piece
 
     def make_plan(qn, kn) -> Plan:
         return plan_attention(
-            impl, qn, kn, causal=bool(causal), scale=scale, config=config, projections=projections, rng=rng
+            impl, qn, kn, causal=bool(causal), scale=scale, config=config, rng=rng,
+            projections=lambda: draw_projections(rng(), problem.head_dim, config.lsh_num_projs),
         )
 
     return execute(impl, q, k, v, make_plan, return_lse=return_lse, problem=problem)
+
+
+def fused_exact(backend: Backend, q, k, v, *, causal: bool, scale: float):
+    """Exact attention of the whole call through the backend's optional ``fused_attention``
+    (one fused, differentiable kernel, no log-sum-exp), or None when it has none or declines."""
+    fused = getattr(backend, "fused_attention", None)
+    return None if fused is None else fused(q, k, v, causal=causal, scale=scale)
 
 
 def exact_attention(q, k, v, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):
@@ -211,6 +228,10 @@ def exact_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     scale = resolve_scale(scale, problem.head_dim)
     _check_flag("return_lse", return_lse)
     impl = resolve_backend("auto", problem)
+    if not return_lse:
+        out = fused_exact(impl, q, k, v, causal=bool(causal), scale=scale)
+        if out is not None:
+            return out
     plan = Plan((ExactPiece(Segments.from_ranges([(0, problem.n_q, 0, problem.n_k)]), bool(causal)),), scale)
     return execute(impl, q, k, v, lambda qn, kn: plan, return_lse=return_lse, problem=problem)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .algorithm import draw_projections, plan_attention, run_backward, run_forward
-from .api import execute, lse_dtype, make_rng, resolve_backend, resolve_scale, validate_inputs
+from .algorithm import draw_projections, is_exact_call, plan_attention, run_backward, run_forward
+from .api import execute, fused_exact, lse_dtype, make_rng, resolve_backend, resolve_scale, validate_inputs
 from .config import HyperAttentionConfig
 from .protocol import Backend
 
@@ -19,24 +19,32 @@ class _PlannedAttention(torch.autograd.Function):
         qn, kn, vn = (backend.to_native(x) for x in (q, k, v))
         plan = make_plan(qn, kn)
         out_n, lse_n = run_forward(backend, plan, qn, kn, vn)
-        ctx.backend, ctx.plan, ctx.native = backend, plan, (qn, kn, vn, out_n, lse_n)
-        ctx.like = (q, k, v)  # kept for dtype/device of the gradients only
-        ctx.set_materialize_grads(False)
         out = backend.from_native(out_n, q)
         lse = backend.from_native(lse_n, q, dtype=lse_dtype(str(q.dtype).removeprefix("torch.")))
+        del out_n  # the backward reads the returned out (q's dtype, as FlashAttention does): less memory
+        ctx.backend, ctx.plan, ctx.native = backend, plan, (qn, kn, vn, lse_n)
+        ctx.like = (q, k, v)  # kept for dtype/device of the gradients only
+        ctx.save_for_backward(out)  # also catches in-place changes to out before the backward
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         backend, plan = ctx.backend, ctx.plan
-        qn, kn, vn, out_n, lse_n = ctx.native
+        qn, kn, vn, lse_n = ctx.native
+        (out,) = ctx.saved_tensors
         q, k, v = ctx.like
         if dout is None:
-            dout = torch.zeros(out_n.shape, dtype=q.dtype, device=q.device)
+            dout = torch.zeros_like(out)
         dout_n = backend.to_native(dout)
         dlse_n = None if dlse is None else backend.to_native(dlse)
-        dq, dk, dv = run_backward(backend, plan, qn, kn, vn, out_n, lse_n, dout_n, dlse_n)
-        return backend.from_native(dq, q), backend.from_native(dk, k), backend.from_native(dv, v), None, None
+        dq, dk, dv = run_backward(backend, plan, qn, kn, vn, backend.to_native(out), lse_n, dout_n, dlse_n)
+        # one gradient at a time: each accumulator is freed as soon as it is converted
+        grads = [dq, dk, dv]
+        del dq, dk, dv
+        for i, like in enumerate((q, k, v)):
+            grads[i] = backend.from_native(grads[i], like)
+        return (*grads, None, None)
 
 
 def planned_attention(backend: Backend, q, k, v, make_plan):
@@ -105,6 +113,10 @@ class HyperAttention(torch.nn.Module):
             )
         scale = resolve_scale(scale, problem.head_dim)
         impl = resolve_backend(self.backend, problem)
+        if not return_lse and is_exact_call(problem.n_q, problem.n_k, bool(causal), self.config, impl):
+            out = fused_exact(impl, query, key, value, causal=bool(causal), scale=scale)
+            if out is not None:
+                return out
         projections = self.lsh_projections.detach().cpu().numpy().astype(np.float64)
         config, rng = self.config, self._rng
 

@@ -125,6 +125,10 @@ class Capabilities:
     supports_backward: bool = True
     #: Larger runs first under backend="auto".
     priority: int = 0
+    #: (keys, rows): below these sizes this backend's exact attention is faster than its
+    #: HyperAttention, so the plan computes non-causal calls with fewer keys, and causal calls with
+    #: fewer query rows, exactly (more accurate and faster; ``min_seq_len`` still applies above).
+    exact_below: tuple[int, int] = (0, 0)
     notes: str = ""
 
 

@@ -25,6 +25,10 @@ from . import kernels
 #: the dK/dV kernel walks key tiles of ``kv_block_n`` keys in steps of ``kv_block_m`` rows.
 TUNING = {"block_m": 128, "block_n": 64, "warps": 4, "stages": 3,
           "kv_block_n": 128, "kv_block_m": 32, "kv_warps": 4, "kv_stages": 3}
+#: (keys, rows) below which exact attention (cuDNN) beats this backend's HyperAttention on an
+#: H200 (non-causal calls by their keys, causal calls by their rows): such calls run exactly.
+#: Measured with scripts/gpu_crossover.py; set to (0, 0) to always approximate above min_seq_len.
+EXACT_BELOW = (0, 0)
 #: Rows per program of the LSH hashing kernel.
 LSH_LAUNCH = {"block": 128, "warps": 4}
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
@@ -279,6 +283,16 @@ class TritonBackend:
     def __init__(self):
         if interpreting():  # CPU tensors are accepted then, but "auto" must still prefer the reference
             self.capabilities = dataclasses.replace(self.capabilities, devices=("cuda", "cpu"), priority=-1)
+        else:
+            self.capabilities = dataclasses.replace(self.capabilities, exact_below=EXACT_BELOW)
+
+    def fused_attention(self, q, k, v, *, causal: bool, scale: float):
+        """A whole exact call through PyTorch SDPA (cuDNN or FlashAttention, with its own backward):
+        as fast as SDPA itself wherever HyperAttention computes exactly.  None where SDPA's
+        conventions differ (GQA, causal with Nq != Nk: SDPA aligns the mask top-left)."""
+        if interpreting() or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
+            return None
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     def version(self) -> str:
         from . import __version__
