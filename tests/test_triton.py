@@ -242,8 +242,30 @@ def test_gpu_131072_tokens(causal):
         assert _error(got, want) < 5e-2
 
 
+@pytest.fixture
+def always_approximate(monkeypatch):
+    """The Triton backend without its exact-attention crossover (short calls approximate too)."""
+    monkeypatch.setattr(TRITON.backend, "capabilities", dataclasses.replace(TRITON.backend.capabilities, exact_below=(0, 0)))
+
+
 @pytest.mark.gpu
-def test_gpu_causal_leak_and_nan_poison():
+def test_gpu_short_calls_run_exactly_through_sdpa():
+    """Below the crossover a call is exact: SDPA's own output (and backward), or the exact plan with lse."""
+    q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    for causal in (False, True):
+        out = hyperattn.attention(q, k, v, causal=causal, backend="triton", min_seq_len=256)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert torch.equal(out, expected)
+        out.sum().backward()
+        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+        out, lse = hyperattn.attention(q, k, v, causal=causal, backend="triton", min_seq_len=256, return_lse=True)
+        assert testing.relative_error(out, expected) < 1e-2
+        exact_out, exact_lse = hyperattn.exact_attention(q, k, v, causal=causal, return_lse=True)
+        torch.testing.assert_close(lse, exact_lse)
+
+
+@pytest.mark.gpu
+def test_gpu_causal_leak_and_nan_poison(always_approximate):
     params = dict(block_size=64, sample_size=32, lsh_num_projs=5, min_seq_len=128)
     q, k, v = (torch.randn(1, 4, 1500, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = hyperattn.attention(q, k[:, :2], v[:, :2], causal=True, seed=1, backend="triton", **params)
@@ -315,3 +337,19 @@ def test_gpu_flash_exact_backward_matches_the_kernels():
         assert testing.relative_error(got, want) < 1e-2, name
     # GQA does not fold: the kernels run
     assert not flash_exact_backward(q, k[:, :2], v[:, :2], out, lse, dout, leaves, True, 0.125, *kernel)
+
+
+@pytest.mark.gpu
+def test_gpu_pinned_ring_copies_survive_wraparound():
+    """Index tables staged through the pinned ring arrive intact even when the ring wraps."""
+    from hyperattn._arrays import _PinnedRing
+
+    ring = _PinnedRing()
+    ring.SIZE = 16384
+    arrays = [np.arange(i, i + 300, dtype=np.int64).reshape(60, 5) for i in range(50)]  # 2400 bytes each
+    arrays.append(np.zeros((0, 7), dtype=np.int64))
+    arrays.append(np.linspace(0, 1, 3000, dtype=np.float32))  # larger than SIZE / 4: pinned on its own
+    copies = [ring.copy(a, torch.device("cuda")) for a in arrays]
+    for a, c in zip(arrays, copies):
+        assert c.shape == a.shape and c.device.type == "cuda"
+        np.testing.assert_array_equal(c.cpu().numpy(), a)

@@ -28,7 +28,7 @@ TUNING = {"block_m": 128, "block_n": 64, "warps": 4, "stages": 3,
 #: (keys, rows) below which exact attention (cuDNN) beats this backend's HyperAttention on an
 #: H200 (non-causal calls by their keys, causal calls by their rows): such calls run exactly.
 #: Measured with scripts/gpu_crossover.py; set to (0, 0) to always approximate above min_seq_len.
-EXACT_BELOW = (0, 0)
+EXACT_BELOW = (16384, 40960)
 #: Rows per program of the LSH hashing kernel.
 LSH_LAUNCH = {"block": 128, "warps": 4}
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
