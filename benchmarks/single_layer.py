@@ -176,7 +176,19 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def replot(paths: list[Path]) -> None:
+    """Redraw the PNG beside each result JSON (the GPU machine returns only a few files)."""
+    for path in paths:
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+
+
 def main(argv=None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--replot"]:
+        replot([Path(p) for p in argv[1:]])
+        return
     args = parse_args(argv)
     device = "gpu" if args.device.startswith("cuda") else "cpu"
     tag = args.tag or f"single_layer_{device}_{args.mode.replace('+', '_')}_{'noncausal' if args.no_causal else 'causal'}"

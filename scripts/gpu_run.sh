@@ -15,17 +15,18 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 what=${1:-all}
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -x tests/test_triton.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q tests/test_triton.py -p no:cacheprovider -m gpu --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for mode in fwd fwd+bwd; do
     for causal in --no_causal ""; do
       python3 benchmarks/single_layer.py --backend triton --mode "$mode" $causal --out "$OUT" \
-        --seq_lens 1024 4096 16384 65536 131072 --heads 32 --dim 64 --dtype bfloat16 --repeats 5
+        --seq_lens 1024 2048 4096 8192 16384 32768 65536 131072 --heads 32 --dim 64 --dtype bfloat16 --repeats 5
     done
   done
 fi
+rm -f "$OUT"/*.png  # at most 8 files come back: plots are redrawn from the JSON (benchmarks/single_layer.py --replot)
 if [ "$what" = asv ]; then  # asv travels as wheels in .whl (the GPU image has none)
   python3 -m asv machine --yes --machine gpu >/dev/null
   python3 -m asv run --python=same --quick --machine gpu --show-stderr 2>&1 | tee "$OUT/asv_gpu.log"
