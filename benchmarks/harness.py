@@ -37,7 +37,9 @@ def sdpa(q, k, v, causal):
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        # set_priority: without it PyTorch's default order (FlashAttention first) picks the kernel
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
 

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.attention
 import triton
 
 from hyperattn._arrays import host_to_device
@@ -29,6 +30,9 @@ TUNING = {"block_m": 128, "block_n": 64, "warps": 4, "stages": 3,
 #: H200 (non-causal calls by their keys, causal calls by their rows): such calls run exactly.
 #: Measured with scripts/gpu_crossover.py; set to (0, 0) to always approximate above min_seq_len.
 EXACT_BELOW = (16384, 40960)
+#: SDPA kernels for whole exact calls, fastest first on Hopper.
+SDPA_ORDER = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+              torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
 #: Rows per program of the LSH hashing kernel.
 LSH_LAUNCH = {"block": 128, "warps": 4}
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
@@ -292,7 +296,10 @@ class TritonBackend:
         conventions differ (GQA, causal with Nq != Nk: SDPA aligns the mask top-left)."""
         if interpreting() or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
             return None
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(SDPA_ORDER, set_priority=True):  # cuDNN first, unlike PyTorch's default order
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     def version(self) -> str:
         from . import __version__
