@@ -138,3 +138,66 @@ def test_available_backends_and_info_command(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert "reference" in printed and "hyperattn" in printed
+
+
+@pytest.fixture
+def reference_with(monkeypatch):
+    """Patch the reference backend instance (capabilities, optional hooks) for one test."""
+    import dataclasses
+
+    from hyperattn.registry import backend_status
+
+    backend = backend_status("reference").backend
+
+    def patch(exact_below=(0, 0), fused=None):
+        monkeypatch.setattr(backend, "capabilities", dataclasses.replace(backend.capabilities, exact_below=exact_below))
+        if fused is not None:
+            monkeypatch.setattr(backend, "fused_attention", fused, raising=False)
+        return backend
+
+    return patch
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_calls_below_the_backend_crossover_are_exact(causal, reference_with):
+    q, k, v = make_inputs((1, 2, 200, 16), dtype=np.float64, seed=2)  # causal: split at 64 rows
+    exact = hyperattn.exact_attention(q, k, v, causal=causal)
+    assert testing.relative_error(hyperattn.attention(q, k, v, causal=causal, seed=1, **SPARSE), exact) > 1e-6
+    reference_with(exact_below=(256, 256))
+    out, lse = hyperattn.attention(q, k, v, causal=causal, seed=1, return_lse=True, **SPARSE)
+    exact_out, exact_lse = hyperattn.exact_attention(q, k, v, causal=causal, return_lse=True)
+    np.testing.assert_allclose(out, exact_out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(lse, exact_lse, rtol=1e-12, atol=1e-13)
+    reference_with(exact_below=(128, 128))  # above the crossover: approximated again
+    assert testing.relative_error(hyperattn.attention(q, k, v, causal=causal, seed=1, **SPARSE), exact) > 1e-6
+
+
+def test_fused_attention_hook_runs_whole_exact_calls_only(reference_with):
+    calls = []
+
+    def fused(q, k, v, *, causal, scale):
+        calls.append((q.shape, causal, scale))
+        return "fused"
+
+    reference_with(fused=fused)
+    short = make_inputs((1, 2, 40, 16), seed=3)
+    assert hyperattn.attention(*short, causal=True, **SPARSE) == "fused"
+    assert hyperattn.exact_attention(*short) == "fused"
+    assert calls == [((1, 2, 40, 16), True, 0.25), ((1, 2, 40, 16), False, 0.25)]
+    out, lse = hyperattn.attention(*short, return_lse=True, **SPARSE)  # the hook has no lse: the plan runs
+    assert isinstance(out, np.ndarray) and lse.shape == (1, 2, 40)
+    long = make_inputs((1, 2, 400, 16), seed=3)
+    assert isinstance(hyperattn.attention(*long, **SPARSE), np.ndarray)  # sparse: the plan runs
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 127, 128, 129, 1000])
+@pytest.mark.parametrize("min_seq_len", [1, 2, 64])
+def test_is_exact_call_agrees_with_the_causal_split(n, min_seq_len):
+    from hyperattn.algorithm import causal_split, is_exact_call
+    from hyperattn.config import HyperAttentionConfig
+    from hyperattn.registry import backend_status
+
+    config = HyperAttentionConfig(32, 8, 4, min_seq_len)
+    _, levels = causal_split(n, min_seq_len)
+    assert is_exact_call(n, n, True, config, backend_status("reference").backend) == (not levels)

@@ -297,16 +297,23 @@ def test_gpu_causal_leak_and_nan_poison(always_approximate):
         assert torch.isnan(acc[:, :, ~inside]).all() and torch.isinf(lse[:, :, ~inside]).all()
 
 
+def _four_causal_leaves(batch: int, device: str = "cuda"):
+    """bf16 q, k, v [batch, 4, 1024, 64], four causal 256-row leaves, fresh (out, lse) accumulators."""
+    from hyperattn.protocol import Segments
+
+    q, k, v = (torch.randn(batch, 4, 1024, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    leaves = Segments.from_ranges([(s, s + 256, s, s + 256) for s in range(0, 1024, 256)])
+    out = torch.zeros(batch, 4, 1024, 64, device=device)
+    lse = torch.full((batch, 4, 1024), -torch.inf, device=device)
+    return q, k, v, leaves, out, lse
+
+
 @pytest.mark.gpu
 def test_gpu_flash_exact_path_merges_like_the_kernel():
     """Merging the same exact piece twice keeps out and adds log 2 to lse (fresh-row copy and merge branches)."""
-    from hyperattn.protocol import Segments
     from hyperattn_triton.backend import exact_tiles, flash_exact_forward
 
-    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    leaves = Segments.from_ranges([(s, s + 256, s, s + 256) for s in range(0, 1024, 256)])
-    out = torch.zeros(1, 4, 1024, 64, device="cuda")
-    lse = torch.full((1, 4, 1024), -torch.inf, device="cuda")
+    q, k, v, leaves, out, lse = _four_causal_leaves(batch=1)
     assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
     kernel_out = torch.zeros_like(out)
     kernel_lse = torch.full_like(lse, -torch.inf)
@@ -322,13 +329,9 @@ def test_gpu_flash_exact_path_merges_like_the_kernel():
 @pytest.mark.gpu
 def test_gpu_flash_exact_backward_matches_the_kernels():
     """Leaves' gradients through FlashAttention's backward (final out and lse) equal the Triton kernels'."""
-    from hyperattn.protocol import Segments
     from hyperattn_triton.backend import flash_exact_backward, flash_exact_forward
 
-    q, k, v = (torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    leaves = Segments.from_ranges([(s, s + 256, s, s + 256) for s in range(0, 1024, 256)])
-    out = torch.zeros(2, 4, 1024, 64, device="cuda")
-    lse = torch.full((2, 4, 1024), -torch.inf, device="cuda")
+    q, k, v, leaves, out, lse = _four_causal_leaves(batch=2)
     assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
     dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16).float()
     delta = (dout * out).sum(-1)
