@@ -84,11 +84,25 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: Fast steps are repeated until the timed steps add up to this many seconds (at most MAX_REPEATS):
+#: five single sub-millisecond steps, each after a sync, vary by +-30% from run to run.
+MIN_TOTAL_SECONDS = 0.2
+MAX_REPEATS = 200
+
+
 def time_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``step``: CUDA events on the GPU, the host clock after a sync elsewhere."""
+    """Median seconds of single ``step``s: CUDA events on the GPU, the host clock after a sync elsewhere.
+
+    At least ``repeats`` steps, more for fast steps (see MIN_TOTAL_SECONDS).
+    """
     for _ in range(warmup):
         step()
     synchronize(device)
+    begin = time.perf_counter()
+    step()
+    synchronize(device)
+    once = time.perf_counter() - begin
+    repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once, 1e-6))))
     samples = []
     for _ in range(repeats):
         if device.startswith("cuda"):
