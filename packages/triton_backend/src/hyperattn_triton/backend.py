@@ -141,9 +141,9 @@ def sample_key_tiles(structure: SparseStructure, block_n: int) -> np.ndarray:
 def query_blocks(structure: SparseStructure, n_q: int) -> np.ndarray:
     """int32 [Nq]: the key block of each sorted query position (-2 outside every segment)."""
     ids = np.full(n_q, -2, dtype=np.int32)
-    seg, blk, _, _, q0, q1 = _blocks(structure)
-    for b, start, end in zip(blk.tolist(), q0.tolist(), q1.tolist()):
-        ids[start:end] = b
+    _, blk, _, _, q0, q1 = _blocks(structure)
+    owner, start, end = _split(q0, q1, 1)  # one piece per sorted position
+    ids[start] = blk[owner]
     return ids
 
 
