@@ -189,6 +189,10 @@ def test_fused_attention_hook_runs_whole_exact_calls_only(reference_with):
     long = make_inputs((1, 2, 400, 16), seed=3)
     assert isinstance(hyperattn.attention(*long, **SPARSE), np.ndarray)  # sparse: the plan runs
     assert len(calls) == 2
+    module = hyperattn.HyperAttention(16, block_size=32, sample_size=24, lsh_num_projs=4, min_seq_len=64)
+    assert module(*(torch.from_numpy(x) for x in short), causal=True) == "fused"
+    assert isinstance(module(*(torch.from_numpy(x) for x in long)), torch.Tensor)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 127, 128, 129, 1000])

@@ -193,6 +193,8 @@ def attention(
     inputs), natural log of the softmax normaliser of the scaled scores.  ``Hq % Hk == 0`` (GQA /
     MQA without copying K and V).  ``causal`` aligns the mask bottom-right and needs Nq <= Nk.
     ``seed`` makes the call deterministic and identical on every backend; None draws fresh.
+    Calls shorter than ``min_seq_len``, or short enough that the backend's exact attention is
+    faster (``Capabilities.exact_below``), are computed exactly.
     """
     config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len)
     problem = validate_inputs(q, k, v, causal=causal)
