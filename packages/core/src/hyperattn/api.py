@@ -202,10 +202,9 @@ def attention(
     _check_flag("return_lse", return_lse)
     check_seed(seed)
     impl = resolve_backend(backend, problem)
-    if not return_lse and is_exact_call(problem.n_q, problem.n_k, bool(causal), config, impl):
-        out = fused_exact(impl, q, k, v, causal=bool(causal), scale=scale)
-        if out is not None:
-            return out
+    out = fused_exact(impl, q, k, v, problem, causal=bool(causal), scale=scale, return_lse=return_lse, config=config)
+    if out is not None:
+        return out
     rng = functools.cache(lambda: make_rng(seed))  # drawn from only when the plan has a sparse piece
 
     def make_plan(qn, kn) -> Plan:
@@ -217,9 +216,14 @@ def attention(
     return execute(impl, q, k, v, make_plan, return_lse=return_lse, problem=problem)
 
 
-def fused_exact(backend: Backend, q, k, v, *, causal: bool, scale: float):
-    """Exact attention of the whole call through the backend's optional ``fused_attention``
-    (one fused, differentiable kernel, no log-sum-exp), or None when it has none or declines."""
+def fused_exact(backend: Backend, q, k, v, problem: Problem, *, causal: bool, scale: float, return_lse: bool,
+                config: HyperAttentionConfig | None = None):
+    """The whole call through the backend's optional ``fused_attention`` (one fused,
+    differentiable exact kernel, no log-sum-exp), or None: when the lse is asked for, when the
+    call is not exact (``is_exact_call`` under ``config``; None means exact attention was asked
+    for), or when the backend has no such kernel or declines."""
+    if return_lse or (config is not None and not is_exact_call(problem.n_q, problem.n_k, causal, config, backend)):
+        return None
     fused = getattr(backend, "fused_attention", None)
     return None if fused is None else fused(q, k, v, causal=causal, scale=scale)
 
@@ -230,10 +234,9 @@ def exact_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     scale = resolve_scale(scale, problem.head_dim)
     _check_flag("return_lse", return_lse)
     impl = resolve_backend("auto", problem)
-    if not return_lse:
-        out = fused_exact(impl, q, k, v, causal=bool(causal), scale=scale)
-        if out is not None:
-            return out
+    out = fused_exact(impl, q, k, v, problem, causal=bool(causal), scale=scale, return_lse=return_lse)
+    if out is not None:
+        return out
     plan = Plan((ExactPiece(Segments.from_ranges([(0, problem.n_q, 0, problem.n_k)]), bool(causal)),), scale)
     return execute(impl, q, k, v, lambda qn, kn: plan, return_lse=return_lse, problem=problem)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .algorithm import draw_projections, is_exact_call, plan_attention, run_backward, run_forward
+from .algorithm import draw_projections, plan_attention, run_backward, run_forward
 from .api import execute, fused_exact, lse_dtype, make_rng, resolve_backend, resolve_scale, validate_inputs
 from .config import HyperAttentionConfig
 from .protocol import Backend
@@ -113,10 +113,10 @@ class HyperAttention(torch.nn.Module):
             )
         scale = resolve_scale(scale, problem.head_dim)
         impl = resolve_backend(self.backend, problem)
-        if not return_lse and is_exact_call(problem.n_q, problem.n_k, bool(causal), self.config, impl):
-            out = fused_exact(impl, query, key, value, causal=bool(causal), scale=scale)
-            if out is not None:
-                return out
+        out = fused_exact(impl, query, key, value, problem, causal=bool(causal), scale=scale,
+                          return_lse=bool(return_lse), config=self.config)
+        if out is not None:
+            return out
         projections = self.lsh_projections.detach().cpu().numpy().astype(np.float64)
         config, rng = self.config, self._rng
 

@@ -296,9 +296,7 @@ class TritonBackend:
         conventions differ (GQA, causal with Nq != Nk: SDPA aligns the mask top-left)."""
         if interpreting() or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
             return None
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(SDPA_ORDER, set_priority=True):  # cuDNN first, unlike PyTorch's default order
+        with torch.nn.attention.sdpa_kernel(SDPA_ORDER, set_priority=True):  # cuDNN first, unlike PyTorch's default order
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     def version(self) -> str:
