@@ -130,6 +130,47 @@ def test_lsh_codes_and_sorting_match_reference():
     np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank)
 
 
+@pytest.mark.parametrize("chunk", [16, 64] if INTERPRETED else [16, 1024])
+def test_counting_sort_matches_the_reference_sort(chunk, monkeypatch):
+    """Random segments (gaps, empty and one-position ones, chunks across segment ends), code widths
+    1..8 bits and int32/int64 codes: the same stable order and rank as the reference."""
+    from hyperattn_triton import sorting
+
+    monkeypatch.setattr(sorting, "CHUNK", chunk)
+    monkeypatch.setattr(sorting, "INTERPRETER_CHUNK", chunk)
+    reference = backend_status("reference").backend
+    rng = np.random.default_rng(chunk)
+    for trial in range(4):
+        n, bits = int(rng.integers(1, 90)), int(rng.integers(1, 9))
+        codes = rng.integers(0, 1 << bits, size=(2, 2, n))
+        cuts = np.sort(rng.choice(n + 1, size=min(n + 1, 2 * int(rng.integers(0, 4))), replace=False))
+        starts, ends = cuts[0::2], cuts[1::2]
+        dtype = torch.int32 if trial % 2 else torch.int64
+        order, rank = sorting.counting_segment_sort(torch.from_numpy(codes).to(DEVICE, dtype), starts, ends, bits)
+        expected_order, expected_rank = reference.segment_sort(codes, starts, ends)
+        assert order.dtype == rank.dtype == torch.int32
+        np.testing.assert_array_equal(order.cpu().numpy(), expected_order, err_msg=f"{n=} {bits=} {starts=} {ends=}")
+        np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank, err_msg=f"{n=} {bits=} {starts=} {ends=}")
+
+
+def test_counting_sort_declines_what_it_cannot_sort():
+    from hyperattn_triton import sorting
+
+    codes = torch.zeros(1, 1, 10, dtype=torch.int64, device=DEVICE)
+    assert sorting.counting_segment_sort(codes, np.array([0]), np.array([10]), code_bits=9) is None  # too wide
+    assert sorting.counting_segment_sort(codes, np.array([0, 4]), np.array([6, 10]), code_bits=3) is None  # overlap
+    order, _ = TRITON.backend.segment_sort(codes, np.array([0]), np.array([10]), code_bits=12)  # torch sort then
+    np.testing.assert_array_equal(order.cpu().numpy()[0, 0], np.arange(10))
+
+
+def test_row_dot_is_the_fp32_row_sum_of_products():
+    a = torch.randn(2, 3, 70, 24, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(2, 3, 70, 24, device=DEVICE, dtype=torch.float32).transpose(1, 2).contiguous().transpose(1, 2)
+    got = TRITON.backend.row_dot(a, b)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 70)
+    torch.testing.assert_close(got, (a.double() * b.double()).sum(-1).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_api_end_to_end_with_a_seed():
     q, k, v = (torch.from_numpy(x).to(DEVICE).requires_grad_() for x in make_inputs((1, 2, 90, 16), kv_heads=1, seed=3, dtype=np.float32))
     out = hyperattn.attention(q, k, v, causal=True, seed=4, backend="triton", **SMALL)
@@ -177,9 +218,17 @@ for dtype in ("fp16", "bf16"):
                              (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False))):
         compiled = triton.compile(sig(fn, types, dict(common, **flags)), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
-lsh = sig(kernels.lsh_codes_kernel, {"X": "*bf16", "P": "*fp32", "Codes": "*i64"},
-          dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128))
-assert "cubin" in triton.compile(lsh, target=GPUTarget("cuda", 90, 32)).asm
+for use_dot in (True, False):
+    lsh = sig(kernels.lsh_codes_kernel, {"X": "*bf16", "P": "*fp32", "Codes": "*i32"},
+              dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128, USE_DOT=use_dot))
+    assert "cubin" in triton.compile(lsh, target=GPUTarget("cuda", 90, 32)).asm
+row_dot = sig(kernels.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"}, dict(DIM=64, D_PAD=64, BLOCK=64))
+assert "cubin" in triton.compile(row_dot, target=GPUTarget("cuda", 90, 32)).asm
+from hyperattn_triton import sorting
+for fn in (sorting.chunk_histogram_kernel, sorting.chunk_scatter_kernel):
+    types = {"Tiles": "*i64", "Codes": "*i32", "Hist": "*i32", "First": "*i32", "Order": "*i32", "Rank": "*i32"}
+    compiled = sig(fn, types, dict(CHUNK=sorting.CHUNK, NB=128))
+    assert "cubin" in triton.compile(compiled, target=GPUTarget("cuda", 90, 32)).asm
 print("compiled for sm_90")
 """
 
@@ -359,3 +408,25 @@ def test_gpu_pinned_ring_copies_survive_wraparound():
     for a, c in zip(arrays, copies):
         assert c.shape == a.shape and c.device.type == "cuda"
         np.testing.assert_array_equal(c.cpu().numpy(), a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [7, 8])
+def test_gpu_counting_sort_at_131072_matches_torch_sort(bits):
+    """Full-size chunks on the GPU: one segment, and a causal level's 16 segments with gaps."""
+    codes = torch.randint(0, 1 << bits, (1, 32, 131072), device="cuda", dtype=torch.int32)
+    level = np.arange(16) * 8192
+    for starts, ends in ((np.array([0]), np.array([131072])), (level + 4096, level + 8192)):
+        order, rank = TRITON.backend.segment_sort(codes, starts, ends, code_bits=bits)  # counting sort
+        expected_order, expected_rank = TRITON.backend.segment_sort(codes, starts, ends, code_bits=12)  # torch sort
+        assert torch.equal(order, expected_order) and torch.equal(rank, expected_rank)
+
+
+@pytest.mark.gpu
+def test_gpu_row_dot_and_one_piece_output_dtype():
+    out = torch.randn(1, 4, 5000, 64, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(1, 4, 5000, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(TRITON.backend.row_dot(dout, out), (dout.double() * out.double()).sum(-1).float())
+    q = torch.randn(1, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
+    result, lse = hyperattn.attention(q, q, q, backend="triton", seed=0, return_lse=True)
+    assert result.dtype == torch.bfloat16 and torch.isfinite(result).all() and torch.isfinite(lse).all()

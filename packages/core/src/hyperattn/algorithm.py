@@ -153,11 +153,19 @@ def _accumulator_dtype(xp, x):
 
 
 def run_forward(backend: Backend, plan: Plan, q, k, v):
-    """Run every piece: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq]) in the accumulator dtype."""
+    """Run every piece: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq]) in the accumulator dtype.
+
+    A plan of one piece (which covers every row) writes out in q's dtype straight away: no fp32
+    buffer to fill and convert (it is never read, since all its rows start with lse = -inf).
+    """
     xp = array_namespace(q)
     dtype = _accumulator_dtype(xp, q)
     batch, heads, n_q = q.shape[:3]
-    out = xp.zeros((batch, heads, n_q, v.shape[3]), dtype=dtype, device=device(q))
+    out_shape = (batch, heads, n_q, v.shape[3])
+    if len(plan.pieces) == 1:  # one piece covers every row once: written, never merged into
+        out = xp.empty(out_shape, dtype=q.dtype, device=device(q))
+    else:
+        out = xp.zeros(out_shape, dtype=dtype, device=device(q))
     lse = xp.full((batch, heads, n_q), -math.inf, dtype=dtype, device=device(q))
     for piece in plan.pieces:
         if isinstance(piece, ExactPiece):
@@ -176,9 +184,12 @@ def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=Non
     """
     xp = array_namespace(q)
     dtype = _accumulator_dtype(xp, q)
-    # one head at a time: no accumulator-dtype copy of dout or out in memory
-    delta = xp.stack([xp.sum(xp.astype(dout[:, h], dtype) * xp.astype(out[:, h], dtype), axis=-1)
-                      for h in range(q.shape[1])], axis=1)
+    row_dot = getattr(backend, "row_dot", None)  # optional: one fused kernel
+    if row_dot is not None:
+        delta = row_dot(dout, out)
+    else:  # one head at a time: no accumulator-dtype copy of dout or out in memory
+        delta = xp.stack([xp.sum(xp.astype(dout[:, h], dtype) * xp.astype(out[:, h], dtype), axis=-1)
+                          for h in range(q.shape[1])], axis=1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, dtype)
     dq = xp.zeros(q.shape, dtype=dtype, device=device(q))

@@ -9,7 +9,8 @@ Conventions, for every kernel:
   q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] in the backend's native array type and
   compute dtype; query head h reads KV head ``h // (Hq // Hk)`` (GQA, never expanded).
   out [B, Hq, Nq, Dv] and lse [B, Hq, Nq] are the accumulators (float32, float64 for float64
-  inputs); an untouched row has ``out = 0, lse = -inf``.  lse is the natural log of the
+  inputs); an untouched row has ``lse = -inf`` and its out is never read, only written.  (A plan
+  of one piece gets an uninitialised out in q's dtype: each row is written once, never merged.)  lse is the natural log of the
   (weighted) softmax normaliser of the *scaled* scores.
 """
 
@@ -89,10 +90,11 @@ def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):
 class SparseStructure:
     """The sorted block diagonal plus sampled keys of one call (HyperAttention steps 1-3).
 
-    q_order  native int64 [B, Hq, Nq]: inside each segment's query range, the row indices of
-             that range sorted by LSH bucket rank (absolute indices).
-    k_order  native int64 [B, Hk, Nk]: the same for keys.
-    k_rank   native int64 [B, Hk, Nk]: position of key j in its segment's sorted order
+    q_order  native integer [B, Hq, Nq] (int64, or int32 where the backend's sort gives it):
+             inside each segment's query range, the row indices of that range sorted by LSH
+             bucket rank (absolute indices).
+    k_order  native integer [B, Hk, Nk]: the same for keys.
+    k_rank   native integer [B, Hk, Nk]: position of key j in its segment's sorted order
              (``k_order[k_start + k_rank[j]] == j``); key block of j is ``k_rank[j] // block_size``.
     samples  native int64 [B, Hk, S, m] absolute key indices drawn uniformly with replacement
              from each segment's key range, or None when m == 0.  A query attends to a sample
@@ -151,7 +153,8 @@ class Backend(Protocol):
         """``y`` as an array of ``like``'s type, device and dtype."""
 
     def lsh_codes(self, x: Array, projections: Array) -> Array:
-        """Gray-code rank of the sign pattern of ``x @ projections``: int64 [B, H, N].
+        """Gray-code rank of the sign pattern of ``x @ projections``: integer [B, H, N] (int64, or
+        int32 when the codes fit).
 
         projections [D, r].  Bit j of the code c is ``x · P_j > 0``; the result is the rank of c
         in the reflected Gray-code sequence, ``c ^ (c >> 1) ^ (c >> 2) ^ ...``.
@@ -160,7 +163,8 @@ class Backend(Protocol):
     def segment_sort(
         self, codes: Array, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64
     ) -> tuple[Array, Array]:
-        """Stable sort of each range ``[starts[s], ends[s])`` by code: (order, rank), int64 [B, H, N].
+        """Stable sort of each range ``[starts[s], ends[s])`` by code: (order, rank), integer [B, H, N]
+        (int64, or int32 where positions fit).
 
         Every code is below ``2**code_bits`` (a backend may use narrower sort keys).
 
@@ -186,3 +190,9 @@ class Backend(Protocol):
         self, q, k, v, lse, dout, delta, structure: SparseStructure, scale: float, dq, dk, dv
     ) -> None:
         """Add this piece's gradients (duplicate samples accumulate), as ``exact_backward``."""
+
+    # Optional, looked up with getattr:
+    #   fused_attention(q, k, v, *, causal, scale) -> out or None: a whole exact call through one
+    #       fused differentiable kernel (see api.fused_exact);
+    #   row_dot(a, b) -> [B, H, N] in the accumulator dtype: ``sum(a * b, -1)`` of two [B, H, N, Dv]
+    #       arrays in q's or the accumulator dtype (the backward's delta) in one pass.

@@ -19,7 +19,7 @@ import triton
 from hyperattn._arrays import host_to_device
 from hyperattn.protocol import Capabilities, Segments, SparseStructure, query_block_bounds
 
-from . import kernels
+from . import kernels, sorting
 
 #: Launch configurations for head dims up to 128 (tuned on an H200, see benchmarks/results/):
 #: the forward and dQ kernels walk query tiles of ``block_m`` rows in steps of ``block_n`` keys;
@@ -34,7 +34,10 @@ EXACT_BELOW = (16384, 40960)
 SDPA_ORDER = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.FLASH_ATTENTION,
               torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
 #: Rows per program of the LSH hashing kernel.
-LSH_LAUNCH = {"block": 128, "warps": 4}
+#: ``use_dot``: projections as one fp32 ``tl.dot`` rather than multiply-and-reduce passes.
+LSH_LAUNCH = {"block": 128, "warps": 4, "use_dot": True}
+#: Rows per program of the backward's delta kernel.
+ROW_DOT_BLOCK = 64
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
 SAMPLE_ROW_CHUNK = 4096
 
@@ -332,16 +335,22 @@ class TritonBackend:
         r_pad = _pad(num_projs)
         padded = torch.zeros(dim, r_pad, dtype=torch.float32, device=x.device)
         padded[:, :num_projs] = projections.to(torch.float32)
-        codes = torch.empty(batch, heads, n, dtype=torch.int64, device=x.device)
+        code_dtype = torch.int32 if num_projs < 32 else torch.int64
+        codes = torch.empty(batch, heads, n, dtype=code_dtype, device=x.device)
         block, warps = LSH_LAUNCH["block"], LSH_LAUNCH["warps"]
         kernels.lsh_codes_kernel[(triton.cdiv(n, block), batch * heads)](
             x, padded, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
             HEAD_DIM=dim, D_PAD=_pad(dim), NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=block, num_warps=warps,
+            USE_DOT=LSH_LAUNCH["use_dot"],
         )
         return codes
 
     def segment_sort(self, codes, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64):
-        """One stable sort of ``(segment label, code)`` keys, int32 when they fit (half the radix passes)."""
+        """int32 (order, rank): a counting sort for codes of up to ``sorting.MAX_BITS`` bits (see
+        sorting.py), else one stable torch sort of ``(segment label, code)`` keys."""
+        counted = sorting.counting_segment_sort(codes, starts, ends, code_bits)
+        if counted is not None:
+            return counted
         n = codes.shape[-1]
         positions = torch.arange(n, device=codes.device)
         labels = _segment_labels(positions, starts, ends)
@@ -351,7 +360,19 @@ class TritonBackend:
             keys = (labels << 32) + codes
         _, order = torch.sort(keys, dim=-1, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, (positions - labels).expand_as(order))
-        return order, rank
+        return order.to(torch.int32), rank.to(torch.int32)
+
+    def row_dot(self, a, b):
+        """float32 [B, H, N]: ``sum(a * b, -1)`` of two [B, H, N, D] tensors in one launch (the
+        backward's delta), without fp32 copies of either."""
+        batch, heads, n, dim = a.shape
+        result = torch.empty(batch, heads, n, dtype=torch.float32, device=a.device)
+        block = ROW_DOT_BLOCK
+        kernels.row_dot_kernel[(triton.cdiv(n, block), batch * heads)](
+            a, b, result, n, heads, *a.stride(), *b.stride(), *result.stride(),
+            DIM=dim, D_PAD=_pad(dim), BLOCK=block, num_warps=4,
+        )
+        return result
 
     # -- kernels --------------------------------------------------------------------------------
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):

@@ -272,21 +272,43 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def lsh_codes_kernel(X, P, Codes, n_rows, num_heads, sx_b, sx_h, sx_n, sx_d, sc_b, sc_h,
-                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_PROJS: tl.constexpr, R_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """Gray rank of the sign pattern of x @ P for BLOCK rows of one (batch, head), in fp32."""
+def row_dot_kernel(A, B, Out, n_rows, num_heads, sa_b, sa_h, sa_n, sa_d, sb_b, sb_h, sb_n, sb_d, so_b, so_h, so_n,
+                   DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[b, h, n] = sum_d A[b, h, n, d] * B[b, h, n, d] in fp32 (the backward's delta)."""
     b, h, _ = _program_heads(num_heads, 1)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
-    offs_r = tl.arange(0, R_PAD)
+    mask_n = offs_n < n_rows
+    a = _rows_of(A + b * sa_b + h * sa_h, offs_n, sa_n, offs_d, sa_d, mask_n, DIM).to(tl.float32)
+    c = _rows_of(B + b * sb_b + h * sb_h, offs_n, sb_n, offs_d, sb_d, mask_n, DIM).to(tl.float32)
+    tl.store(Out + b * so_b + h * so_h + offs_n * so_n, tl.sum(a * c, 1), mask=mask_n)
+
+
+@triton.jit
+def lsh_codes_kernel(X, P, Codes, n_rows, num_heads, sx_b, sx_h, sx_n, sx_d, sc_b, sc_h,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_PROJS: tl.constexpr, R_PAD: tl.constexpr,
+                     BLOCK: tl.constexpr, USE_DOT: tl.constexpr):
+    """Gray rank of the sign pattern of x @ P for BLOCK rows of one (batch, head), in fp32.
+
+    ``USE_DOT`` computes the projections as one fp32 matrix product; otherwise as NUM_PROJS
+    multiply-and-reduce passes over the rows in registers (no layout conversion)."""
+    b, h, _ = _program_heads(num_heads, 1)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
     mask_n = offs_n < n_rows
     x = _rows_of(X + b * sx_b + h * sx_h, offs_n, sx_n, offs_d, sx_d, mask_n, HEAD_DIM).to(tl.float32)
-    p = tl.load(P + offs_d[:, None] * R_PAD + offs_r[None, :], mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    projected = tl.dot(x, p, input_precision="ieee")
-    bits = ((projected > 0) & (offs_r[None, :] < NUM_PROJS)).to(tl.int64) << offs_r[None, :].to(tl.int64)
-    code = tl.sum(bits, 1)
+    if USE_DOT:
+        offs_r = tl.arange(0, R_PAD)
+        p = tl.load(P + offs_d[:, None] * R_PAD + offs_r[None, :], mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        projected = tl.dot(x, p, input_precision="ieee")
+        bits = ((projected > 0) & (offs_r[None, :] < NUM_PROJS)).to(tl.int64) << offs_r[None, :].to(tl.int64)
+        code = tl.sum(bits, 1)
+    else:
+        code = tl.zeros([BLOCK], tl.int64)
+        for r in tl.static_range(NUM_PROJS):
+            p_r = tl.load(P + offs_d * R_PAD + r, mask=offs_d < HEAD_DIM, other=0.0)
+            code += (tl.sum(x * p_r[None, :], 1) > 0).to(tl.int64) << r
     rank = code
     for shift in tl.static_range(6):  # c ^ (c >> 1) ^ (c >> 2) ^ ... by doubling shifts
         rank = rank ^ (rank >> (1 << shift))
-    tl.store(Codes + b * sc_b + h * sc_h + offs_n, rank, mask=mask_n)
+    tl.store(Codes + b * sc_b + h * sc_h + offs_n, rank, mask=mask_n)  # int32 when NUM_PROJS < 32

@@ -1,0 +1,149 @@
+"""Stable segmented counting sort of small LSH codes (the sortLSH step) in two Triton launches.
+
+The codes have few bits (``lsh_num_projs``, 7 by default: 128 buckets), so a counting sort beats
+a general radix sort over 32- or 64-bit keys.  Every position ``[0, N)`` of each (batch, head)
+row is covered by *pieces*: the segments to sort, and the gaps between them, which keep their
+order (their codes count as 0).  Pieces are cut into chunks of ``CHUNK`` positions:
+
+1. ``chunk_histogram_kernel`` counts each chunk's codes, [BH, T, NB];
+2. torch turns the counts into each (chunk, bucket)'s first destination: an exclusive prefix sum
+   in (piece, bucket, chunk) order, which is stable and, since pieces cover every position in
+   order, lands on absolute positions;
+3. ``chunk_scatter_kernel`` sorts each chunk in registers by ``(code, position)`` and writes
+   ``order[destination] = position`` and ``rank[position] = destination - piece start``.
+
+Orders and ranks are int32 (what the attention kernels read).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from hyperattn._arrays import host_to_device
+
+#: Positions per chunk (one program of each launch); Triton's interpreter sorts a 1024-chunk in
+#: about 10 s, so it uses short ones.
+CHUNK = 1024
+INTERPRETER_CHUNK = 32
+#: Codes of at most this many bits are counting-sorted (2**bits buckets per chunk).
+MAX_BITS = 8
+
+
+@triton.jit
+def _chunk(Tiles, Codes, sc_bh, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """This program's chunk: (tile index, bh, its positions, mask, codes (0 in gaps), piece start)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    row = Tiles + t * 4
+    p0, p1, piece_start, is_gap = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    offs = p0 + tl.arange(0, CHUNK)
+    mask = offs < p1
+    codes = tl.load(Codes + bh * sc_bh + offs, mask=mask & (is_gap == 0), other=0).to(tl.int32)
+    return t, bh, offs, mask, codes, piece_start, is_gap
+
+
+@triton.jit
+def chunk_histogram_kernel(Tiles, Codes, Hist, sc_bh, num_tiles, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """Hist[bh, t, c]: how many positions of chunk t have code c."""
+    t, bh, offs, mask, codes, _, _ = _chunk(Tiles, Codes, sc_bh, CHUNK, NB)
+    counts = tl.histogram(codes, NB, mask=mask)
+    tl.store(Hist + (bh * num_tiles + t) * NB + tl.arange(0, NB), counts)
+
+
+@triton.jit
+def chunk_scatter_kernel(Tiles, Codes, First, Order, Rank, sc_bh, so_bh, num_tiles,
+                         CHUNK: tl.constexpr, NB: tl.constexpr):
+    """Scatter chunk t: its k-th position in (code, position) order goes to ``First[bh, t, code] + k``,
+    where First already subtracts the chunk's own positions of smaller codes."""
+    t, bh, offs, mask, codes, piece_start, is_gap = _chunk(Tiles, Codes, sc_bh, CHUNK, NB)
+    local = tl.arange(0, CHUNK)
+    keys = tl.where(mask, codes, NB) * CHUNK + local  # masked positions sort last
+    keys = tl.sort(keys)
+    code = keys // CHUNK
+    valid = code < NB
+    position = offs - local + keys % CHUNK  # p0 + local index
+    dest = tl.load(First + (bh * num_tiles + t) * NB + code, mask=valid, other=0) + local
+    tl.store(Order + bh * so_bh + dest, position.to(tl.int32), mask=valid)
+    rank = tl.where(is_gap == 0, dest - piece_start, 0)
+    tl.store(Rank + bh * so_bh + position, rank.to(tl.int32), mask=valid)
+
+
+def chunk_size() -> int:
+    return INTERPRETER_CHUNK if os.environ.get("TRITON_INTERPRET") == "1" else CHUNK
+
+
+def _cover(starts: np.ndarray, ends: np.ndarray, n: int):
+    """Pieces covering [0, n) in order: (start, end, is_gap) arrays, or None if segments overlap."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    by_start = np.argsort(starts, kind="stable")
+    starts, ends = starts[by_start], ends[by_start]
+    if len(starts) and ((starts[1:] < ends[:-1]).any() or starts[0] < 0 or ends[-1] > n):
+        return None
+    gap_starts = np.concatenate([[0], ends])
+    gap_ends = np.concatenate([starts, [n]])
+    piece_start = np.stack([gap_starts, np.concatenate([starts, [n]])], axis=1).reshape(-1)[:-1]
+    piece_end = np.stack([gap_ends, np.concatenate([ends, [n]])], axis=1).reshape(-1)[:-1]
+    is_gap = np.tile([1, 0], len(starts) + 1)[:-1]
+    nonempty = piece_end > piece_start
+    return piece_start[nonempty], piece_end[nonempty], is_gap[nonempty]
+
+
+def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, num_buckets: int, chunk: int):
+    """Host tables of one sort: tiles int64 [T, 4] (p0, p1, piece start, is gap) and, for every
+    (chunk, bucket), its index in (piece, bucket, chunk) order, int64 [T * NB]; or None when the
+    segments overlap."""
+    cover = _cover(starts, ends, n)
+    if cover is None:
+        return None
+    piece_start, piece_end, is_gap = cover
+    counts = -(-(piece_end - piece_start) // chunk)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    first = (np.cumsum(counts) - counts)[owner]  # first tile of each tile's piece
+    local = np.arange(len(owner)) - first
+    p0 = piece_start[owner] + local * chunk
+    tiles = np.stack([p0, np.minimum(p0 + chunk, piece_end[owner]), piece_start[owner], is_gap[owner]], axis=1)
+    buckets = np.arange(num_buckets)
+    flat = first[:, None] * num_buckets + buckets[None, :] * counts[owner][:, None] + local[:, None]
+    return tiles, flat.reshape(-1)
+
+
+def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int):
+    """(order, rank) int32 [B, H, N] as ``Backend.segment_sort``, or None when it does not apply
+    (codes wider than MAX_BITS, overlapping segments, or N beyond int32)."""
+    batch, heads, n = codes.shape
+    chunk = chunk_size()
+    if code_bits > MAX_BITS or n >= 2**31 - chunk:
+        return None
+    num_buckets = max(2, 1 << code_bits)
+    tables = chunk_tables(starts, ends, n, num_buckets, chunk)
+    if tables is None:
+        return None
+    tiles_host, flat_host = tables
+    codes = codes.reshape(batch * heads, n)
+    if codes.stride(1) != 1:
+        codes = codes.contiguous()
+    bh, num_tiles = batch * heads, len(tiles_host)
+    tiles = host_to_device(tiles_host, codes)
+    flat = host_to_device(flat_host, codes)
+    hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=codes.device)
+    grid = (num_tiles, bh)
+    chunk_histogram_kernel[grid](tiles, codes, hist, codes.stride(0), num_tiles, CHUNK=chunk, NB=num_buckets,
+                                 num_warps=4)
+    # exclusive prefix sum in (piece, bucket, chunk) order: the absolute first destination
+    counts = hist.view(bh, -1)
+    ordered = torch.empty_like(counts).index_copy_(1, flat, counts)
+    starts_ordered = torch.cumsum(ordered, dim=1, dtype=torch.int32) - ordered
+    first = starts_ordered.index_select(1, flat).view(bh, num_tiles, num_buckets)
+    first -= torch.cumsum(hist, dim=2, dtype=torch.int32) - hist  # minus the chunk's smaller codes
+    order = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
+    rank = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
+    chunk_scatter_kernel[grid](tiles, codes, first, order, rank, codes.stride(0), order.stride(0), num_tiles,
+                               CHUNK=chunk, NB=num_buckets, num_warps=4)
+    return order.view(batch, heads, n), rank.view(batch, heads, n)
