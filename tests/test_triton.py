@@ -376,9 +376,13 @@ def test_gpu_flash_exact_path_merges_like_the_kernel():
 
 
 @pytest.mark.gpu
-def test_gpu_flash_exact_backward_matches_the_kernels():
+@pytest.mark.parametrize("fused", ["cudnn", "flash"])
+def test_gpu_flash_exact_backward_matches_the_kernels(fused, monkeypatch):
     """Leaves' gradients through FlashAttention's backward (final out and lse) equal the Triton kernels'."""
+    from hyperattn_triton import backend as triton_module
     from hyperattn_triton.backend import flash_exact_backward, flash_exact_forward
+
+    monkeypatch.setattr(triton_module, "FUSED_KERNELS", [fused])
 
     q, k, v, leaves, out, lse = _four_causal_leaves(batch=2)
     assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)

@@ -38,11 +38,35 @@ class SparsePiece:
     structure: SparseStructure
 
 
+class Pieces:
+    """A plan's pieces, made on first use and kept: a forward runs each piece as soon as it is
+    made, so the GPU computes the exact leaves while the host plans the sparse levels."""
+
+    def __init__(self, count: int, source):
+        self.count, self._source, self._made = count, iter(source), []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        i = 0
+        while True:
+            if i == len(self._made):
+                piece = next(self._source, None)
+                if piece is None:
+                    return
+                self._made.append(piece)
+            yield self._made[i]
+            i += 1
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Everything random or data-dependent about one call; reused by its backward."""
+    """Everything random or data-dependent about one call; reused by its backward.
 
-    pieces: tuple
+    ``pieces``: a sequence (a tuple, or :class:`Pieces` made lazily, in order)."""
+
+    pieces: tuple | Pieces
     scale: float
 
 
@@ -101,9 +125,9 @@ def plan_attention(
     are then called (projections first) only when the plan has a sparse piece.
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    pieces, sparse_calls = [], []
+    exact, sparse_calls = None, []
     if is_exact_call(n_q, n_k, causal, config, backend):  # one exact rectangle, the causal prefix included
-        pieces.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal))
+        exact = ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal)
     elif not causal:
         sparse_calls.append([(0, n_q, 0, n_k)])
     else:
@@ -112,21 +136,26 @@ def plan_attention(
         if offset > 0:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
             sparse_calls.append([(0, n_q, 0, offset)])
         leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
-        pieces.append(ExactPiece(Segments.from_ranges(leaf_ranges), causal=True))
+        exact = ExactPiece(Segments.from_ranges(leaf_ranges), causal=True)
         sparse_calls += [[(mid, end, start + offset, mid + offset) for start, mid, end in level] for level in levels]
 
-    if sparse_calls:
-        projections = projections() if callable(projections) else projections
-        rng = rng() if callable(rng) else rng
+    def make_pieces():
+        if exact is not None:  # first: it needs no hashing, so it runs while the rest is planned
+            yield exact
+        if not sparse_calls:
+            return
+        projs = projections() if callable(projections) else projections
+        generator = rng() if callable(rng) else rng
         xp = array_namespace(q)
         compute_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
-        proj = xp.astype(host_to_device(np.asarray(projections), q), compute_dtype)
+        proj = xp.astype(host_to_device(np.asarray(projs), q), compute_dtype)
         q_codes = backend.lsh_codes(q, proj)
         k_codes = backend.lsh_codes(k, proj)
         for ranges in sparse_calls:
             segments = Segments.from_ranges(ranges)
-            pieces.append(SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng)))
-    return Plan(tuple(pieces), float(scale))
+            yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, generator))
+
+    return Plan(Pieces((exact is not None) + len(sparse_calls), make_pieces()), float(scale))
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> SparseStructure:
@@ -167,11 +196,11 @@ def run_forward(backend: Backend, plan: Plan, q, k, v):
     else:
         out = xp.zeros(out_shape, dtype=dtype, device=device(q))
     lse = xp.full((batch, heads, n_q), -math.inf, dtype=dtype, device=device(q))
-    for piece in plan.pieces:
+    for i, piece in enumerate(plan.pieces):
         if isinstance(piece, ExactPiece):
-            backend.exact_forward(q, k, v, piece.segments, piece.causal, plan.scale, out, lse)
+            backend.exact_forward(q, k, v, piece.segments, piece.causal, plan.scale, out, lse, fresh=i == 0)
         else:
-            backend.sparse_forward(q, k, v, piece.structure, plan.scale, out, lse)
+            backend.sparse_forward(q, k, v, piece.structure, plan.scale, out, lse, fresh=i == 0)
     return out, lse
 
 

@@ -171,10 +171,16 @@ class Backend(Protocol):
         Rows outside every range keep ``order[p] == p`` and ``rank[p] == 0``.
         """
 
-    def exact_forward(self, q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> None:
-        """Exact attention of each segment, merged into ``(out, lse)``."""
+    def exact_forward(self, q, k, v, segments: Segments, causal: bool, scale: float, out, lse, *,
+                      fresh: bool = False) -> None:
+        """Exact attention of each segment, merged into ``(out, lse)``.
 
-    def sparse_forward(self, q, k, v, structure: SparseStructure, scale: float, out, lse) -> None:
+        ``fresh``: this is the call's first piece, so every row still has ``lse = -inf`` (a backend
+        may write instead of merging without looking).
+        """
+
+    def sparse_forward(self, q, k, v, structure: SparseStructure, scale: float, out, lse, *,
+                       fresh: bool = False) -> None:
         """Block diagonal plus weighted samples of each segment, merged into ``(out, lse)``."""
 
     def exact_backward(

@@ -84,10 +84,10 @@ class ReferenceBackend:
         return order, rank
 
     # -- kernels --------------------------------------------------------------------------------
-    def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):
+    def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, fresh=False):
         _kernels.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse)
 
-    def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse):
+    def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
         _kernels.sparse_forward(q, k, v, structure, float(scale), out, lse)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):

@@ -33,9 +33,9 @@ EXACT_BELOW = (16384, 40960)
 #: SDPA kernels for whole exact calls, fastest first on Hopper.
 SDPA_ORDER = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.FLASH_ATTENTION,
               torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
-#: Rows per program of the LSH hashing kernel.
-#: ``use_dot``: projections as one fp32 ``tl.dot`` rather than multiply-and-reduce passes.
-LSH_LAUNCH = {"block": 128, "warps": 4, "use_dot": True}
+#: Rows per program of the LSH hashing kernel; ``use_dot``: projections as one fp32 ``tl.dot``
+#: rather than multiply-and-reduce passes (half as fast on an H200: benchmarks/results/micro_h200.txt).
+LSH_LAUNCH = {"block": 128, "warps": 2, "use_dot": False}
 #: Rows per program of the backward's delta kernel.
 ROW_DOT_BLOCK = 64
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
@@ -214,32 +214,33 @@ def _fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=())
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
 
 
-def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse) -> bool:
+def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse, fresh: bool = False) -> bool:
     """Exact pieces through PyTorch's fused attention (which returns the log-sum-exp), merged into
-    ``(out, lse)``.  Returns False when the segments do not fold (see ``_fold``); the Triton kernel
-    runs instead."""
+    ``(out, lse)`` (copied when ``fresh``: no earlier piece wrote).  Returns False when the segments
+    do not fold (see ``_fold``); the Triton kernel runs instead."""
     folded = _fold(segments, causal, q, k, v, query_side=(out, lse))
     if folded is None:
         return False
     qf, kf, vf, out_view, lse_view = folded
     o, row_lse = _fused_attention(qf, kf, vf, causal, scale)
     row_lse = row_lse.reshape(lse_view.shape)
-    fresh = lse_view == -torch.inf
-    if bool(fresh.all()):  # the usual case (exact pieces run first): no merge, no fp32 temporaries
+    if fresh:  # the usual case (exact pieces run first): no merge, no fp32 temporaries
         out_view.copy_(o)
         lse_view.copy_(row_lse)
         return True
+    untouched = lse_view == -torch.inf  # their out is not read (it may be garbage)
     total = torch.logaddexp(lse_view, row_lse)
-    keep = torch.where(fresh, 0.0, torch.exp(lse_view - total))
+    keep = torch.where(untouched, 0.0, torch.exp(lse_view - total))
     add = torch.exp(row_lse - total)
-    merged = out_view * keep[..., None] + o.float() * add[..., None]
-    out_view.copy_(torch.where(fresh[..., None], o.float(), merged))
+    merged = torch.where(untouched[..., None], 0.0, out_view) * keep[..., None] + o.float() * add[..., None]
+    out_view.copy_(merged)
     lse_view.copy_(total)
     return True
 
 
 def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, scale: float, dq, dk, dv) -> bool:
-    """This piece's gradients through PyTorch's FlashAttention backward, added to ``dq, dk, dv``.
+    """This piece's gradients through PyTorch's fused backward (cuDNN's, else FlashAttention-2's),
+    added to ``dq, dk, dv``.
 
     Given the *final* ``out`` and ``lse`` it computes ``P = exp(S - lse)`` and
     ``delta = rowsum(dout * out)``: exactly this piece's share of the whole call's gradient (the
@@ -253,13 +254,29 @@ def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
         return False
     qf, kf, vf, out_f, dout_f, lse_f, dq_f, dk_f, dv_f = folded
     out_f, dout_f = out_f.to(q.dtype), dout_f.to(q.dtype)  # the kernel's dtype (dout came from it)
-    seed = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is off: never read
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout_f, qf, kf, vf, out_f, lse_f.contiguous(), None, None, qf.shape[2], kf.shape[2], 0.0, causal,
-        seed, seed, scale=scale)
+    grads = _fused_attention_backward(qf, kf, vf, out_f, dout_f, lse_f.contiguous(), causal, scale)
     for acc, grad in zip((dq_f, dk_f, dv_f), grads):
         acc += grad
     return True
+
+
+def _fused_attention_backward(q, k, v, out, dout, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of exact attention through the first of FUSED_KERNELS that accepts the inputs,
+    given out and lse (which may be the final ones of a larger call)."""
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is off: never read
+    n_q, n_k = q.shape[2], k.shape[2]
+    for name in FUSED_KERNELS:
+        if name == "cudnn" and torch.backends.cuda.cudnn_sdp_enabled():
+            try:
+                return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                    dout, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, n_q, n_k, 0.0, causal,
+                    scale=scale)
+            except RuntimeError:  # shapes or layouts cuDNN does not take
+                continue
+        if name == "flash":
+            return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                dout, q, k, v, out, lse, None, None, n_q, n_k, 0.0, causal, seed, seed, scale=scale)
+    raise RuntimeError(f"no fused attention backward among {FUSED_KERNELS}")
 
 
 def _segment_labels(positions, starts: np.ndarray, ends: np.ndarray):
@@ -375,13 +392,13 @@ class TritonBackend:
         return result
 
     # -- kernels --------------------------------------------------------------------------------
-    def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse):
-        if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse):
+    def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, fresh=False):
+        if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse, fresh):
             return
         launch = query_launch(q.shape[3], v.shape[3])
         self._forward(q, k, v, exact_tiles(segments, causal, launch.block_m), None, scale, out, lse, bool(causal))
 
-    def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse):
+    def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
         launch = query_launch(q.shape[3], v.shape[3])
         self._forward(q, k, v, sparse_tiles(structure, launch.block_m), structure, scale, out, lse, False)
 
