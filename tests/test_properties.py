@@ -47,3 +47,22 @@ def test_any_valid_input_matches_the_dense_oracle(
     if causal:
         weights = testing.plan_weights(plan, batch, kv_heads * group, n_q, n_k)
         assert weights[..., ~testing.causal_mask(n_q, n_k)].max(initial=0) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_q=st.integers(1, 300), extra_keys=st.integers(0, 100), causal=st.booleans(), min_seq_len=st.integers(1, 80))
+def test_the_first_piece_of_every_plan_covers_every_row(n_q, extra_keys, causal, min_seq_len):
+    """run_forward leaves out unfilled: the first piece must write every row (it never reads)."""
+    from hyperattn.algorithm import ExactPiece
+    from hyperattn.registry import backend_status
+
+    reference = backend_status("reference").backend
+    q, k, _ = make_inputs((1, 1, n_q, 4), kv_heads=1, n_k=n_q + extra_keys, v_dim=4, seed=0)
+    config = HyperAttentionConfig(block_size=16, sample_size=8, lsh_num_projs=3, min_seq_len=min_seq_len)
+    plan = testing.seeded_plan(reference, q, k, causal=causal, scale=0.5, config=config, seed=0)
+    first = next(iter(plan.pieces))
+    segments = first.segments if isinstance(first, ExactPiece) else first.structure.segments
+    covered = np.zeros(n_q, dtype=int)
+    for start, end in zip(segments.q_start, segments.q_end):
+        covered[start:end] += 1
+    assert (covered == 1).all()

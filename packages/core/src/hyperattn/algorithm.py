@@ -184,17 +184,15 @@ def _accumulator_dtype(xp, x):
 def run_forward(backend: Backend, plan: Plan, q, k, v):
     """Run every piece: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq]) in the accumulator dtype.
 
-    A plan of one piece (which covers every row) writes out in q's dtype straight away: no fp32
-    buffer to fill and convert (it is never read, since all its rows start with lse = -inf).
+    A plan of one piece writes out in q's dtype straight away: no fp32 buffer to fill and convert.
     """
     xp = array_namespace(q)
     dtype = _accumulator_dtype(xp, q)
     batch, heads, n_q = q.shape[:3]
     out_shape = (batch, heads, n_q, v.shape[3])
-    if len(plan.pieces) == 1:  # one piece covers every row once: written, never merged into
-        out = xp.empty(out_shape, dtype=q.dtype, device=device(q))
-    else:
-        out = xp.zeros(out_shape, dtype=dtype, device=device(q))
+    # the first piece of every plan covers every row (the whole rectangle, or the causal leaves)
+    # and writes it without reading, so out needs no fill; with one piece it is q's dtype
+    out = xp.empty(out_shape, dtype=q.dtype if len(plan.pieces) == 1 else dtype, device=device(q))
     lse = xp.full((batch, heads, n_q), -math.inf, dtype=dtype, device=device(q))
     for i, piece in enumerate(plan.pieces):
         if isinstance(piece, ExactPiece):

@@ -86,7 +86,7 @@ def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):
     return np.minimum(start, n_q)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: backends may cache per structure
 class SparseStructure:
     """The sorted block diagonal plus sampled keys of one call (HyperAttention steps 1-3).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -305,6 +306,7 @@ class TritonBackend:
     )
 
     def __init__(self):
+        self._index_cache = weakref.WeakKeyDictionary()  # SparseStructure -> its device index tensors
         if interpreting():  # CPU tensors are accepted then, but "auto" must still prefer the reference
             self.capabilities = dataclasses.replace(self.capabilities, devices=("cuda", "cpu"), priority=-1)
         else:
@@ -420,7 +422,23 @@ class TritonBackend:
 
     # -- launches -------------------------------------------------------------------------------
     def _indices(self, q, structure):
-        """The structure's index tensors as the kernels read them (int32), plus their strides."""
+        """The structure's index tensors as the kernels read them (int32), plus their strides;
+        made once per structure (its forward and backward share them)."""
+        if structure is None:
+            return self._make_indices(q, None)
+        cached = self._index_cache.get(structure)
+        if cached is None:
+            cached = self._index_cache[structure] = self._make_indices(q, structure)
+        return cached
+
+    def _query_blocks(self, q, structure):
+        """int32 [Nq] on the device: see ``query_blocks`` (cached with the structure's indices)."""
+        ix = self._indices(q, structure)
+        if "q_blocks" not in ix:
+            ix["q_blocks"] = host_to_device(query_blocks(structure, q.shape[2]), q)
+        return ix["q_blocks"]
+
+    def _make_indices(self, q, structure):
         device = q.device
         dummy = torch.zeros(1, dtype=torch.int32, device=device)
         if structure is None:
@@ -484,9 +502,7 @@ class TritonBackend:
         for tiles, samples in k_tiles:
             if len(tiles) == 0:
                 continue
-            q_blocks = ix["samples"]  # unused unless samples
-            if samples:
-                q_blocks = host_to_device(query_blocks(structure, q.shape[2]), q)
+            q_blocks = self._query_blocks(q, structure) if samples else ix["samples"]  # unused unless samples
             kernels.attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
                 q, k, v, dout, lse, delta, dk, dv, host_to_device(tiles, q),
                 ix["q_order"], ix["k_order"], q_blocks, ix["samples"], ix["sample_blocks"], ix["log_w"],

@@ -61,16 +61,19 @@ def chunk_scatter_kernel(Tiles, Codes, First, Order, Rank, sc_bh, so_bh, num_til
     """Scatter chunk t: its k-th position in (code, position) order goes to ``First[bh, t, code] + k``,
     where First already subtracts the chunk's own positions of smaller codes."""
     t, bh, offs, mask, codes, piece_start, is_gap = _chunk(Tiles, Codes, sc_bh, CHUNK, NB)
-    local = tl.arange(0, CHUNK)
-    keys = tl.where(mask, codes, NB) * CHUNK + local  # masked positions sort last
-    keys = tl.sort(keys)
-    code = keys // CHUNK
-    valid = code < NB
-    position = offs - local + keys % CHUNK  # p0 + local index
-    dest = tl.load(First + (bh * num_tiles + t) * NB + code, mask=valid, other=0) + local
-    tl.store(Order + bh * so_bh + dest, position.to(tl.int32), mask=valid)
-    rank = tl.where(is_gap == 0, dest - piece_start, 0)
-    tl.store(Rank + bh * so_bh + position, rank.to(tl.int32), mask=valid)
+    if is_gap != 0:  # positions outside every segment stay in place, rank 0
+        tl.store(Order + bh * so_bh + offs, offs.to(tl.int32), mask=mask)
+        tl.store(Rank + bh * so_bh + offs, tl.zeros([CHUNK], tl.int32), mask=mask)
+    else:
+        local = tl.arange(0, CHUNK)
+        keys = tl.where(mask, codes, NB) * CHUNK + local  # masked positions sort last
+        keys = tl.sort(keys)
+        code = keys // CHUNK
+        valid = code < NB
+        position = offs - local + keys % CHUNK  # p0 + local index
+        dest = tl.load(First + (bh * num_tiles + t) * NB + code, mask=valid, other=0) + local
+        tl.store(Order + bh * so_bh + dest, position.to(tl.int32), mask=valid)
+        tl.store(Rank + bh * so_bh + position, (dest - piece_start).to(tl.int32), mask=valid)
 
 
 def chunk_size() -> int:
