@@ -31,9 +31,9 @@ def dtype_name(x) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def device_name(x) -> str:
-    """'cpu', 'cuda:0', ...: where the array lives."""
-    kind = array_type(x)
+def device_name(x, kind: str | None = None) -> str:
+    """'cpu', 'cuda:0', ...: where the array lives (``kind``: its array_type, if known)."""
+    kind = kind or array_type(x)
     if kind == "numpy":
         return "cpu"
     if kind == "torch":

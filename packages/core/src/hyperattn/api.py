@@ -40,13 +40,14 @@ class Problem:
 def validate_inputs(q, k, v, *, causal: bool) -> Problem:
     """Check q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv]; raise naming what is wrong."""
     arrays = {"q": q, "k": k, "v": v}
-    for name, x in arrays.items():
-        if _arrays.array_type(x) is None:
-            raise TypeError(f"{name} must be a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(x).__name__}")
     kinds = {name: _arrays.array_type(x) for name, x in arrays.items()}
+    for name, kind in kinds.items():
+        if kind is None:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(arrays[name]).__name__}")
     if len(set(kinds.values())) > 1:
         raise TypeError(f"q, k and v must be arrays of one type, got {kinds}")
-    devices = {name: _arrays.device_name(x) for name, x in arrays.items()}
+    devices = {name: _arrays.device_name(x, kinds[name]) for name, x in arrays.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"q, k and v must be on one device, got {devices}")
     dtypes = {name: _arrays.dtype_name(x) for name, x in arrays.items()}
@@ -87,7 +88,7 @@ def validate_inputs(q, k, v, *, causal: bool) -> Problem:
         )
     return Problem(
         kinds["q"], devices["q"], dtypes["q"], batch, q_heads, kv_heads, n_q, n_k, head_dim, v_head_dim,
-        _arrays.requires_grad(q, k, v),
+        kinds["q"] == "torch" and _arrays.requires_grad(q, k, v),
     )
 
 
