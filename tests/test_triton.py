@@ -408,6 +408,7 @@ def test_gpu_pinned_ring_copies_survive_wraparound():
     arrays = [np.arange(i, i + 300, dtype=np.int64).reshape(60, 5) for i in range(50)]  # 2400 bytes each
     arrays.append(np.zeros((0, 7), dtype=np.int64))
     arrays.append(np.linspace(0, 1, 3000, dtype=np.float32))  # larger than SIZE / 4: pinned on its own
+    torch.cuda._sleep(100_000_000)  # the GPU runs far behind: every copy is still in flight at the wrap
     copies = [ring.copy(a, torch.device("cuda")) for a in arrays]
     for a, c in zip(arrays, copies):
         assert c.shape == a.shape and c.device.type == "cuda"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 
@@ -83,7 +84,10 @@ class _PinnedRing:
     """A pinned host buffer used as a ring of staging areas for small host-to-GPU copies.
 
     Each copy records a CUDA event; an area is reused only after the event of the copy that used
-    it last has completed, so the host never overwrites bytes still in flight.
+    it last has completed, so the host never overwrites bytes still in flight.  Areas are handed
+    out in order, so the copies in flight form a queue sorted by age *and* by position within a
+    lap: a new area can only overlap the oldest ones, and each copy looks at the front only (the
+    queue grows to thousands of entries when the GPU runs far behind the host).
     """
 
     SIZE = 16 << 20
@@ -92,7 +96,7 @@ class _PinnedRing:
     def __init__(self):
         self.buffer = None
         self.cursor = 0
-        self.pending = []  # (start, end, event) of copies in flight, oldest first
+        self.pending = collections.deque()  # (start, end, event) of copies in flight, oldest first
         self.lock = threading.Lock()
 
     def copy(self, values: np.ndarray, device):
@@ -106,12 +110,9 @@ class _PinnedRing:
     def _staged_copy(self, values: np.ndarray, device):
         import torch
 
-        nbytes = values.nbytes
         if self.buffer is None:
             self.buffer = torch.empty(self.SIZE, dtype=torch.uint8, pin_memory=True)
-        start = self.cursor if self.cursor + nbytes <= self.SIZE else 0
-        end = start + nbytes
-        self._wait_for(start, end)
+        start, end = self._reserve(values.nbytes)
         staged = self.buffer[start:end]
         staged.numpy()[:] = values.reshape(-1).view(np.uint8)
         result = torch.empty(values.shape, dtype=_torch_dtype(values.dtype), device=device)
@@ -119,20 +120,31 @@ class _PinnedRing:
         event = torch.cuda.Event()
         event.record()
         self.pending.append((start, end, event))
-        self.cursor = -(-end // self.ALIGN) * self.ALIGN
         return result
 
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """The next free area [start, end) of nbytes, once no copy in flight uses it."""
+        start = self.cursor
+        if start + nbytes > self.SIZE:  # wrap: the skipped tail's copies go first (queue order)
+            self._wait_for(start, self.SIZE)
+            start = 0
+        end = start + nbytes
+        self._wait_for(start, end)
+        self.cursor = -(-end // self.ALIGN) * self.ALIGN
+        return start, end
+
     def _wait_for(self, start: int, end: int) -> None:
-        """Wait for (and forget) every copy in flight that used bytes of [start, end)."""
-        while self.pending and self.pending[0][2].query():  # done: forget them
-            self.pending.pop(0)
-        still = []
-        for s, e, event in self.pending:
-            if s < end and start < e:
+        """Wait for (and forget) the copies in flight that used bytes of [start, end)."""
+        pending = self.pending
+        while pending:
+            s, e, event = pending[0]
+            if s == e:  # an empty copy guards no bytes
+                pass
+            elif s < end and start < e:
                 event.synchronize()
-            else:
-                still.append((s, e, event))
-        self.pending = still
+            elif not event.query():  # the oldest copy still runs and does not overlap: none does
+                return
+            pending.popleft()
 
 
 def _torch_dtype(dtype: np.dtype):
