@@ -377,22 +377,25 @@ def test_gpu_flash_exact_path_merges_like_the_kernel():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", ["cudnn", "flash"])
-def test_gpu_flash_exact_backward_matches_the_kernels(fused, monkeypatch):
-    """Leaves' gradients through FlashAttention's backward (final out and lse) equal the Triton kernels'."""
+@pytest.mark.parametrize("chunk_bytes", [1, 256 << 20])
+def test_gpu_flash_exact_backward_matches_the_kernels(fused, chunk_bytes, monkeypatch):
+    """Leaves' gradients through the fused backward (final out and lse; in one call, or one call per
+    (head, leaf) with batch 2, i.e. strided views) equal the Triton kernels'."""
     from hyperattn_triton import backend as triton_module
     from hyperattn_triton.backend import flash_exact_backward, flash_exact_forward
 
     monkeypatch.setattr(triton_module, "FUSED_KERNELS", [fused])
+    monkeypatch.setattr(triton_module, "FUSED_BACKWARD_CHUNK_BYTES", chunk_bytes)
 
     q, k, v, leaves, out, lse = _four_causal_leaves(batch=2)
     assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
     dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16).float()
     delta = (dout * out).sum(-1)
-    fused = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
-    assert flash_exact_backward(q, k, v, out, lse, dout, leaves, True, 0.125, *fused)
+    through_fused = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
+    assert flash_exact_backward(q, k, v, out, lse, dout, leaves, True, 0.125, *through_fused)
     kernel = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
     TRITON.backend.exact_backward(q, k, v, lse, dout, delta, leaves, True, 0.125, *kernel)  # no out: kernels
-    for name, got, want in zip(("dq", "dk", "dv"), fused, kernel):
+    for name, got, want in zip(("dq", "dk", "dv"), through_fused, kernel):
         assert testing.relative_error(got, want) < 1e-2, name
     # GQA does not fold: the kernels run
     assert not flash_exact_backward(q, k[:, :2], v[:, :2], out, lse, dout, leaves, True, 0.125, *kernel)

@@ -168,6 +168,9 @@ def _equal_tiling(segments: Segments, n_q: int, causal: bool):
     return (len(table), n) if ok else None
 
 
+#: Bytes of gradients one fused backward call of exact pieces produces at most (it is chunked over
+#: heads and segments beyond that): they sit next to the fp32 accumulators at the memory peak.
+FUSED_BACKWARD_CHUNK_BYTES = 256 << 20
 #: PyTorch's fused kernels that return the log-sum-exp, fastest first (cuDNN's is about 1.5x
 #: FlashAttention-2's on Hopper); a kernel that rejects the shapes passes to the next.
 FUSED_KERNELS = ["cudnn", "flash"]
@@ -255,9 +258,17 @@ def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
         return False
     qf, kf, vf, out_f, dout_f, lse_f, dq_f, dk_f, dv_f = folded
     out_f, dout_f = out_f.to(q.dtype), dout_f.to(q.dtype)  # the kernel's dtype (dout came from it)
-    grads = _fused_attention_backward(qf, kf, vf, out_f, dout_f, lse_f.contiguous(), causal, scale)
-    for acc, grad in zip((dq_f, dk_f, dv_f), grads):
-        acc += grad
+    # in chunks of (head, segment) pairs: the fused kernel's own gradients (and workspace) for the
+    # whole call would sit next to our fp32 accumulators, at the backward's memory peak
+    per_head = sum(x[:, :1].numel() * x.element_size() for x in (qf, kf, vf))
+    step = max(1, FUSED_BACKWARD_CHUNK_BYTES // max(per_head, 1))
+    for h0 in range(0, qf.shape[1], step):
+        part = slice(h0, h0 + step)
+        grads = _fused_attention_backward(qf[:, part], kf[:, part], vf[:, part], out_f[:, part], dout_f[:, part],
+                                          lse_f[:, part].contiguous(), causal, scale)
+        for acc, grad in zip((dq_f[:, part], dk_f[:, part], dv_f[:, part]), grads):
+            acc += grad
+        del grads
     return True
 
 
