@@ -61,6 +61,28 @@ class Segments:
     def __len__(self) -> int:
         return len(self.q_start)
 
+    def equal_tiling(self, n_q: int, causal: bool) -> tuple[int, int] | None:
+        """(L, n) when these segments are one batch of L attentions of n rows: L equal squares
+        tiling all rows [0, n_q) with their keys shifted alike (the causal leaves), or one
+        non-causal rectangle over all rows (any key range).  Else None.
+
+        Such segments fold into the head axis of q [B, H, n_q, D] as a view [B, H * L, n, D], so a
+        fused attention kernel can run them in one call.
+        """
+        table = self.table
+        n = int(table[0, 1] - table[0, 0])
+        starts = np.arange(len(table)) * n
+        ok = (
+            len(table) * n == n_q
+            and (table[:, 0] == starts).all()
+            and (table[:, 1] - table[:, 0] == n).all()
+            and (table[:, 3] - table[:, 2] == n).all()
+            and (table[:, 2] - table[:, 0] == table[0, 2]).all()
+        )
+        if not ok and len(table) == 1 and not causal and table[0, 0] == 0 and table[0, 1] == n_q:
+            return 1, n  # one non-causal rectangle over all rows (any key range)
+        return (len(table), n) if ok else None
+
 
 def segment_labels(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """int64 [n]: the start of each position's segment, or the position itself outside every segment.

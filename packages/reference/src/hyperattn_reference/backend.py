@@ -11,7 +11,7 @@ import numpy as np
 from hyperattn._arrays import array_type
 from hyperattn.protocol import Capabilities, Segments, SparseStructure, segment_labels
 
-from . import _kernels
+from . import _fused, _kernels
 
 _TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -85,13 +85,15 @@ class ReferenceBackend:
 
     # -- kernels --------------------------------------------------------------------------------
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, fresh=False):
-        _kernels.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse)
+        if not _fused.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse, fresh):
+            _kernels.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse)
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
         _kernels.sparse_forward(q, k, v, structure, float(scale), out, lse)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
-        _kernels.exact_backward(q, k, v, lse, dout, delta, segments, bool(causal), float(scale), dq, dk, dv)
+        if not _fused.exact_backward(q, k, v, out, lse, dout, segments, bool(causal), float(scale), dq, dk, dv):
+            _kernels.exact_backward(q, k, v, lse, dout, delta, segments, bool(causal), float(scale), dq, dk, dv)
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):
         _kernels.sparse_backward(q, k, v, lse, dout, delta, structure, float(scale), dq, dk, dv)

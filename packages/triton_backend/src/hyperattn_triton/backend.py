@@ -151,23 +151,6 @@ def query_blocks(structure: SparseStructure, n_q: int) -> np.ndarray:
     return ids
 
 
-def _equal_tiling(segments: Segments, n_q: int, causal: bool):
-    """(L, n) when the segments are L equal squares tiling all rows [0, n_q), aligned with their keys."""
-    table = segments.table
-    n = int(table[0, 1] - table[0, 0])
-    starts = np.arange(len(table)) * n
-    ok = (
-        len(table) * n == n_q
-        and (table[:, 0] == starts).all()
-        and (table[:, 1] - table[:, 0] == n).all()
-        and (table[:, 3] - table[:, 2] == n).all()
-        and (table[:, 2] - table[:, 0] == table[0, 2]).all()
-    )
-    if not ok and len(table) == 1 and not causal and table[0, 0] == 0 and table[0, 1] == n_q:
-        return 1, n  # one non-causal rectangle over all rows (any key range)
-    return (len(table), n) if ok else None
-
-
 #: Bytes of gradients one fused backward call of exact pieces produces at most (it is chunked over
 #: heads and segments beyond that): they sit next to the fp32 accumulators at the memory peak.
 FUSED_BACKWARD_CHUNK_BYTES = 256 << 20
@@ -203,7 +186,7 @@ def _fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=())
         return None
     if q.shape[3] != v.shape[3] or q.shape[3] > MAX_HEAD_DIM or q.shape[1] != k.shape[1]:
         return None
-    tiling = _equal_tiling(segments, q.shape[2], causal)
+    tiling = segments.equal_tiling(q.shape[2], causal)
     if tiling is None:
         return None
     count, n = tiling
