@@ -125,3 +125,15 @@ def test_torch_fused_exact_path_equals_the_numpy_tiles(causal, ranges, fresh, re
             assert _fused._fold(segments, causal, q, k, v) is not None  # the fused path did run
     for got, want in zip(results[True], results[False]):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_equal_tiling_recognises_the_batches_fused_kernels_can_run():
+    from hyperattn.protocol import Segments
+
+    leaves = Segments.from_ranges([(0, 4, 2, 6), (4, 8, 6, 10)])
+    assert leaves.equal_tiling(8, causal=True) == (2, 4)
+    assert Segments.from_ranges([(0, 8, 3, 20)]).equal_tiling(8, causal=False) == (1, 8)  # any keys
+    assert Segments.from_ranges([(0, 8, 3, 20)]).equal_tiling(8, causal=True) is None  # Nq != Nk causal
+    assert Segments.from_ranges([(0, 4, 0, 4), (4, 7, 4, 7)]).equal_tiling(7, causal=True) is None  # unequal
+    assert Segments.from_ranges([(0, 4, 0, 4), (4, 8, 5, 9)]).equal_tiling(8, causal=True) is None  # keys shift
+    assert Segments.from_ranges([(0, 4, 0, 4)]).equal_tiling(8, causal=True) is None  # rows not covered
