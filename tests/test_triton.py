@@ -438,3 +438,21 @@ def test_gpu_row_dot_and_one_piece_output_dtype():
     q = torch.randn(1, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
     result, lse = hyperattn.attention(q, q, q, backend="triton", seed=0, return_lse=True)
     assert result.dtype == torch.bfloat16 and torch.isfinite(result).all() and torch.isfinite(lse).all()
+
+
+def test_fold_views_are_views_or_nothing():
+    """Causal leaves fold into the head axis as views; leaves after a key prefix with several heads
+    cannot (their key range is not one stride), and then nothing is folded rather than copied."""
+    from hyperattn.protocol import Segments
+    from hyperattn_triton.backend import fold_views
+
+    q = torch.randn(2, 3, 8, 4)
+    out = torch.zeros(2, 3, 8, 4)
+    kv = torch.randn(2, 3, 8, 4)
+    tiling = Segments.from_ranges([(0, 4, 0, 4), (4, 8, 4, 8)]).equal_tiling(8, causal=True)
+    qf, kf, vf, out_f = fold_views(tiling, q, kv, kv, query_side=(out,))
+    out_f += 1  # writes land in out
+    assert (out == 1).all() and torch.equal(kf[1, 3], kv[1, 1, 4:8]) and torch.equal(qf[0, 5], q[0, 2, 4:8])
+    longer = torch.randn(2, 3, 10, 4)
+    prefixed = Segments.from_ranges([(0, 4, 2, 6), (4, 8, 6, 10)]).equal_tiling(8, causal=True)
+    assert fold_views(prefixed, q, longer, longer) is None

@@ -17,7 +17,7 @@ Conventions, for every kernel:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,27 +61,47 @@ class Segments:
     def __len__(self) -> int:
         return len(self.q_start)
 
-    def equal_tiling(self, n_q: int, causal: bool) -> tuple[int, int] | None:
-        """(L, n) when these segments are one batch of L attentions of n rows: L equal squares
-        tiling all rows [0, n_q) with their keys shifted alike (the causal leaves), or one
+    def equal_tiling(self, n_q: int, causal: bool) -> Tiling | None:
+        """The :class:`Tiling` when these segments are one batch of L equal attentions: L equal
+        squares tiling all rows [0, n_q) with their keys shifted alike (the causal leaves), or one
         non-causal rectangle over all rows (any key range).  Else None.
 
-        Such segments fold into the head axis of q [B, H, n_q, D] as a view [B, H * L, n, D], so a
-        fused attention kernel can run them in one call.
+        Such segments fold into the head axis: q [B, H, n_q, D] as [B, H * L, rows, D] and
+        k[:, :, k_start:k_end] as [B, H * L, keys, D], so one fused attention call runs them all.
         """
         table = self.table
         n = int(table[0, 1] - table[0, 0])
         starts = np.arange(len(table)) * n
-        ok = (
+        squares = (
             len(table) * n == n_q
             and (table[:, 0] == starts).all()
             and (table[:, 1] - table[:, 0] == n).all()
             and (table[:, 3] - table[:, 2] == n).all()
             and (table[:, 2] - table[:, 0] == table[0, 2]).all()
         )
-        if not ok and len(table) == 1 and not causal and table[0, 0] == 0 and table[0, 1] == n_q:
-            return 1, n  # one non-causal rectangle over all rows (any key range)
-        return (len(table), n) if ok else None
+        one_rectangle = len(table) == 1 and not causal and table[0, 0] == 0 and table[0, 1] == n_q
+        if not (squares or one_rectangle):
+            return None
+        k_start, k_end = int(table[0, 2]), int(table[-1, 3])
+        return Tiling(len(table), n, (k_end - k_start) // len(table), k_start, k_end)
+
+
+class Tiling(NamedTuple):
+    """See :meth:`Segments.equal_tiling`."""
+
+    count: int
+    rows: int
+    keys: int
+    k_start: int
+    k_end: int
+
+    def fold_rows(self, x):
+        """x [B, H, n_q, .] as [B, H * count, rows, .] (a view where the layout allows)."""
+        return x.reshape(x.shape[0], x.shape[1] * self.count, self.rows, *x.shape[3:])
+
+    def fold_keys(self, x):
+        """x[:, :, k_start:k_end] of x [B, H, Nk, .] as [B, H * count, keys, .]."""
+        return x[:, :, self.k_start:self.k_end].reshape(x.shape[0], x.shape[1] * self.count, self.keys, x.shape[3])
 
 
 def segment_labels(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

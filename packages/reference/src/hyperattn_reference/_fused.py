@@ -28,21 +28,16 @@ def _torch():
 
 
 def _fold(segments: Segments, causal: bool, q, k, v):
-    """(torch views or copies of q, k, v as [B, H * L, n, .], L, n), or None when the segments do
-    not fold (GQA, D != Dv, or not one batch of equal attentions)."""
+    """(torch views or copies of q, k, v as [B, H * L, n, .], their Tiling), or None when the
+    segments do not fold (GQA, D != Dv, or not one batch of equal attentions)."""
     torch = _torch()
     if torch is None or q.shape[1] != k.shape[1] or q.shape[3] != v.shape[3]:
         return None
     tiling = segments.equal_tiling(q.shape[2], causal)
     if tiling is None:
         return None
-    count, n = tiling
-    k_start, k_end = int(segments.k_start[0]), int(segments.k_end[-1])
-    batch, heads = q.shape[:2]
-    rows = q.reshape(batch, heads * count, n, q.shape[3])
-    keys = [x[:, :, k_start:k_end].reshape(batch, heads * count, (k_end - k_start) // count, x.shape[3])
-            for x in (k, v)]
-    return [torch.from_numpy(np.ascontiguousarray(x)) for x in (rows, *keys)], count, n
+    arrays = (tiling.fold_rows(q), tiling.fold_keys(k), tiling.fold_keys(v))
+    return [torch.from_numpy(np.ascontiguousarray(x)) for x in arrays], tiling
 
 
 def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse, fresh: bool) -> bool:
@@ -50,7 +45,7 @@ def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, 
     folded = _fold(segments, causal, q, k, v)
     if folded is None:
         return False
-    (tq, tk, tv), _, _ = folded
+    (tq, tk, tv), _ = folded
     o, row_lse = _torch().ops.aten._scaled_dot_product_flash_attention_for_cpu(tq, tk, tv, 0.0, causal, scale=scale)
     o, row_lse = o.numpy().reshape(out.shape), row_lse.numpy().reshape(lse.shape)
     if fresh:
@@ -75,15 +70,14 @@ def exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, sc
     folded = _fold(segments, causal, q, k, v)
     if folded is None:
         return False
-    (tq, tk, tv), count, n = folded
-    batch, heads = q.shape[:2]
+    (tq, tk, tv), tiling = folded
     torch = _torch()
-    as_rows = [torch.from_numpy(np.ascontiguousarray(x.reshape(batch, heads * count, n, *x.shape[3:])))
-               for x in (out.astype(q.dtype, copy=False), dout.astype(q.dtype, copy=False), lse.astype(q.dtype, copy=False))]
+    tout, tdout, tlse = (torch.from_numpy(np.ascontiguousarray(tiling.fold_rows(x.astype(q.dtype, copy=False))))
+                         for x in (out, dout, lse))
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        as_rows[1], tq, tk, tv, as_rows[0], as_rows[2], 0.0, causal, scale=scale)
-    k_start, k_end = int(segments.k_start[0]), int(segments.k_end[-1])
+        tdout, tq, tk, tv, tout, tlse, 0.0, causal, scale=scale)
     dq += grad_q.numpy().reshape(dq.shape)
-    dk[:, :, k_start:k_end] += grad_k.numpy().reshape(batch, heads, k_end - k_start, dk.shape[3])
-    dv[:, :, k_start:k_end] += grad_v.numpy().reshape(batch, heads, k_end - k_start, dv.shape[3])
+    for acc, grad in ((dk, grad_k), (dv, grad_v)):
+        acc[:, :, tiling.k_start:tiling.k_end] += grad.numpy().reshape(
+            acc.shape[0], acc.shape[1], tiling.k_end - tiling.k_start, acc.shape[3])
     return True

@@ -187,17 +187,17 @@ def _fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=())
     if q.shape[3] != v.shape[3] or q.shape[3] > MAX_HEAD_DIM or q.shape[1] != k.shape[1]:
         return None
     tiling = segments.equal_tiling(q.shape[2], causal)
-    if tiling is None:
-        return None
-    count, n = tiling
-    k_start, k_end = int(segments.k_start[0]), int(segments.k_end[-1])
-    n_k = (k_end - k_start) // count
-    batch, heads = q.shape[:2]
-    try:
-        rows = [x.view(batch, heads * count, n, *x.shape[3:]) for x in (q, *query_side)]
-        keys = [x[:, :, k_start:k_end].view(batch, heads * count, n_k, x.shape[3]) for x in (k, v, *key_side)]
-    except RuntimeError:  # strides that do not fold
-        return None
+    return None if tiling is None else fold_views(tiling, q, k, v, query_side, key_side)
+
+
+def fold_views(tiling, q, k, v, query_side=(), key_side=()):
+    """``(q, k, v, *query_side, *key_side)`` folded by ``tiling`` (see ``_fold``), or None unless
+    every one is a view: outputs are written through them, and inputs are not to be copied."""
+    sources = (q, *query_side, k, v, *key_side)
+    rows = [tiling.fold_rows(x) for x in (q, *query_side)]
+    keys = [tiling.fold_keys(x) for x in (k, v, *key_side)]
+    if any(f.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for f, x in zip(rows + keys, sources)):
+        return None  # strides that do not fold
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
 
 
