@@ -94,7 +94,7 @@ MAX_REPEATS = 200
 GPU_SAMPLE_SECONDS = 0.02
 
 
-def time_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
+def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
     """Median seconds per ``step``.
 
     GPU: CUDA events around a run of back-to-back steps lasting about GPU_SAMPLE_SECONDS (a single
@@ -174,8 +174,8 @@ def measure_ceilings(device: str, dtype: str) -> tuple[float, float]:
     n = 8192 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device).to(DTYPES[dtype])
     b = torch.randn(n, n, device=device).to(DTYPES[dtype])
-    flops = 2 * n**3 / time_step(lambda: a @ b, device, repeats=5)
+    flops = 2 * n**3 / measure_step(lambda: a @ b, device, repeats=5)
     big = torch.empty(1 << (28 if device.startswith("cuda") else 25), dtype=torch.uint8, device=device)
     other = torch.empty_like(big)
-    bandwidth = 2 * big.numel() / time_step(lambda: other.copy_(big), device, repeats=5)
+    bandwidth = 2 * big.numel() / measure_step(lambda: other.copy_(big), device, repeats=5)
     return flops, bandwidth

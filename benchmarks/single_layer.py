@@ -30,7 +30,7 @@ from harness import (
     make_step,
     measure_ceilings,
     pairs_of_method,
-    time_step,
+    measure_step,
 )
 
 
@@ -84,7 +84,7 @@ def run(args) -> dict:
                 args.batch, args.heads, kv_heads, n, args.dim, args.dtype, args.device, requires_grad=mode != "fwd"
             )
             step = make_step(method, q, k, v, causal=causal, mode=mode, backend=args.backend, params=params)
-            seconds = time_step(step, args.device, repeats=repeats)
+            seconds = measure_step(step, args.device, repeats=repeats)
             pairs = pairs_of_method(method, q, k, causal=causal, params=params, backend=args.backend)
             flops = attention_flops(pairs, args.batch, args.heads, args.dim, mode)
             floor = max(flops / peak_flops, io_bytes(q, k, v, mode) / bandwidth)
