@@ -56,18 +56,31 @@ def validate_inputs(q, k, v, *, causal: bool) -> Problem:
             raise TypeError(f"{name} must have a floating dtype {_arrays.FLOAT_DTYPES}, got {dtype}")
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"q, k and v must have one dtype, got {dtypes}")
-    layouts = {"q": "[B, Hq, Nq, D]", "k": "[B, Hk, Nk, D]", "v": "[B, Hk, Nk, Dv]"}
-    for name, x in arrays.items():
-        if len(x.shape) != 4:
-            raise ValueError(f"{name} must have 4 dimensions {layouts[name]}, got shape {tuple(x.shape)}")
-        if 0 in tuple(x.shape):
-            raise ValueError(f"{name} must not be empty: {layouts[name]}, got shape {tuple(x.shape)}")
-    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = (
-        tuple(q.shape),
-        tuple(k.shape),
-        tuple(v.shape),
+    shape_of = {name: tuple(x.shape) for name, x in arrays.items()}
+    for name, shape in shape_of.items():
+        if len(shape) != 4 or 0 in shape:
+            layout = {"q": "[B, Hq, Nq, D]", "k": "[B, Hk, Nk, D]", "v": "[B, Hk, Nk, Dv]"}[name]
+            problem = "have 4 dimensions" if len(shape) != 4 else "not be empty:"
+            raise ValueError(f"{name} must {problem} {layout}, got shape {shape}")
+    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = shape_of.values()
+    if not (batch == kb == vb and kv_heads == vh and n_k == vn and kd == head_dim and q_heads % kv_heads == 0):
+        _raise_shape_mismatch(shape_of)  # the message is built only then
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if causal and n_q > n_k:
+        raise ValueError(
+            f"causal=True needs Nq <= Nk (the mask is aligned bottom-right), got Nq={n_q}, Nk={n_k}"
+        )
+    return Problem(
+        kinds["q"], devices["q"], dtypes["q"], batch, q_heads, kv_heads, n_q, n_k, head_dim, v_head_dim,
+        kinds["q"] == "torch" and _arrays.requires_grad(q, k, v),
     )
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+
+
+def _raise_shape_mismatch(shape_of: dict) -> None:
+    """The ValueError naming the first inconsistency between the q, k and v shapes."""
+    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = shape_of.values()
+    shapes = f"q {shape_of['q']}, k {shape_of['k']}, v {shape_of['v']}"
     if not batch == kb == vb:
         raise ValueError(f"q, k and v must have one batch size B, got {shapes}")
     if kv_heads != vh:
@@ -80,16 +93,6 @@ def validate_inputs(q, k, v, *, causal: bool) -> Problem:
         raise ValueError(
             f"the number of query heads Hq must be a multiple of the KV heads Hk (GQA), got Hq={q_heads}, Hk={kv_heads}"
         )
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
-    if causal and n_q > n_k:
-        raise ValueError(
-            f"causal=True needs Nq <= Nk (the mask is aligned bottom-right), got Nq={n_q}, Nk={n_k}"
-        )
-    return Problem(
-        kinds["q"], devices["q"], dtypes["q"], batch, q_heads, kv_heads, n_q, n_k, head_dim, v_head_dim,
-        kinds["q"] == "torch" and _arrays.requires_grad(q, k, v),
-    )
 
 
 def resolve_scale(scale, head_dim: int) -> float:
