@@ -29,8 +29,8 @@ from harness import (
     make_inputs,
     make_step,
     measure_ceilings,
-    pairs_of_method,
     measure_step,
+    pairs_of_method,
 )
 
 
