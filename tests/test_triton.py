@@ -98,12 +98,13 @@ def test_same_plan_matches_reference(case, dtype):
 def test_same_plan_matches_reference_with_small_tiles(case, monkeypatch):
     """Many tiles per block, key tiles shorter than blocks, several row chunks adding into the samples."""
     from hyperattn_triton import backend as triton_module
+    from hyperattn_triton import tiles
 
     monkeypatch.setitem(triton_module.TUNING, "block_m", 16)
     monkeypatch.setitem(triton_module.TUNING, "block_n", 16)
     monkeypatch.setitem(triton_module.TUNING, "kv_block_m", 16)
     monkeypatch.setitem(triton_module.TUNING, "kv_block_n", 16)
-    monkeypatch.setattr(triton_module, "SAMPLE_ROW_CHUNK", 24)
+    monkeypatch.setattr(tiles, "SAMPLE_ROW_CHUNK", 24)
     batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = case
     q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in
                make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=1))

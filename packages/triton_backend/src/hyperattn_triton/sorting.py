@@ -26,6 +26,8 @@ import triton.language as tl
 
 from hyperattn._arrays import host_to_device
 
+from .tiles import split_ranges
+
 #: Positions per chunk (one program of each launch); Triton's interpreter sorts a 1024-chunk in
 #: about 10 s, so it uses short ones.
 CHUNK = 1024
@@ -106,12 +108,11 @@ def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, num_buckets: int,
     if cover is None:
         return None
     piece_start, piece_end, is_gap = cover
-    counts = -(-(piece_end - piece_start) // chunk)
-    owner = np.repeat(np.arange(len(counts)), counts)
-    first = (np.cumsum(counts) - counts)[owner]  # first tile of each tile's piece
+    owner, p0, p1 = split_ranges(piece_start, piece_end, chunk)
+    counts = np.bincount(owner, minlength=len(piece_start))  # chunks per piece
+    first = (np.cumsum(counts) - counts)[owner]  # first chunk of each chunk's piece
     local = np.arange(len(owner)) - first
-    p0 = piece_start[owner] + local * chunk
-    tiles = np.stack([p0, np.minimum(p0 + chunk, piece_end[owner]), piece_start[owner], is_gap[owner]], axis=1)
+    tiles = np.stack([p0, p1, piece_start[owner], is_gap[owner]], axis=1)
     buckets = np.arange(num_buckets)
     flat = first[:, None] * num_buckets + buckets[None, :] * counts[owner][:, None] + local[:, None]
     return tiles, flat.reshape(-1)
