@@ -126,21 +126,26 @@ def _sparse_tile(q, k, v, st: SparseStructure, b, hk, group, s, layout: _BlockLa
     rows = st.q_order[b, heads][:, qs + layout.q_pos[c0:c1]]  # [G, nbc, bq]
     queries = q[b, heads][np.arange(group)[:, None, None], rows]  # [G, nbc, bq, D]
     key_rows = st.k_order[b, hk, ks + layout.k_pos[c0:c1]]  # [nbc, bs]
-    bias = np.where(layout.k_valid[c0:c1], 0.0, -np.inf)
-    keys, values = k[b, hk][key_rows], v[b, hk][key_rows]
-    if st.samples is not None:
+    bs, m, dim, v_dim = key_rows.shape[1], st.sample_size, k.shape[3], v.shape[3]
+    # keys (block, then samples) with the score bias as an extra column, filled in place
+    keys_and_bias = np.empty((c1 - c0, bs + m, dim + 1), k.dtype)
+    values = np.empty((c1 - c0, bs + m, v_dim + ones), v.dtype)
+    keys_and_bias[:, :bs, :dim] = k[b, hk][key_rows]
+    values[:, :bs, :v_dim] = v[b, hk][key_rows]
+    keys_and_bias[:, :bs, dim] = np.where(layout.k_valid[c0:c1], 0.0, -np.inf)
+    if m:
         drawn = st.samples[b, hk, s]  # [m]
         own_block = (st.k_rank[b, hk, drawn] // layout.block_size)[None, :] == np.arange(c0, c1)[:, None]
-        bias = np.concatenate([bias, np.where(own_block, -np.inf, st.log_sample_weight[s])], axis=1)
-        shape = (c1 - c0, len(drawn))
-        keys = np.concatenate([keys, np.broadcast_to(k[b, hk][drawn], shape + k.shape[3:])], axis=1)
-        values = np.concatenate([values, np.broadcast_to(v[b, hk][drawn], shape + v.shape[3:])], axis=1)
-    keys_and_bias = np.concatenate([keys, bias[..., None].astype(k.dtype)], axis=-1)
-    queries_and_one = np.concatenate(
-        [queries * q.dtype.type(scale), np.ones(queries.shape[:-1] + (1,), q.dtype)], axis=-1
-    )
+        keys_and_bias[:, bs:, :dim] = k[b, hk][drawn]
+        values[:, bs:, :v_dim] = v[b, hk][drawn]
+        keys_and_bias[:, bs:, dim] = np.where(own_block, -np.inf, st.log_sample_weight[s])
+    if ones:
+        values[..., v_dim] = 1.0
+    queries_and_one = np.empty(queries.shape[:-1] + (dim + 1,), q.dtype)
+    np.multiply(queries, q.dtype.type(scale), out=queries_and_one[..., :dim])
+    queries_and_one[..., dim] = 1.0
     scores = np.matmul(queries_and_one, np.swapaxes(keys_and_bias, 1, 2)[None])
-    return rows, layout.q_valid[c0:c1], queries, keys, (with_ones_column(values) if ones else values), scores
+    return rows, layout.q_valid[c0:c1], queries, keys_and_bias[..., :dim], values, scores
 
 
 def sparse_forward(q, k, v, st: SparseStructure, scale: float, out, lse) -> None:
