@@ -234,3 +234,28 @@ def test_pinned_ring_never_hands_out_bytes_of_a_copy_in_flight():
         event.done = rng.random() < 0.3  # some copies finish early
         ring.pending.append((start, end, event))
     assert len(ring.pending) < 200  # the queue is trimmed as areas are reused
+
+
+def test_merge_partial_is_the_same_for_numpy_and_torch():
+    """One log-sum-exp merge serves both backends' fused exact paths: untouched rows (lse = -inf,
+    garbage out) take the partial, others the weighted mean; NumPy and torch agree."""
+    import torch
+
+    from hyperattn.algorithm import merge_partial
+
+    rng = np.random.default_rng(0)
+    out = rng.standard_normal((2, 5, 3))
+    lse = rng.standard_normal((2, 5))
+    lse[:, ::2] = -np.inf
+    out[:, ::2] = np.nan  # never read
+    o, row_lse = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5))
+    total = np.logaddexp(lse, row_lse)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(np.isneginf(lse)[..., None], o,
+                            out * np.exp(lse - total)[..., None] + o * np.exp(row_lse - total)[..., None])
+    as_torch = [torch.from_numpy(x.copy()) for x in (out, lse)]
+    merge_partial(out, lse, o, row_lse)
+    merge_partial(*as_torch, torch.from_numpy(o).float(), torch.from_numpy(row_lse))
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    np.testing.assert_allclose(lse, total, rtol=1e-12)
+    np.testing.assert_allclose(as_torch[0].numpy(), expected, rtol=1e-6)

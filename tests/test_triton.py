@@ -475,3 +475,23 @@ def test_fold_views_are_views_or_nothing():
     longer = torch.randn(2, 3, 10, 4)
     prefixed = Segments.from_ranges([(0, 4, 2, 6), (4, 8, 6, 10)]).equal_tiling(8, causal=True)
     assert fold_views(prefixed, q, longer, longer) is None
+
+
+def test_first_fused_follows_the_order_and_falls_back(monkeypatch):
+    """cuDNN first while enabled, FlashAttention when cuDNN rejects the inputs or is off."""
+    from hyperattn_triton import backend as triton_module
+
+    def rejected():
+        raise RuntimeError("cuDNN does not take these shapes")
+
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    assert triton_module._first_fused(lambda: "cudnn", lambda: "flash") == "cudnn"
+    assert triton_module._first_fused(rejected, lambda: "flash") == "flash"
+    monkeypatch.setattr(triton_module, "FUSED_KERNELS", ["flash", "cudnn"])
+    assert triton_module._first_fused(lambda: "cudnn", lambda: "flash") == "flash"
+    monkeypatch.setattr(triton_module, "FUSED_KERNELS", ["cudnn"])
+    with pytest.raises(RuntimeError, match="no fused attention kernel"):
+        triton_module._first_fused(rejected, lambda: "flash")
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="no fused attention kernel"):
+        triton_module._first_fused(lambda: "cudnn", lambda: "flash")

@@ -177,6 +177,20 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> 
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
 
 
+def merge_partial(out, lse, o, row_lse) -> None:
+    """Merge a partial softmax ``(o [..., n, Dv], row_lse [..., n])`` into the running ``(out, lse)``
+    in place, by log-sum-exp, for any array type.  Rows with ``lse = -inf`` take the partial as it
+    is: their out is never read (it may be uninitialised)."""
+    xp = array_namespace(out)
+    untouched = lse == -math.inf
+    with np.errstate(invalid="ignore", over="ignore"):  # -inf - -inf in untouched rows (NumPy)
+        total = xp.logaddexp(lse, row_lse)
+        keep = xp.where(untouched, 0.0, xp.exp(lse - total))
+        add = xp.exp(row_lse - total)
+    out[...] = xp.where(untouched[..., None], 0.0, out) * keep[..., None] + xp.astype(o, out.dtype) * add[..., None]
+    lse[...] = total
+
+
 def _accumulator_dtype(xp, x):
     return xp.float64 if x.dtype == xp.float64 else xp.float32
 

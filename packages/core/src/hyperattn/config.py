@@ -11,11 +11,10 @@ MAX_LSH_NUM_PROJS = 32
 
 def check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
     """Return ``value`` as an int, or raise naming ``name``, the expected and the actual value."""
-    if type(value) is int and value >= minimum and (maximum is None or value <= maximum):
-        return value  # the usual case, without the slower abstract-class check
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
+    if type(value) is not int:  # plain ints skip the slower abstract-class check
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
         expected = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be an int {expected}, got {value}")

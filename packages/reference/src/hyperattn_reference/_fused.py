@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hyperattn.algorithm import merge_partial
 from hyperattn.protocol import Segments
 
 USE_TORCH = True
@@ -51,14 +52,8 @@ def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, 
     if fresh:
         out[...] = o
         lse[...] = row_lse
-        return True
-    untouched = lse == -np.inf  # their out is never read
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = np.logaddexp(lse, row_lse)
-        keep = np.where(untouched, 0.0, np.exp(lse - total))
-        add = np.exp(row_lse - total)
-    out[...] = np.where(untouched[..., None], 0.0, out) * keep[..., None] + o * add[..., None]
-    lse[...] = total
+    else:
+        merge_partial(out, lse, o, row_lse)
     return True
 
 

@@ -18,6 +18,7 @@ import torch.nn.attention
 import triton
 
 from hyperattn._arrays import host_to_device
+from hyperattn.algorithm import merge_partial
 from hyperattn.protocol import Capabilities, Segments, SparseStructure
 
 from . import kernels, sorting
@@ -36,7 +37,7 @@ EXACT_BELOW = (16384, 40960)
 SDPA_ORDER = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.FLASH_ATTENTION,
               torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
 #: Rows per program of the LSH hashing kernel; ``use_dot``: projections as one fp32 ``tl.dot``
-#: rather than multiply-and-reduce passes (half as fast on an H200: benchmarks/results/micro_h200.txt).
+#: rather than multiply-and-reduce passes (half as fast on an H200: benchmarks/results/micro_h200_cd0fbf2.txt).
 LSH_LAUNCH = {"block": 128, "warps": 2, "use_dot": False}
 #: Rows per program of the backward's delta kernel.
 ROW_DOT_BLOCK = 64
@@ -80,18 +81,26 @@ FUSED_BACKWARD_CHUNK_BYTES = 256 << 20
 FUSED_KERNELS = ["cudnn", "flash"]
 
 
-def _fused_attention(q, k, v, causal: bool, scale: float):
-    """(out, lse) of exact attention through the first of FUSED_KERNELS that accepts the inputs."""
+def _first_fused(cudnn, flash):
+    """``cudnn()`` or ``flash()``, whichever comes first in FUSED_KERNELS and accepts the inputs
+    (cuDNN raises RuntimeError on shapes or layouts it does not take, and may be disabled)."""
     for name in FUSED_KERNELS:
         if name == "cudnn" and torch.backends.cuda.cudnn_sdp_enabled():
             try:
-                return torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
-            except RuntimeError:  # shapes or layouts cuDNN does not take
+                return cudnn()
+            except RuntimeError:
                 continue
         if name == "flash":
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+            return flash()
     raise RuntimeError(f"no fused attention kernel among {FUSED_KERNELS}")
+
+
+def _fused_attention(q, k, v, causal: bool, scale: float):
+    """(out, lse) of exact attention through the first of FUSED_KERNELS that accepts the inputs."""
+    return _first_fused(
+        lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)[:2],
+        lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2])
 
 
 def _fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=()):
@@ -135,14 +144,8 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     if fresh:  # the usual case (exact pieces run first): no merge, no fp32 temporaries
         out_view.copy_(o)
         lse_view.copy_(row_lse)
-        return True
-    untouched = lse_view == -torch.inf  # their out is not read (it may be garbage)
-    total = torch.logaddexp(lse_view, row_lse)
-    keep = torch.where(untouched, 0.0, torch.exp(lse_view - total))
-    add = torch.exp(row_lse - total)
-    merged = torch.where(untouched[..., None], 0.0, out_view) * keep[..., None] + o.float() * add[..., None]
-    out_view.copy_(merged)
-    lse_view.copy_(total)
+    else:
+        merge_partial(out_view, lse_view, o, row_lse)
     return True
 
 
@@ -181,18 +184,11 @@ def _fused_attention_backward(q, k, v, out, dout, lse, causal: bool, scale: floa
     given out and lse (which may be the final ones of a larger call)."""
     seed = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is off: never read
     n_q, n_k = q.shape[2], k.shape[2]
-    for name in FUSED_KERNELS:
-        if name == "cudnn" and torch.backends.cuda.cudnn_sdp_enabled():
-            try:
-                return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                    dout, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, n_q, n_k, 0.0, causal,
-                    scale=scale)
-            except RuntimeError:  # shapes or layouts cuDNN does not take
-                continue
-        if name == "flash":
-            return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, None, None, n_q, n_k, 0.0, causal, seed, seed, scale=scale)
-    raise RuntimeError(f"no fused attention backward among {FUSED_KERNELS}")
+    return _first_fused(
+        lambda: torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, n_q, n_k, 0.0, causal, scale=scale),
+        lambda: torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, n_q, n_k, 0.0, causal, seed, seed, scale=scale))
 
 
 def _segment_labels(positions, starts: np.ndarray, ends: np.ndarray):
