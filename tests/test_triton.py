@@ -226,12 +226,13 @@ def sig(fn, types, constexprs):
 ptr = "*{}"
 for dtype in ("fp16", "bf16"):
     common = dict(HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=64, BLOCK_N=64, PERMUTED=True, CAUSAL=False,
-                  PRECISION="tf32")
+                  PRECISION="tf32", WIDE=dtype == "fp16")
     fwd_types = {"Q": ptr.format(dtype), "K": ptr.format(dtype), "V": ptr.format(dtype), "Out": "*fp32", "Lse": "*fp32",
                  "Tiles": "*i64", "QOrder": "*i32", "KOrder": "*i32", "QBlock": "*i32", "Samples": "*i32",
                  "SampleBlock": "*i32", "LogW": "*fp32", "scale2": "fp32"}
     bwd_types = dict(fwd_types, DO="*fp32", Delta="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32", scale="fp32")
-    for fn, types, flags in ((kernels.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True)),
+    for fn, types, flags in ((kernels.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True, FRESH=True)),
+                             (kernels.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True, FRESH=False)),
                              (kernels.attention_bwd_dq_kernel, bwd_types, dict(HAS_SAMPLES=True)),
                              (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True)),
                              (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False))):

@@ -205,6 +205,12 @@ def _pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
+def _wide(*tensors) -> bool:
+    """True when an element offset inside one (batch, head) slice of a tensor may reach 2**31:
+    the kernels then index in int64 (else int32, which needs fewer registers)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(x.shape[2:], x.stride()[2:])) >= 2**31 - 1 for x in tensors)
+
+
 class TritonBackend:
     name = "triton"
     capabilities = Capabilities(
@@ -309,11 +315,11 @@ class TritonBackend:
         if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse, fresh):
             return
         launch = query_launch(q.shape[3], v.shape[3])
-        self._forward(q, k, v, exact_tiles(segments, causal, launch.block_m), None, scale, out, lse, bool(causal))
+        self._forward(q, k, v, exact_tiles(segments, causal, launch.block_m), None, scale, out, lse, bool(causal), fresh)
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
         launch = query_launch(q.shape[3], v.shape[3])
-        self._forward(q, k, v, sparse_tiles(structure, launch.block_m), structure, scale, out, lse, False)
+        self._forward(q, k, v, sparse_tiles(structure, launch.block_m), structure, scale, out, lse, False, fresh)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
         causal = bool(causal)
@@ -373,25 +379,25 @@ class TritonBackend:
                     m=structure.sample_size)
 
     @staticmethod
-    def _meta(q, v, launch: Launch, permuted: bool):
+    def _meta(q, v, launch: Launch, permuted: bool, *tensors):
         return dict(
             HEAD_DIM=q.shape[3], D_PAD=_pad(q.shape[3]), V_DIM=v.shape[3], DV_PAD=_pad(v.shape[3]),
             BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_stages=launch.stages, num_warps=launch.warps,
-            PERMUTED=permuted, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PERMUTED=permuted, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WIDE=_wide(q, v, *tensors),
         )
 
-    def _forward(self, q, k, v, tiles, structure, scale, out, lse, causal):
+    def _forward(self, q, k, v, tiles, structure, scale, out, lse, causal, fresh):
         if len(tiles) == 0:
             return
         ix = self._indices(q, structure)
-        meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None)
+        meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None, k, out, lse)
         kernels.attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
             q, k, v, out, lse, host_to_device(tiles, q),
             ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             *ix["order_strides"], *ix["sample_strides"],
             q.shape[1], q.shape[1] // k.shape[1], scale * kernels.LOG2E, ix["m"],
-            CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, **meta,
+            CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, FRESH=fresh, **meta,
         )
 
     def _backward(self, q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, causal):
@@ -401,7 +407,7 @@ class TritonBackend:
         group = q.shape[1] // k.shape[1]
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
         if len(q_tiles):
-            meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None)
+            meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None, k, dout, dq, lse)
             kernels.attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
                 q, k, v, dout, lse, delta, dq, host_to_device(q_tiles, q),
                 ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
@@ -409,7 +415,7 @@ class TritonBackend:
                 q.shape[1], group, scale, scale * kernels.LOG2E, ix["m"],
                 CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, **meta,
             )
-        meta = self._meta(q, v, key_launch(q.shape[3], v.shape[3]), structure is not None)
+        meta = self._meta(q, v, key_launch(q.shape[3], v.shape[3]), structure is not None, k, dout, dk, dv, lse)
         for tiles, samples in k_tiles:
             if len(tiles) == 0:
                 continue

@@ -28,9 +28,10 @@ from hyperattn._arrays import host_to_device
 
 from .tiles import split_ranges
 
-#: Positions per chunk (one program of each launch); Triton's interpreter sorts a 1024-chunk in
-#: about 10 s, so it uses short ones.
-CHUNK = 1024
+#: Positions per chunk (one program of each launch): 512 sorts fastest in registers on an H100
+#: (benchmarks/results/); Triton's interpreter sorts a 1024-chunk in about 10 s, so it uses short ones.
+CHUNK = 512
+SCATTER_WARPS = 4
 INTERPRETER_CHUNK = 32
 #: Codes of at most this many bits are counting-sorted (2**bits buckets per chunk).
 MAX_BITS = 8
@@ -149,5 +150,5 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     order = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
     rank = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
     chunk_scatter_kernel[grid](tiles, codes, first, order, rank, codes.stride(0), order.stride(0), num_tiles,
-                               CHUNK=chunk, NB=num_buckets, num_warps=4)
+                               CHUNK=chunk, NB=num_buckets, num_warps=SCATTER_WARPS)
     return order.view(batch, heads, n), rank.view(batch, heads, n)
