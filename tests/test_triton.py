@@ -94,6 +94,40 @@ def test_same_plan_matches_reference(case, dtype):
         assert _error(got, want) < tolerance, name
 
 
+def test_wide_int64_indexing_gives_the_same_result(monkeypatch):
+    """The int64 offsets taken when one head's offsets may pass 2**31 compute the same."""
+    from hyperattn_triton import backend as triton_module
+
+    assert not triton_module._wide(torch.empty(1, 2, 8, 4).transpose(1, 2))
+    assert triton_module._wide(torch.empty_strided((1, 1, 2**20, 64), (0, 0, 2**12, 1), device="meta"))
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = INTERPRETER_CASES[1]
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=3))
+    narrow, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    monkeypatch.setattr(triton_module, "_wide", lambda *tensors: True)
+    wide, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), wide["triton"], narrow["triton"]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_device_tables_are_built_once_per_distinct_arguments():
+    from hyperattn.protocol import Segments
+    from hyperattn_triton import tiles
+
+    built = []
+
+    def build(segments, causal, block):
+        built.append(block)
+        return tiles.exact_tiles(segments, causal, block)
+
+    like = torch.empty(0, device=DEVICE)
+    first = tiles.on_device(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 16)
+    again = tiles.on_device(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 16)  # equal, not the same
+    other = tiles.on_device(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 32)
+    assert again is first and other is not first and built == [16, 32]
+    np.testing.assert_array_equal(first.cpu().numpy(), tiles.exact_tiles(Segments.from_ranges([(0, 40, 0, 40)]), True, 16))
+
+
 @pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1]])
 def test_same_plan_matches_reference_with_small_tiles(case, monkeypatch):
     """Many tiles per block, key tiles shorter than blocks, several row chunks adding into the samples."""
@@ -139,6 +173,7 @@ def test_counting_sort_matches_the_reference_sort(chunk, monkeypatch):
 
     monkeypatch.setattr(sorting, "CHUNK", chunk)
     monkeypatch.setattr(sorting, "INTERPRETER_CHUNK", chunk)
+    monkeypatch.setattr(sorting, "STARTS_CHUNKS", 2)  # segments of several prefix-sum steps
     reference = backend_status("reference").backend
     rng = np.random.default_rng(chunk)
     for trial in range(4):
@@ -245,9 +280,11 @@ for use_dot in (True, False):
 row_dot = sig(kernels.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"}, dict(DIM=64, D_PAD=64, BLOCK=64))
 assert "cubin" in triton.compile(row_dot, target=GPUTarget("cuda", 90, 32)).asm
 from hyperattn_triton import sorting
-for fn in (sorting.chunk_histogram_kernel, sorting.chunk_scatter_kernel):
-    types = {"Tiles": "*i64", "Codes": "*i32", "Hist": "*i32", "First": "*i32", "Order": "*i32", "Rank": "*i32"}
-    compiled = sig(fn, types, dict(CHUNK=sorting.CHUNK, NB=128))
+for fn in (sorting.chunk_histogram_kernel, sorting.chunk_scatter_kernel, sorting.bucket_starts_kernel):
+    types = {"Tiles": "*i64", "Pieces": "*i64", "Codes": "*i32", "Hist": "*i32", "First": "*i32", "Order": "*i32",
+             "Rank": "*i32"}
+    sizes = dict(CB=sorting.STARTS_CHUNKS) if fn is sorting.bucket_starts_kernel else dict(CHUNK=sorting.CHUNK)
+    compiled = sig(fn, types, dict(sizes, NB=128))
     assert "cubin" in triton.compile(compiled, target=GPUTarget("cuda", 90, 32)).asm
 print("compiled for sm_90")
 """

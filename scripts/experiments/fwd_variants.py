@@ -215,6 +215,9 @@ if __name__ == "__main__":
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             pstats.Stats(profiler).sort_stats("cumtime").print_stats(40)
 
+    import sys
+    if sys.argv[1:] == ["host"]:
+        raise SystemExit
     # B) the sparse forward alone on one plan
     impl = backend.TritonBackend()
     rng = make_rng(0)

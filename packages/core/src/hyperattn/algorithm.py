@@ -172,7 +172,8 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> 
         spans = n_k[None, None, :, None]
         drawn = np.minimum((rng.random((batch, kv_heads, len(segments), m)) * spans).astype(np.int64), spans - 1)
         drawn += segments.k_start[None, None, :, None]
-        samples = host_to_device(drawn.astype(np.int64), k)
+        index_dtype = np.int32 if k.shape[2] < 2**31 else np.int64  # half the bytes to copy
+        samples = host_to_device(drawn.astype(index_dtype), k)
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
 

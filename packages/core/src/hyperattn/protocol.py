@@ -138,8 +138,8 @@ class SparseStructure:
     k_order  native integer [B, Hk, Nk]: the same for keys.
     k_rank   native integer [B, Hk, Nk]: position of key j in its segment's sorted order
              (``k_order[k_start + k_rank[j]] == j``); key block of j is ``k_rank[j] // block_size``.
-    samples  native int64 [B, Hk, S, m] absolute key indices drawn uniformly with replacement
-             from each segment's key range, or None when m == 0.  A query attends to a sample
+    samples  native int32 [B, Hk, S, m] (int64 from Nk = 2**31): absolute key indices drawn
+             uniformly with replacement from each segment's key range, or None when m == 0.  A query attends to a sample
              unless the sample lies in the query's own key block; each draw has weight
              ``n_k / m``, i.e. ``log_sample_weight[s]`` is added to its score.
     """

@@ -21,8 +21,9 @@ from hyperattn._arrays import host_to_device
 from hyperattn.algorithm import merge_partial
 from hyperattn.protocol import Capabilities, Segments, SparseStructure
 
-from . import kernels, sorting
-from .tiles import exact_key_tiles, exact_tiles, query_blocks, sample_key_tiles, sparse_key_tiles, sparse_tiles
+from . import kernels, sorting, tiles
+from .tiles import (exact_key_tiles, exact_tiles, log_sample_weights, on_device, query_blocks, sample_key_tiles,
+                    sparse_key_tiles, sparse_tiles)
 
 #: Launch configurations for head dims up to 128 (tuned on an H200, see benchmarks/results/):
 #: the forward and dQ kernels walk query tiles of ``block_m`` rows in steps of ``block_n`` keys;
@@ -315,26 +316,29 @@ class TritonBackend:
         if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse, fresh):
             return
         launch = query_launch(q.shape[3], v.shape[3])
-        self._forward(q, k, v, exact_tiles(segments, causal, launch.block_m), None, scale, out, lse, bool(causal), fresh)
+        tiles = on_device(exact_tiles, q, segments, bool(causal), launch.block_m)
+        self._forward(q, k, v, tiles, None, scale, out, lse, bool(causal), fresh)
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
         launch = query_launch(q.shape[3], v.shape[3])
-        self._forward(q, k, v, sparse_tiles(structure, launch.block_m), structure, scale, out, lse, False, fresh)
+        tiles = on_device(sparse_tiles, q, structure, launch.block_m)
+        self._forward(q, k, v, tiles, structure, scale, out, lse, False, fresh)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
         causal = bool(causal)
         if flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv):
             return
-        q_tiles = exact_tiles(segments, causal, query_launch(q.shape[3], v.shape[3]).block_m)
-        k_tiles = exact_key_tiles(segments, causal, key_launch(q.shape[3], v.shape[3]).block_n)
+        q_tiles = on_device(exact_tiles, q, segments, causal, query_launch(q.shape[3], v.shape[3]).block_m)
+        k_tiles = on_device(exact_key_tiles, q, segments, causal, key_launch(q.shape[3], v.shape[3]).block_n)
         self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal)
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):
-        q_tiles = sparse_tiles(structure, query_launch(q.shape[3], v.shape[3]).block_m)
+        q_tiles = on_device(sparse_tiles, q, structure, query_launch(q.shape[3], v.shape[3]).block_m)
         block_n = key_launch(q.shape[3], v.shape[3]).block_n
-        k_tiles = [(sparse_key_tiles(structure, block_n), False)]
+        k_tiles = [(on_device(sparse_key_tiles, q, structure, block_n), False)]
         if structure.sample_size > 0:
-            k_tiles.append((sample_key_tiles(structure, block_n), True))
+            row_chunk = tiles.SAMPLE_ROW_CHUNK
+            k_tiles.append((on_device(sample_key_tiles, q, structure, block_n, row_chunk), True))
         self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False)
 
     # -- launches -------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ class TritonBackend:
         """int32 [Nq] on the device: see ``query_blocks`` (cached with the structure's indices)."""
         ix = self._indices(q, structure)
         if "q_blocks" not in ix:
-            ix["q_blocks"] = host_to_device(query_blocks(structure, q.shape[2]), q)
+            ix["q_blocks"] = on_device(query_blocks, q, structure, q.shape[2])
         return ix["q_blocks"]
 
     def _make_indices(self, q, structure):
@@ -373,7 +377,7 @@ class TritonBackend:
             samples = drawn.to(torch.int32).contiguous()
             sample_blocks = (ranks // structure.block_size).to(torch.int32).contiguous()
             sample_strides = samples.stride()[:3]
-        log_w = host_to_device(np.asarray(structure.log_sample_weight, dtype=np.float32), q)
+        log_w = on_device(log_sample_weights, q, structure)
         return dict(q_order=q_order, k_order=k_order, samples=samples, sample_blocks=sample_blocks, log_w=log_w,
                     order_strides=(*q_order.stride()[:2], *k_order.stride()[:2]), sample_strides=sample_strides,
                     m=structure.sample_size)
@@ -392,7 +396,7 @@ class TritonBackend:
         ix = self._indices(q, structure)
         meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None, k, out, lse)
         kernels.attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
-            q, k, v, out, lse, host_to_device(tiles, q),
+            q, k, v, out, lse, tiles,
             ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             *ix["order_strides"], *ix["sample_strides"],
@@ -409,7 +413,7 @@ class TritonBackend:
         if len(q_tiles):
             meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None, k, dout, dq, lse)
             kernels.attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
-                q, k, v, dout, lse, delta, dq, host_to_device(q_tiles, q),
+                q, k, v, dout, lse, delta, dq, q_tiles,
                 ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *common, *dq.stride(), *ix["order_strides"], *ix["sample_strides"],
                 q.shape[1], group, scale, scale * kernels.LOG2E, ix["m"],
@@ -421,7 +425,7 @@ class TritonBackend:
                 continue
             q_blocks = self._query_blocks(q, structure) if samples else ix["samples"]  # unused unless samples
             kernels.attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
-                q, k, v, dout, lse, delta, dk, dv, host_to_device(tiles, q),
+                q, k, v, dout, lse, delta, dk, dv, tiles,
                 ix["q_order"], ix["k_order"], q_blocks, ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *common, *dk.stride(), *dv.stride(), *ix["order_strides"], *ix["sample_strides"],
                 k.shape[1], group, scale, scale * kernels.LOG2E,

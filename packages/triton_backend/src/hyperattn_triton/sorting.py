@@ -6,11 +6,13 @@ row is covered by *pieces*: the segments to sort, and the gaps between them, whi
 order (their codes count as 0).  Pieces are cut into chunks of ``CHUNK`` positions:
 
 1. ``chunk_histogram_kernel`` counts each chunk's codes, [BH, T, NB];
-2. torch turns the counts into each (chunk, bucket)'s first destination: an exclusive prefix sum
-   in (piece, bucket, chunk) order, which is stable and, since pieces cover every position in
-   order, lands on absolute positions;
+2. ``bucket_starts_kernel`` turns the counts into each (chunk, bucket)'s first destination: an
+   exclusive prefix sum in (piece, bucket, chunk) order, which is stable and, since pieces cover
+   every position in order, lands on absolute positions (one program per segment and row);
 3. ``chunk_scatter_kernel`` sorts each chunk in registers by ``(code, position)`` and writes
    ``order[destination] = position`` and ``rank[position] = destination - piece start``.
+
+Three launches and three allocations: the host cost of a sort matters as much as its GPU time.
 
 Orders and ranks are int32 (what the attention kernels read).
 """
@@ -24,14 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from hyperattn._arrays import host_to_device
-
-from .tiles import split_ranges
+from .tiles import on_device, split_ranges
 
 #: Positions per chunk (one program of each launch): 512 sorts fastest in registers on an H100
 #: (benchmarks/results/); Triton's interpreter sorts a 1024-chunk in about 10 s, so it uses short ones.
 CHUNK = 512
 SCATTER_WARPS = 4
+#: Chunks per step of the prefix-sum kernel.
+STARTS_CHUNKS = 16
 INTERPRETER_CHUNK = 32
 #: Codes of at most this many bits are counting-sorted (2**bits buckets per chunk).
 MAX_BITS = 8
@@ -56,6 +58,31 @@ def chunk_histogram_kernel(Tiles, Codes, Hist, sc_bh, num_tiles, CHUNK: tl.const
     t, bh, offs, mask, codes, _, _ = _chunk(Tiles, Codes, sc_bh, CHUNK, NB)
     counts = tl.histogram(codes, NB, mask=mask)
     tl.store(Hist + (bh * num_tiles + t) * NB + tl.arange(0, NB), counts)
+
+
+@triton.jit
+def bucket_starts_kernel(Pieces, Hist, First, num_tiles, CB: tl.constexpr, NB: tl.constexpr):
+    """First[bh, t, c] for the chunks t of one segment (piece): the segment's start, plus its
+    positions of smaller codes, plus code-c positions in its earlier chunks, minus chunk t's own
+    positions of smaller codes (the scatter adds each position's index in the sorted chunk)."""
+    row = Pieces + tl.program_id(0) * 3
+    t0, t1, piece_start = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    base = (tl.program_id(1).to(tl.int64) * num_tiles) * NB
+    offs_c = tl.arange(0, NB)
+    totals = tl.zeros([NB], tl.int32)
+    for start in range(t0, t1, CB):
+        rows = start + tl.arange(0, CB)
+        totals += tl.sum(tl.load(Hist + base + rows[:, None] * NB + offs_c[None, :], mask=(rows < t1)[:, None],
+                                 other=0), 0)
+    carry = (piece_start + tl.cumsum(totals, 0) - totals).to(tl.int32)  # first position of each code
+    for start in range(t0, t1, CB):
+        rows = start + tl.arange(0, CB)
+        mask = (rows < t1)[:, None]
+        counts = tl.load(Hist + base + rows[:, None] * NB + offs_c[None, :], mask=mask, other=0)
+        earlier_chunks = tl.cumsum(counts, 0) - counts + carry[None, :]
+        smaller_codes = tl.cumsum(counts, 1) - counts
+        tl.store(First + base + rows[:, None] * NB + offs_c[None, :], earlier_chunks - smaller_codes, mask=mask)
+        carry += tl.sum(counts, 0)
 
 
 @triton.jit
@@ -101,22 +128,20 @@ def _cover(starts: np.ndarray, ends: np.ndarray, n: int):
     return piece_start[nonempty], piece_end[nonempty], is_gap[nonempty]
 
 
-def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, num_buckets: int, chunk: int):
-    """Host tables of one sort: tiles int64 [T, 4] (p0, p1, piece start, is gap) and, for every
-    (chunk, bucket), its index in (piece, bucket, chunk) order, int64 [T * NB]; or None when the
-    segments overlap."""
+def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int):
+    """Host tables of one sort: chunks int64 [T, 4] (p0, p1, piece start, is gap) and segments
+    int64 [P, 3] (first chunk, end chunk, start position); or None when the segments overlap."""
     cover = _cover(starts, ends, n)
     if cover is None:
         return None
     piece_start, piece_end, is_gap = cover
     owner, p0, p1 = split_ranges(piece_start, piece_end, chunk)
     counts = np.bincount(owner, minlength=len(piece_start))  # chunks per piece
-    first = (np.cumsum(counts) - counts)[owner]  # first chunk of each chunk's piece
-    local = np.arange(len(owner)) - first
+    first = np.cumsum(counts) - counts  # first chunk of each piece
     tiles = np.stack([p0, p1, piece_start[owner], is_gap[owner]], axis=1)
-    buckets = np.arange(num_buckets)
-    flat = first[:, None] * num_buckets + buckets[None, :] * counts[owner][:, None] + local[:, None]
-    return tiles, flat.reshape(-1)
+    sorted_pieces = (is_gap == 0) & (counts > 0)
+    pieces = np.stack([first, first + counts, piece_start], axis=1)[sorted_pieces]
+    return tiles, np.ascontiguousarray(pieces)
 
 
 def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int):
@@ -127,26 +152,22 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     if code_bits > MAX_BITS or n >= 2**31 - chunk:
         return None
     num_buckets = max(2, 1 << code_bits)
-    tables = chunk_tables(starts, ends, n, num_buckets, chunk)
+    tables = on_device(chunk_tables, codes, np.asarray(starts), np.asarray(ends), n, chunk)
     if tables is None:
         return None
-    tiles_host, flat_host = tables
+    tiles, pieces = tables
     codes = codes.reshape(batch * heads, n)
     if codes.stride(1) != 1:
         codes = codes.contiguous()
-    bh, num_tiles = batch * heads, len(tiles_host)
-    tiles = host_to_device(tiles_host, codes)
-    flat = host_to_device(flat_host, codes)
+    bh, num_tiles = batch * heads, len(tiles)
     hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=codes.device)
     grid = (num_tiles, bh)
     chunk_histogram_kernel[grid](tiles, codes, hist, codes.stride(0), num_tiles, CHUNK=chunk, NB=num_buckets,
                                  num_warps=4)
-    # exclusive prefix sum in (piece, bucket, chunk) order: the absolute first destination
-    counts = hist.view(bh, -1)
-    ordered = torch.empty_like(counts).index_copy_(1, flat, counts)
-    starts_ordered = torch.cumsum(ordered, dim=1, dtype=torch.int32) - ordered
-    first = starts_ordered.index_select(1, flat).view(bh, num_tiles, num_buckets)
-    first -= torch.cumsum(hist, dim=2, dtype=torch.int32) - hist  # minus the chunk's smaller codes
+    first = torch.empty_like(hist)  # gap chunks' entries stay unset: the scatter never reads them
+    if len(pieces):
+        bucket_starts_kernel[(len(pieces), bh)](pieces, hist, first, num_tiles, CB=STARTS_CHUNKS, NB=num_buckets,
+                                                num_warps=4)
     order = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
     rank = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
     chunk_scatter_kernel[grid](tiles, codes, first, order, rank, codes.stride(0), order.stride(0), num_tiles,

@@ -7,12 +7,50 @@ kernels read them.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
+from hyperattn._arrays import host_to_device
 from hyperattn.protocol import Segments, SparseStructure, query_block_bounds
 
 #: Rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot).
 SAMPLE_ROW_CHUNK = 4096
+
+
+#: Device copies of tables kept (least recently used first out): the same shapes come back on
+#: every call of a layer, so each table is built and copied once (a copy costs ~90 us of host time).
+DEVICE_TABLES_CAPACITY = 512
+_device_tables: collections.OrderedDict = collections.OrderedDict()
+
+
+def _key(arg):
+    """What a table depends on, hashable: segment bounds by value, structures by their segments and sizes."""
+    if isinstance(arg, Segments):
+        return tuple(a.tobytes() for a in (arg.q_start, arg.q_end, arg.k_start, arg.k_end))
+    if isinstance(arg, SparseStructure):
+        return _key(arg.segments), arg.block_size, arg.sample_size
+    if isinstance(arg, np.ndarray):
+        return arg.dtype.str, arg.shape, arg.tobytes()
+    return arg
+
+
+def on_device(build, like, *args):
+    """``build(*args)`` (a host table, a tuple of them, or None) on ``like``'s device, built and
+    copied once per distinct arguments (compared by value, see ``_key``)."""
+    key = (build.__qualname__, str(like.device), *(_key(a) for a in args))
+    if key in _device_tables:
+        _device_tables.move_to_end(key)
+        return _device_tables[key]
+    host = build(*args)
+    if isinstance(host, tuple):
+        tables = tuple(host_to_device(t, like) for t in host)
+    else:
+        tables = None if host is None else host_to_device(host, like)
+    _device_tables[key] = tables
+    if len(_device_tables) > DEVICE_TABLES_CAPACITY:
+        _device_tables.popitem(last=False)
+    return tables
 
 
 def split_ranges(starts, ends, step: int):
@@ -73,14 +111,19 @@ def sparse_key_tiles(structure: SparseStructure, block_n: int) -> np.ndarray:
     return tiles[tiles[:, 4] < tiles[:, 5]]
 
 
-def sample_key_tiles(structure: SparseStructure, block_n: int) -> np.ndarray:
+def sample_key_tiles(structure: SparseStructure, block_n: int, row_chunk: int = SAMPLE_ROW_CHUNK) -> np.ndarray:
     """Key side for samples, [T, 7] (segment, -1, slot j0, j1, sorted q0, q1, 0): slot tiles x row chunks."""
     seg_table, m = structure.segments, structure.sample_size
-    seg, q0, q1 = split_ranges(seg_table.q_start, seg_table.q_end, SAMPLE_ROW_CHUNK)
+    seg, q0, q1 = split_ranges(seg_table.q_start, seg_table.q_end, row_chunk)
     slot_tiles = -(-m // block_n)
     j0 = np.tile(np.arange(slot_tiles) * block_n, len(seg))
     rep = np.repeat(np.arange(len(seg)), slot_tiles)
     return _table(seg[rep], -1, j0, np.minimum(j0 + block_n, m), q0[rep], q1[rep], 0)
+
+
+def log_sample_weights(structure: SparseStructure) -> np.ndarray:
+    """float32 [S]: each segment's ``log(n_k / m)``."""
+    return np.asarray(structure.log_sample_weight, dtype=np.float32)
 
 
 def query_blocks(structure: SparseStructure, n_q: int) -> np.ndarray:
