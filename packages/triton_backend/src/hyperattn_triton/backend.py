@@ -21,9 +21,18 @@ from hyperattn._arrays import host_to_device
 from hyperattn.algorithm import merge_partial
 from hyperattn.protocol import Capabilities, Segments, SparseStructure
 
-from . import kernels, sorting, tiles
-from .tiles import (exact_key_tiles, exact_tiles, log_sample_weights, on_device, query_blocks, sample_key_tiles,
-                    sparse_key_tiles, sparse_tiles)
+from . import kernels, sorting
+from . import tiles as tile_tables
+from .tiles import (
+    exact_key_tiles,
+    exact_tiles,
+    log_sample_weights,
+    on_device,
+    query_blocks,
+    sample_key_tiles,
+    sparse_key_tiles,
+    sparse_tiles,
+)
 
 #: Launch configurations for head dims up to 128 (tuned on an H200, see benchmarks/results/):
 #: the forward and dQ kernels walk query tiles of ``block_m`` rows in steps of ``block_n`` keys;
@@ -337,7 +346,7 @@ class TritonBackend:
         block_n = key_launch(q.shape[3], v.shape[3]).block_n
         k_tiles = [(on_device(sparse_key_tiles, q, structure, block_n), False)]
         if structure.sample_size > 0:
-            row_chunk = tiles.SAMPLE_ROW_CHUNK
+            row_chunk = tile_tables.SAMPLE_ROW_CHUNK
             k_tiles.append((on_device(sample_key_tiles, q, structure, block_n, row_chunk), True))
         self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False)
 
