@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,3 +57,20 @@ def test_query_blocks_partition_the_sorted_queries(n_q, n_k, block_size):
     np.testing.assert_array_equal(np.searchsorted(bounds, t, side="right") - 1, block_of_rank)
     if n_q == n_k:
         assert (np.diff(bounds)[:-1] == block_size).all()  # query and key blocks coincide
+
+
+@pytest.mark.parametrize("n_k", [1000, 2**31])
+def test_drawn_samples_are_uniform_inside_their_segment(n_k):
+    """Samples stay in their segment's key range, every key is drawn about equally often, and the
+    index dtype is int32 until the keys need int64."""
+    from hyperattn.algorithm import draw_samples
+    from hyperattn.protocol import Segments
+
+    segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000)])
+    drawn = draw_samples(np.random.default_rng(0), (1, 2), segments, 60000, n_k)
+    assert drawn.shape == (1, 2, 2, 60000) and drawn.dtype == (np.int32 if n_k < 2**31 else np.int64)
+    for s, (start, end) in enumerate([(0, 7), (7, 1000)]):
+        counts = np.bincount(drawn[:, :, s].ravel() - start, minlength=end - start)
+        assert len(counts) == end - start and counts.min() > 0  # in range, every key reachable
+        expected = drawn[:, :, s].size / (end - start)
+        assert np.abs(counts - expected).max() < 6 * np.sqrt(expected)  # binomial spread
