@@ -417,13 +417,13 @@ def _four_causal_leaves(batch: int, device: str = "cuda"):
 @pytest.mark.gpu
 def test_gpu_flash_exact_path_merges_like_the_kernel():
     """Merging the same exact piece twice keeps out and adds log 2 to lse (fresh-row copy and merge branches)."""
-    from hyperattn_triton.backend import exact_tiles, flash_exact_forward
+    from hyperattn_triton.backend import exact_tiles, flash_exact_forward, on_device
 
     q, k, v, leaves, out, lse = _four_causal_leaves(batch=1)
     assert flash_exact_forward(q, k, v, leaves, True, 0.125, out, lse)
     kernel_out = torch.zeros_like(out)
     kernel_lse = torch.full_like(lse, -torch.inf)
-    TRITON.backend._forward(q, k, v, exact_tiles(leaves, True, 128), None, 0.125, kernel_out, kernel_lse, causal=True,
+    TRITON.backend._forward(q, k, v, on_device(exact_tiles, q, leaves, True, 128), None, 0.125, kernel_out, kernel_lse, causal=True,
                             fresh=True)
     torch.testing.assert_close(out, kernel_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, kernel_lse, atol=1e-3, rtol=1e-4)

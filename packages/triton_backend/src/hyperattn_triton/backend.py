@@ -1,8 +1,9 @@
 """The Triton backend: torch CUDA tensors, fp16/bf16 (fp32 accumulation) and fp32.
 
-Hashing and sorting use torch (a matmul with the r projections, sign bits, Gray rank, one stable
-sort per call); every attention piece is one launch of the kernels in ``kernels.py`` over a
-host-built tile table.  Inputs are read through their strides, never copied.
+Hashing is one fused kernel (projections, sign bits, Gray rank) and sorting a counting sort
+(``sorting.py``); every attention piece is one launch of the kernels in ``kernels.py`` over a tile
+table (``tiles.py``) built on the host and copied to the GPU once per shape.  Inputs are read
+through their strides, never copied.
 With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (for CI).
 """
 

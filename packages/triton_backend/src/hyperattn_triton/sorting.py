@@ -1,4 +1,4 @@
-"""Stable segmented counting sort of small LSH codes (the sortLSH step) in two Triton launches.
+"""Stable segmented counting sort of small LSH codes (the sortLSH step) in three Triton launches.
 
 The codes have few bits (``lsh_num_projs``, 7 by default: 128 buckets), so a counting sort beats
 a general radix sort over 32- or 64-bit keys.  Every position ``[0, N)`` of each (batch, head)
