@@ -1,7 +1,15 @@
+"""Experiments behind the Triton forward's current form (benchmarks/results/experiments_2026-11-28/).
+
+``python scripts/experiments/fwd_variants.py [host]`` on the GPU machine prints (A) host vs GPU
+time of the four N=131072 steps with cProfile tables, then (B) the sparse forward kernel at a few
+launch configurations next to a variant that walks block keys and samples in one pipelined loop
+(``sparse_fwd_merged``, 10-40% slower), and (C) the counting sort's chunk sizes.
+"""
+
 import triton
 import triton.language as tl
 
-from hyperattn_triton.kernels import _online_step, _program_heads, _tile
+from hyperattn_triton.kernels import _online_step, _program_heads, _store_partial, _tile
 
 
 @triton.jit
@@ -61,90 +69,8 @@ def sparse_fwd_merged(
         vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
                      mask=keep[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
         m_i, l_i, acc = _online_step(q, kt, vv, keep[None, :], bias2, m_i, l_i, acc, scale2, "tf32")
-    has_keys = l_i > 0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse_new = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, -float("inf"))
-    lse_ptrs = Lse + b * sl_b + h * sl_h + rows * sl_n
-    out_ptrs = Out + b * so_b + h * so_h + rows[:, None] * so_n + offs_v[None, :] * so_d
-    out_mask = mask_m[:, None] & (offs_v[None, :] < V_DIM)
-    if FRESH:
-        tl.store(out_ptrs, o, mask=out_mask)
-        tl.store(lse_ptrs, lse_new, mask=mask_m)
-    else:
-        l_old = tl.load(lse_ptrs, mask=mask_m, other=-float("inf"))
-        o_old = tl.load(out_ptrs, mask=out_mask & (l_old[:, None] > -float("inf")), other=0.0)
-        top = tl.maximum(l_old, lse_new)
-        top_safe = tl.where(top == -float("inf"), 0.0, top)
-        a = tl.exp(l_old - top_safe)
-        c = tl.exp(lse_new - top_safe)
-        total = a + c
-        total_safe = tl.where(total > 0, total, 1.0)
-        merged = (a[:, None] * o_old + c[:, None] * o) / total_safe[:, None]
-        tl.store(out_ptrs, merged, mask=out_mask)
-        tl.store(lse_ptrs, top_safe + tl.log(total), mask=mask_m)
-
-
-
-@triton.jit
-def sparse_fwd_two_loops(
-    Q, K, V, Out, Lse, Tiles, QOrder, KOrder, Samples, SampleBlock, LogW,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-    so_b, so_h, so_n, so_d, sl_b, sl_h, sl_n,
-    sqo_b, sqo_h, sko_b, sko_h, ss_b, ss_h, ss_s,
-    num_heads, group, scale2, num_samples,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FRESH: tl.constexpr, IDX: tl.constexpr, KT: tl.constexpr,
-):
-    """Block keys, then samples, in two loops (as the current kernel), with int32 gathers and FRESH."""
-    b, h, hk = _program_heads(num_heads, group)
-    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
-    rows, mask_m = _gather_pos(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, IDX)
-    offs_d = tl.arange(0, D_PAD)
-    offs_v = tl.arange(0, DV_PAD)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    k_base = K + b * sk_b + hk * sk_h
-    v_base = V + b * sv_b + hk * sv_h
-    k_order = KOrder + b * sko_b + hk * sko_h
-    sample_row = b * ss_b + hk * ss_h + seg * ss_s
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(k0, k1, BLOCK_N):
-        keys, keep = _gather_pos(start, k1, k_order, BLOCK_N, IDX)
-        if KT:
-            kt = tl.load(k_base + keys[None, :] * sk_n + offs_d[:, None] * sk_d,
-                         mask=keep[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        else:
-            kt = tl.trans(tl.load(k_base + keys[:, None] * sk_n + offs_d[None, :] * sk_d,
-                                  mask=keep[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0))
-        vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
-                     mask=keep[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
-        m_i, l_i, acc = _online_step(q, kt, vv, keep[None, :], 0.0, m_i, l_i, acc, scale2, "tf32")
-    log_w2 = tl.load(LogW + seg) * 1.4426950408889634
-    for start in range(0, num_samples, BLOCK_N):
-        ps = start + offs_n
-        ms = ps < num_samples
-        keys = tl.load(Samples + sample_row + ps, mask=ms, other=0).to(IDX)
-        keep = ms & (tl.load(SampleBlock + sample_row + ps, mask=ms, other=-1) != blk)
-        if KT:
-            kt = tl.load(k_base + keys[None, :] * sk_n + offs_d[:, None] * sk_d,
-                         mask=keep[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        else:
-            kt = tl.trans(tl.load(k_base + keys[:, None] * sk_n + offs_d[None, :] * sk_d,
-                                  mask=keep[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0))
-        vv = tl.load(v_base + keys[:, None] * sv_n + offs_v[None, :] * sv_d,
-                     mask=keep[:, None] & (offs_v[None, :] < V_DIM), other=0.0)
-        m_i, l_i, acc = _online_step(q, kt, vv, keep[None, :], log_w2, m_i, l_i, acc, scale2, "tf32")
-    has_keys = l_i > 0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse_new = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, -float("inf"))
-    lse_ptrs = Lse + b * sl_b + h * sl_h + rows * sl_n
-    out_ptrs = Out + b * so_b + h * so_h + rows[:, None] * so_n + offs_v[None, :] * so_d
-    out_mask = mask_m[:, None] & (offs_v[None, :] < V_DIM)
-    tl.store(out_ptrs, o, mask=out_mask)
-    tl.store(lse_ptrs, lse_new, mask=mask_m)
+    _store_partial(Out + b * so_b + h * so_h, Lse + b * sl_b + h * sl_h, rows, mask_m, offs_v, so_n, so_d, sl_n,
+                   m_i, l_i, acc, V_DIM, FRESH)
 
 # ---------------------------------------------------------------------------------------------
 # Sweep (GPU): python scripts/experiments/fwd_variants.py
@@ -160,6 +86,7 @@ if __name__ == "__main__":
     from hyperattn.api import make_rng
     from hyperattn.config import HyperAttentionConfig
     from hyperattn_triton import backend, sorting
+    from hyperattn_triton.tiles import on_device, sparse_tiles
 
     def kernel_times(fn, calls=5):
         """GPU time per call of each kernel name (torch profiler), microseconds."""
@@ -185,7 +112,7 @@ if __name__ == "__main__":
         qq, kk, vv = (x.detach().requires_grad_(grad) for x in (q, k, v))
         dout = torch.randn_like(q)
 
-        def step():
+        def step(qq=qq, kk=kk, vv=vv, causal=causal, grad=grad, dout=dout):
             o = hyperattn.attention(qq, kk, vv, causal=causal, backend="triton")
             if grad:
                 o.backward(dout)
@@ -228,47 +155,44 @@ if __name__ == "__main__":
     out_ref = torch.empty_like(q)
     lse_ref = torch.full(q.shape[:3], -math.inf, device="cuda")
     impl.sparse_forward(q, k, v, st, 0.125, out_ref, lse_ref, fresh=True)
-    base_ms = triton.testing.do_bench(lambda: impl.sparse_forward(q, k, v, st, 0.125, out_ref, lse_ref, fresh=True),
-                                      return_mode="median", warmup=5, rep=40)
-    print(f"current kernel: {base_ms * 1e3:8.1f} us", flush=True)
-    lse_ref.fill_(-math.inf)
+    for launch_config in ({}, dict(block_n=128, stages=2), dict(block_m=64, block_n=128, stages=2)):
+        # the production kernel (two loops, int32 gathers, FRESH) at launch configurations
+        backend.TUNING.update(launch_config)
+        ms = triton.testing.do_bench(lambda: impl.sparse_forward(q, k, v, st, 0.125, out_ref, lse_ref, fresh=True),
+                                     return_mode="median", warmup=5, rep=40)
+        print(f"attention_fwd_kernel {launch_config or 'default'}: {ms * 1e3:8.1f} us", flush=True)
+        backend.TUNING.update(block_m=128, block_n=64, stages=3)
     impl.sparse_forward(q, k, v, st, 0.125, out_ref, lse_ref, fresh=True)
     ix = impl._indices(q, st)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device="cuda")
     lse_fill = torch.full(q.shape[:3], -math.inf, device="cuda")
-    base = dict(block_m=128, block_n=128, warps=4, stages=2, fresh=True, idx=tl.int32, kt_=False, maxnreg=None,
-                kernel=sparse_fwd_merged)
-    changes = [{}, dict(kt_=True), dict(stages=3), dict(block_m=64), dict(block_m=64, stages=3),
-               dict(block_n=64, stages=3), dict(block_n=64, stages=4), dict(warps=8), dict(warps=8, block_m=256),
-               dict(kernel=sparse_fwd_two_loops), dict(kernel=sparse_fwd_two_loops, kt_=True),
-               dict(kernel=sparse_fwd_two_loops, stages=3), dict(kernel=sparse_fwd_two_loops, block_n=64, stages=3),
-               dict(kernel=sparse_fwd_two_loops, block_m=64), dict(kernel=sparse_fwd_two_loops, stages=1),
-               dict(stages=1)]
+    # the merged-loop variant (block keys and samples in one pipelined loop): slower at every setting
+    base = dict(block_m=128, block_n=128, warps=4, stages=2, fresh=True, idx=tl.int32, kt_=False, maxnreg=None)
+    changes = [{}, dict(kt_=True), dict(stages=3), dict(stages=1), dict(block_m=64), dict(block_n=64, stages=3),
+               dict(warps=8), dict(fresh=False), dict(idx=tl.int64), dict(maxnreg=128), dict(maxnreg=168)]
     for change in changes:
         cfg = dict(base, **change)
-        block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
-        fresh, idx, kt_, maxnreg, kernel = cfg["fresh"], cfg["idx"], cfg["kt_"], cfg["maxnreg"], cfg["kernel"]
-        tiles = backend.host_to_device(backend.sparse_tiles(st, block_m), q)
+        tiles = on_device(sparse_tiles, q, st, cfg["block_m"])
 
-        def launch():
-            if not fresh:
+        def launch(cfg=cfg, tiles=tiles):
+            if not cfg["fresh"]:
                 lse.copy_(lse_fill)
-            extra = {} if maxnreg is None else {"maxnreg": maxnreg}
-            kernel[(len(tiles), 32)](
+            extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
+            sparse_fwd_merged[(len(tiles), 32)](
                 q, k, v, out, lse, tiles, ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                 *ix["order_strides"], *ix["sample_strides"], 32, 1, 0.125 * 1.4426950408889634, ix["m"],
-                HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=block_m, BLOCK_N=block_n, FRESH=fresh, IDX=idx,
-                KT=kt_, num_warps=warps, num_stages=stages, **extra)
-        label = (f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__} bm={block_m:3d} bn={block_n:3d} w={warps} s={stages} fresh={fresh!s:5} idx={str(idx):5} kt={kt_!s:5} "
-                 f"maxnreg={maxnreg}")
+                HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                FRESH=cfg["fresh"], IDX=cfg["idx"], KT=cfg["kt_"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+                **extra)
+        label = "sparse_fwd_merged " + " ".join(f"{key}={value}" for key, value in cfg.items())
         try:
             launch()
             err = (out.float() - out_ref.float()).abs().max().item()
             lerr = (lse - lse_ref).abs().max().item()
             ms = triton.testing.do_bench(launch, return_mode="median", warmup=5, rep=30)
-            if not fresh:
+            if not cfg["fresh"]:
                 ms -= triton.testing.do_bench(lambda: lse.copy_(lse_fill), return_mode="median", warmup=5, rep=30)
             print(f"{label} | {ms * 1e3:8.1f} us  err {err:.2e} lse {lerr:.2e}", flush=True)
         except Exception as error:

@@ -12,7 +12,7 @@ from hyperattn_triton import tiles
 
 
 @triton.jit
-def tiny_kernel(X, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, t, u, v, w, x, y, z, aa, bb, cc, dd,
+def tiny_kernel(X, a, b, c, d, e, f, g, h, i, j, k, l_, m, n, o, p, q, r, s, t, u, v, w, x, y, z, aa, bb, cc, dd,
                 BLOCK: tl.constexpr, FLAG: tl.constexpr):
     tl.store(X + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
 

@@ -99,6 +99,34 @@ def _online_step(q, kt, vv, valid, bias2, m_i, l_i, acc, scale2, PRECISION: tl.c
 
 
 @triton.jit
+def _store_partial(Out, Lse, rows, mask_m, offs_v, so_n, so_d, sl_n, m_i, l_i, acc, V_DIM: tl.constexpr,
+                   FRESH: tl.constexpr):
+    """Write this piece's (o, lse) of ``rows`` (natural log) from the online softmax state, or merge
+    it into the running (Out, Lse) by log-sum-exp unless FRESH (no earlier piece wrote them)."""
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse_new = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, -float("inf"))
+    lse_ptrs = Lse + rows * sl_n
+    out_ptrs = Out + rows[:, None] * so_n + offs_v[None, :] * so_d
+    out_mask = mask_m[:, None] & (offs_v[None, :] < V_DIM)
+    if FRESH:  # write without reading (6% of the sparse forward's time)
+        tl.store(out_ptrs, o, mask=out_mask)
+        tl.store(lse_ptrs, lse_new, mask=mask_m)
+    else:  # an untouched row (Lse = -inf) is overwritten, never read
+        l_old = tl.load(lse_ptrs, mask=mask_m, other=-float("inf"))
+        o_old = tl.load(out_ptrs, mask=out_mask & (l_old[:, None] > -float("inf")), other=0.0)
+        top = tl.maximum(l_old, lse_new)
+        top_safe = tl.where(top == -float("inf"), 0.0, top)
+        a = tl.exp(l_old - top_safe)
+        c = tl.exp(lse_new - top_safe)
+        total = a + c
+        total_safe = tl.where(total > 0, total, 1.0)
+        merged = (a[:, None] * o_old + c[:, None] * o) / total_safe[:, None]
+        tl.store(out_ptrs, merged, mask=out_mask)
+        tl.store(lse_ptrs, top_safe + tl.log(total), mask=mask_m)
+
+
+@triton.jit
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, Tiles, QOrder, KOrder, Samples, SampleBlock, LogW,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
@@ -139,29 +167,8 @@ def attention_fwd_kernel(
             kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, keep, HEAD_DIM)
             vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, keep, V_DIM)
             m_i, l_i, acc = _online_step(q, kt, vv, keep[None, :], log_w2, m_i, l_i, acc, scale2, PRECISION)
-    # this piece's (o, lse), natural log
-    has_keys = l_i > 0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse_new = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, -float("inf"))
-    lse_ptrs = Lse + b * sl_b + h * sl_h + rows * sl_n
-    out_ptrs = Out + b * so_b + h * so_h + rows[:, None] * so_n + offs_v[None, :] * so_d
-    out_mask = mask_m[:, None] & (offs_v[None, :] < V_DIM)
-    if FRESH:  # no earlier piece wrote these rows: write, without reading (6% of the kernel's time)
-        tl.store(out_ptrs, o, mask=out_mask)
-        tl.store(lse_ptrs, lse_new, mask=mask_m)
-    else:
-        # merge into the running (Out, Lse); an untouched row (Lse = -inf) is overwritten, never read
-        l_old = tl.load(lse_ptrs, mask=mask_m, other=-float("inf"))
-        o_old = tl.load(out_ptrs, mask=out_mask & (l_old[:, None] > -float("inf")), other=0.0)
-        top = tl.maximum(l_old, lse_new)
-        top_safe = tl.where(top == -float("inf"), 0.0, top)
-        a = tl.exp(l_old - top_safe)
-        c = tl.exp(lse_new - top_safe)
-        total = a + c
-        total_safe = tl.where(total > 0, total, 1.0)
-        merged = (a[:, None] * o_old + c[:, None] * o) / total_safe[:, None]
-        tl.store(out_ptrs, merged, mask=out_mask)
-        tl.store(lse_ptrs, top_safe + tl.log(total), mask=mask_m)
+    _store_partial(Out + b * so_b + h * so_h, Lse + b * sl_b + h * sl_h, rows, mask_m, offs_v, so_n, so_d, sl_n,
+                   m_i, l_i, acc, V_DIM, FRESH)
 
 
 @triton.jit
