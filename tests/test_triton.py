@@ -94,6 +94,38 @@ def test_same_plan_matches_reference(case, dtype):
         assert _error(got, want) < tolerance, name
 
 
+class _Poisoned:
+    """An array namespace whose ``empty`` returns NaN-filled arrays (uninitialised memory at its worst)."""
+
+    def __init__(self, xp):
+        self._xp = xp
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+    def empty(self, shape, dtype=None, device=None):
+        return self._xp.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[1], INTERPRETER_CASES[4], (1, 2, 1, 24, 1000, 16, 8, False)])
+def test_fresh_pieces_write_everything_they_own(case, monkeypatch):
+    """Forward and backward allocate out, dq, dk, dv uninitialised and let the first piece write its
+    rows and keys: NaN-poisoned allocations must not reach any result (causal prefix keys, key
+    blocks without queries, Nq > Nk), on both backends."""
+    from hyperattn import algorithm
+
+    real = algorithm.array_namespace
+    monkeypatch.setattr(algorithm, "array_namespace", lambda *arrays: _Poisoned(real(*arrays)))
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = case
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=5))
+    results, plan = run_both(q, k, v, causal=causal, params=SMALL)
+    assert any(isinstance(piece, SparsePiece) for piece in plan.pieces)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert np.isfinite(want).all() and np.isfinite(got).all(), name
+        assert _error(got, want) < 1e-5, name
+
+
 def test_wide_int64_indexing_gives_the_same_result(monkeypatch):
     """The int64 offsets taken when one head's offsets may pass 2**31 compute the same."""
     from hyperattn_triton import backend as triton_module
@@ -268,9 +300,10 @@ for dtype in ("fp16", "bf16"):
     bwd_types = dict(fwd_types, DO="*fp32", Delta="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32", scale="fp32")
     for fn, types, flags in ((kernels.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True, FRESH=True)),
                              (kernels.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True, FRESH=False)),
-                             (kernels.attention_bwd_dq_kernel, bwd_types, dict(HAS_SAMPLES=True)),
-                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True)),
-                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False))):
+                             (kernels.attention_bwd_dq_kernel, bwd_types, dict(HAS_SAMPLES=True, FRESH=dtype == "fp16")),
+                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True, FRESH=False)),
+                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, FRESH=True)),
+                             (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, FRESH=False))):
         compiled = triton.compile(sig(fn, types, dict(common, **flags)), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
 for use_dot in (True, False):
@@ -346,6 +379,33 @@ def test_gpu_131072_tokens(causal):
     assert testing.relative_error(results["triton"][1], results["reference"][1]) < 1e-3
     for got, want in zip(results["triton"][2:], results["reference"][2:]):
         assert _error(got, want) < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal, n_k", [(False, 40000), (True, 16384), (True, 17000)])
+def test_gpu_fresh_pieces_never_read_uninitialised_memory(causal, n_k, monkeypatch):
+    """The whole call, forward and backward (cuDNN leaves, sparse kernels), with every buffer the core
+    allocates uninitialised filled with NaN: the same finite results as with ordinary allocations."""
+    from hyperattn import algorithm
+
+    q = torch.randn(1, 2, 16384, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, n_k, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def run():
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = hyperattn.attention(*inputs, causal=causal, backend="triton", seed=3)
+        out.backward(dout)
+        return [out, *(x.grad for x in inputs)]
+
+    monkeypatch.setattr(TRITON.backend, "capabilities", dataclasses.replace(TRITON.backend.capabilities, exact_below=(0, 0)))
+    plain = run()
+    real = algorithm.array_namespace
+    monkeypatch.setattr(algorithm, "array_namespace", lambda *arrays: _Poisoned(real(*arrays)))
+    poisoned = run()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, poisoned):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)  # sample atomics add in any order
 
 
 @pytest.fixture

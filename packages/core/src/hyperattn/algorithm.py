@@ -248,13 +248,37 @@ def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=Non
                           for h in range(q.shape[1])], axis=1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, dtype)
-    dq = xp.zeros(q.shape, dtype=dtype, device=device(q))
-    dk = xp.zeros(k.shape, dtype=dtype, device=device(q))
-    dv = xp.zeros(v.shape, dtype=dtype, device=device(q))
-    for piece in plan.pieces:
+    # the first piece writes its rows and keys (``fresh``) instead of adding to zeros: no fill, no
+    # read-modify-write of three fp32 arrays the size of q, k and v; the rest is zeroed here
+    dq = xp.empty(q.shape, dtype=dtype, device=device(q))
+    dk = xp.empty(k.shape, dtype=dtype, device=device(q))
+    dv = xp.empty(v.shape, dtype=dtype, device=device(q))
+    for i, piece in enumerate(plan.pieces):
+        segments = piece.segments if isinstance(piece, ExactPiece) else piece.structure.segments
+        if i == 0:
+            zero_outside(dq, segments.q_start, segments.q_end)
+            zero_outside(dk, segments.k_start, segments.k_end)
+            zero_outside(dv, segments.k_start, segments.k_end)
         if isinstance(piece, ExactPiece):
             backend.exact_backward(q, k, v, lse, dout, delta, piece.segments, piece.causal, plan.scale, dq, dk, dv,
-                                   out=out if dlse is None else None)
+                                   out=out if dlse is None else None, fresh=i == 0)
         else:
-            backend.sparse_backward(q, k, v, lse, dout, delta, piece.structure, plan.scale, dq, dk, dv)
+            backend.sparse_backward(q, k, v, lse, dout, delta, piece.structure, plan.scale, dq, dk, dv, fresh=i == 0)
     return dq, dk, dv
+
+
+def zero_outside(x, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Zero x[:, :, i] (x [B, H, N, ...]) for every position i outside the ranges [starts, ends)."""
+    n = x.shape[2]
+    bounds = sorted(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()))
+    position = 0
+    for start, end in [*bounds, (n, n)]:
+        if start > position:
+            x[:, :, position:start] = 0
+        position = max(position, end)
+
+
+def zero_inside(x, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Zero x[:, :, start:end] for every range (for backends that add even into a fresh piece)."""
+    for start, end in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()):
+        x[:, :, start:end] = 0

@@ -226,16 +226,21 @@ class Backend(Protocol):
         """Block diagonal plus weighted samples of each segment, merged into ``(out, lse)``."""
 
     def exact_backward(
-        self, q, k, v, lse, dout, delta, segments: Segments, causal: bool, scale: float, dq, dk, dv, out=None
+        self, q, k, v, lse, dout, delta, segments: Segments, causal: bool, scale: float, dq, dk, dv, out=None, *,
+        fresh: bool = False,
     ) -> None:
         """Add this piece's gradients, using the *final* lse and ``delta = rowsum(dout * out) - dlse``.
 
         ``out`` (the final output) is given only when there is no lse gradient, so that
         ``delta == rowsum(dout * out)``: fused kernels that recompute delta from ``out`` may run then.
+        ``fresh``: this is the call's first piece and dq, dk, dv are *uninitialised* on the rows and
+        keys of its segments: the backend writes every element there (zero where it adds nothing)
+        instead of adding.  The core zeroes whatever the first piece does not reach.
         """
 
     def sparse_backward(
-        self, q, k, v, lse, dout, delta, structure: SparseStructure, scale: float, dq, dk, dv
+        self, q, k, v, lse, dout, delta, structure: SparseStructure, scale: float, dq, dk, dv, *,
+        fresh: bool = False,
     ) -> None:
         """Add this piece's gradients (duplicate samples accumulate), as ``exact_backward``."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from hyperattn._arrays import array_type
+from hyperattn.algorithm import zero_inside
 from hyperattn.protocol import Capabilities, Segments, SparseStructure, segment_labels
 
 from . import _fused, _kernels
@@ -93,9 +94,21 @@ class ReferenceBackend:
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
         _kernels.sparse_forward(q, k, v, structure, float(scale), out, lse)
 
-    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
+    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None, *,
+                       fresh=False):
+        if fresh:  # these kernels add: start from zeros
+            _zero_segments(segments, dq, dk, dv)
         if not _fused.exact_backward(q, k, v, out, lse, dout, segments, bool(causal), float(scale), dq, dk, dv):
             _kernels.exact_backward(q, k, v, lse, dout, delta, segments, bool(causal), float(scale), dq, dk, dv)
 
-    def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):
+    def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *, fresh=False):
+        if fresh:
+            _zero_segments(structure.segments, dq, dk, dv)
         _kernels.sparse_backward(q, k, v, lse, dout, delta, structure, float(scale), dq, dk, dv)
+
+
+def _zero_segments(segments: Segments, dq, dk, dv) -> None:
+    """Zero the rows of dq and the keys of dk, dv that the segments reach."""
+    zero_inside(dq, segments.q_start, segments.q_end)
+    zero_inside(dk, segments.k_start, segments.k_end)
+    zero_inside(dv, segments.k_start, segments.k_end)

@@ -160,9 +160,10 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     return True
 
 
-def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, scale: float, dq, dk, dv) -> bool:
+def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, scale: float, dq, dk, dv,
+                         fresh: bool = False) -> bool:
     """This piece's gradients through PyTorch's fused backward (cuDNN's, else FlashAttention-2's),
-    added to ``dq, dk, dv``.
+    added to ``dq, dk, dv`` (copied into them when ``fresh``).
 
     Given the *final* ``out`` and ``lse`` it computes ``P = exp(S - lse)`` and
     ``delta = rowsum(dout * out)``: exactly this piece's share of the whole call's gradient (the
@@ -185,7 +186,10 @@ def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
         grads = _fused_attention_backward(qf[:, part], kf[:, part], vf[:, part], out_f[:, part], dout_f[:, part],
                                           lse_f[:, part].contiguous(), causal, scale)
         for acc, grad in zip((dq_f[:, part], dk_f[:, part], dv_f[:, part]), grads):
-            acc += grad
+            if fresh:
+                acc.copy_(grad)
+            else:
+                acc += grad
         del grads
     return True
 
@@ -334,22 +338,25 @@ class TritonBackend:
         tiles = on_device(sparse_tiles, q, structure, launch.block_m)
         self._forward(q, k, v, tiles, structure, scale, out, lse, False, fresh)
 
-    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None):
+    def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None, *,
+                       fresh=False):
         causal = bool(causal)
-        if flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv):
+        if flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv, fresh):
             return
         q_tiles = on_device(exact_tiles, q, segments, causal, query_launch(q.shape[3], v.shape[3]).block_m)
-        k_tiles = on_device(exact_key_tiles, q, segments, causal, key_launch(q.shape[3], v.shape[3]).block_n)
-        self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal)
+        k_tiles = on_device(exact_key_tiles, q, segments, causal, key_launch(q.shape[3], v.shape[3]).block_n, fresh)
+        self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal, fresh)
 
-    def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv):
+    def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *,
+                        fresh=False):
         q_tiles = on_device(sparse_tiles, q, structure, query_launch(q.shape[3], v.shape[3]).block_m)
         block_n = key_launch(q.shape[3], v.shape[3]).block_n
-        k_tiles = [(on_device(sparse_key_tiles, q, structure, block_n), False)]
+        # fresh: blocks without queries too, so that every key of the segments is written
+        k_tiles = [(on_device(sparse_key_tiles, q, structure, block_n, fresh), False)]
         if structure.sample_size > 0:
             row_chunk = tile_tables.SAMPLE_ROW_CHUNK
             k_tiles.append((on_device(sample_key_tiles, q, structure, block_n, row_chunk), True))
-        self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False)
+        self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False, fresh)
 
     # -- launches -------------------------------------------------------------------------------
     def _indices(self, q, structure):
@@ -414,8 +421,10 @@ class TritonBackend:
             CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, FRESH=fresh, **meta,
         )
 
-    def _backward(self, q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, causal):
-        """dQ over the query tiles, then dK/dV over each (key tiles, are they sample slots) table."""
+    def _backward(self, q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, causal, fresh):
+        """dQ over the query tiles, then dK/dV over each (key tiles, are they sample slots) table;
+        ``fresh``: the dQ and the first key table's kernels write instead of adding (sample slots,
+        later in the same stream, always add)."""
         ix = self._indices(q, structure)
         delta = delta.contiguous() if delta.stride() != lse.stride() else delta
         group = q.shape[1] // k.shape[1]
@@ -427,7 +436,7 @@ class TritonBackend:
                 ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *common, *dq.stride(), *ix["order_strides"], *ix["sample_strides"],
                 q.shape[1], group, scale, scale * kernels.LOG2E, ix["m"],
-                CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, **meta,
+                CAUSAL=causal, HAS_SAMPLES=ix["m"] > 0, FRESH=fresh, **meta,
             )
         meta = self._meta(q, v, key_launch(q.shape[3], v.shape[3]), structure is not None, k, dout, dk, dv, lse)
         for tiles, samples in k_tiles:
@@ -439,5 +448,5 @@ class TritonBackend:
                 ix["q_order"], ix["k_order"], q_blocks, ix["samples"], ix["sample_blocks"], ix["log_w"],
                 *common, *dk.stride(), *dv.stride(), *ix["order_strides"], *ix["sample_strides"],
                 k.shape[1], group, scale, scale * kernels.LOG2E,
-                CAUSAL=causal and not samples, SAMPLES=samples, **meta,
+                CAUSAL=causal and not samples, SAMPLES=samples, FRESH=fresh and not samples, **meta,
             )

@@ -190,9 +190,10 @@ def attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, FRESH: tl.constexpr,
 ):
-    """dQ of a query tile: its rows are owned, so dQ is read, added to and written once."""
+    """dQ of a query tile: its rows are owned, so dQ is read, added to and written once (written
+    without reading when FRESH: the call's first piece)."""
     b, h, hk = _program_heads(num_heads, group)
     seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
     rows, mask_m = _positions(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, PERMUTED, WIDE)
@@ -226,7 +227,9 @@ def attention_bwd_dq_kernel(
                           PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + offs_d[None, :] * sdq_d
     dq_mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq, mask=dq_mask)
+    if not FRESH:
+        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0)
+    tl.store(dq_ptrs, dq, mask=dq_mask)
 
 
 @triton.jit
@@ -240,7 +243,7 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, FRESH: tl.constexpr,
 ):
     """dK, dV of a key tile (block keys, exact keys, or sample slots) over rows [q0, q1) of every
     query head of its KV head; program axis 1 runs over batch x KV heads."""
@@ -287,9 +290,12 @@ def attention_bwd_dkdv_kernel(
     if SAMPLES:  # every chunk of rows adds into the same sample keys, and draws repeat
         tl.atomic_add(dk_ptrs, dk, mask=dk_mask)
         tl.atomic_add(dv_ptrs, dv, mask=dv_mask)
-    else:  # this tile owns its keys within the launch
-        tl.store(dk_ptrs, tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk, mask=dk_mask)
-        tl.store(dv_ptrs, tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv, mask=dv_mask)
+    else:  # this tile owns its keys within the launch (FRESH: and no earlier piece wrote them)
+        if not FRESH:
+            dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
+            dv += tl.load(dv_ptrs, mask=dv_mask, other=0.0)
+        tl.store(dk_ptrs, dk, mask=dk_mask)
+        tl.store(dv_ptrs, dv, mask=dv_mask)
 
 
 @triton.jit

@@ -76,13 +76,14 @@ def exact_tiles(segments: Segments, causal: bool, block_m: int) -> np.ndarray:
     return _table(seg, 0, q0, q1, segments.k_start[seg], k1, diag)
 
 
-def exact_key_tiles(segments: Segments, causal: bool, block_n: int) -> np.ndarray:
-    """Key side, [T, 7] (segment, 0, k0, k1, q0, q1, diag): every key tile with the rows that see it."""
+def exact_key_tiles(segments: Segments, causal: bool, block_n: int, keep_empty: bool = False) -> np.ndarray:
+    """Key side, [T, 7] (segment, 0, k0, k1, q0, q1, diag): every key tile with the rows that see it
+    (and, with ``keep_empty``, the tiles no row sees: a fresh backward writes their zeros)."""
     seg, k0, k1 = split_ranges(segments.k_start, segments.k_end, block_n)
     diag = (segments.k_end - segments.q_end)[seg]
     q0 = np.maximum(segments.q_start[seg], k0 - diag) if causal else segments.q_start[seg]
     tiles = _table(seg, 0, k0, k1, q0, segments.q_end[seg], diag)
-    return tiles[tiles[:, 4] < tiles[:, 5]]
+    return tiles if keep_empty else tiles[tiles[:, 4] < tiles[:, 5]]
 
 
 def _blocks(structure: SparseStructure):
@@ -103,12 +104,13 @@ def sparse_tiles(structure: SparseStructure, block_m: int) -> np.ndarray:
     return _table(seg[owner], blk[owner], t0, t1, k0[owner], k1[owner], 0)
 
 
-def sparse_key_tiles(structure: SparseStructure, block_n: int) -> np.ndarray:
-    """Key side, [T, 7] (segment, block, sorted k0, k1, sorted q0, q1, 0): each block's keys in tiles."""
+def sparse_key_tiles(structure: SparseStructure, block_n: int, keep_empty: bool = False) -> np.ndarray:
+    """Key side, [T, 7] (segment, block, sorted k0, k1, sorted q0, q1, 0): each block's keys in tiles
+    (with ``keep_empty`` also those of blocks without queries, see ``exact_key_tiles``)."""
     seg, blk, k0, k1, q0, q1 = _blocks(structure)
     owner, t0, t1 = split_ranges(k0, k1, block_n)
     tiles = _table(seg[owner], blk[owner], t0, t1, q0[owner], q1[owner], 0)
-    return tiles[tiles[:, 4] < tiles[:, 5]]
+    return tiles if keep_empty else tiles[tiles[:, 4] < tiles[:, 5]]
 
 
 def sample_key_tiles(structure: SparseStructure, block_n: int, row_chunk: int = SAMPLE_ROW_CHUNK) -> np.ndarray:
