@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -78,6 +79,9 @@ def run(args) -> dict:
         row = {"seq_len": n}
         for method in ("sdpa", "hyper"):
             if args.device.startswith("cuda"):
+                # free what earlier steps left in reference cycles (autograd graphs, closures): it
+                # would count in this method's peak (seen as ~3 GiB on both methods at N=131072)
+                gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             q, k, v = make_inputs(

@@ -382,10 +382,11 @@ def test_gpu_131072_tokens(causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal, n_k", [(False, 40000), (True, 16384), (True, 17000)])
-def test_gpu_fresh_pieces_never_read_uninitialised_memory(causal, n_k, monkeypatch):
+@pytest.mark.parametrize("causal, n_k, chunked", [(False, 40000, False), (True, 16384, True), (True, 17000, False)])
+def test_gpu_fresh_pieces_never_read_uninitialised_memory(causal, n_k, chunked, monkeypatch):
     """The whole call, forward and backward (cuDNN leaves, sparse kernels), with every buffer the core
-    allocates uninitialised filled with NaN: the same finite results as with ordinary allocations."""
+    allocates uninitialised filled with NaN: the same finite results as with ordinary allocations
+    (``chunked``: the poisoned run's backward goes one head at a time)."""
     from hyperattn import algorithm
 
     q = torch.randn(1, 2, 16384, 64, device="cuda", dtype=torch.bfloat16)
@@ -402,6 +403,8 @@ def test_gpu_fresh_pieces_never_read_uninitialised_memory(causal, n_k, monkeypat
     plain = run()
     real = algorithm.array_namespace
     monkeypatch.setattr(algorithm, "array_namespace", lambda *arrays: _Poisoned(real(*arrays)))
+    if chunked:
+        monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", 1)
     poisoned = run()
     for name, a, b in zip(("out", "dq", "dk", "dv"), plain, poisoned):
         assert torch.isfinite(b).all(), name
@@ -594,3 +597,19 @@ def test_first_fused_follows_the_order_and_falls_back(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="no fused attention kernel"):
         triton_module._first_fused(lambda: "cudnn", lambda: "flash")
+
+
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[1], (1, 4, 2, 70, 70, 16, 8, False)])
+def test_backward_in_chunks_of_heads_matches_one_pass(case, monkeypatch):
+    """The head-chunked backward (sliced inputs and structures, strided kernels) equals one pass."""
+    from hyperattn import algorithm
+
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = case
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=6))
+    whole, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", 1)
+    chunked, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    for backend in ("reference", "triton"):
+        for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), chunked[backend], whole[backend]):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f"{backend} {name}")

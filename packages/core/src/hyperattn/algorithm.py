@@ -231,12 +231,21 @@ def run_forward(backend: Backend, plan: Plan, q, k, v):
     return out, lse
 
 
-def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=None):
-    """Gradients (dq, dk, dv) in the accumulator dtype of the output ``out`` with final ``lse``.
+#: Bytes of accumulator-dtype gradients (dq, dk, dv) one backward pass holds at most: a larger
+#: call runs its backward in chunks of KV heads (with their query heads), each written into the
+#: final gradients before the next starts (fp32 accumulators of a whole 131072-token call are
+#: 3 GiB next to 1.5 GiB of bf16 gradients, the backward's memory peak).
+BACKWARD_CHUNK_BYTES = 1 << 30
+
+
+def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=None, grad_dtype=None):
+    """Gradients (dq, dk, dv) of the output ``out`` with final ``lse``.
 
     ``out`` and ``dout`` may be in q's dtype or the accumulator's; kernels read them as they are.
     ``dlse`` [B, Hq, Nq] (optional) is the gradient with respect to the returned log-sum-exp:
     since d lse_i / d s_ij = p_ij it folds into ``delta_i = dout_i · out_i - dlse_i``.
+    The gradients are in the accumulator dtype, or in ``grad_dtype`` when the call is run in
+    chunks of heads (see BACKWARD_CHUNK_BYTES); the caller converts what is left.
     """
     xp = array_namespace(q)
     dtype = _accumulator_dtype(xp, q)
@@ -248,6 +257,34 @@ def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=Non
                           for h in range(q.shape[1])], axis=1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, dtype)
+    kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
+    per_kv_head = (group * q.shape[2] * q.shape[3] + k.shape[2] * (k.shape[3] + v.shape[3])) * q.shape[0] * 4
+    step = max(1, BACKWARD_CHUNK_BYTES // max(per_kv_head, 1))
+    if step >= kv_heads:
+        return _backward_heads(backend, plan, q, k, v, out, lse, dout, delta, dlse is None, dtype)
+    final = [xp.empty(x.shape, dtype=grad_dtype or dtype, device=device(q)) for x in (q, k, v)]
+    for start in range(0, kv_heads, step):
+        stop = min(start + step, kv_heads)
+        rows, keys = slice(start * group, stop * group), slice(start, stop)
+        chunk = Plan(tuple(_piece_heads(piece, start, stop, group) for piece in plan.pieces), plan.scale)
+        grads = _backward_heads(backend, chunk, q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, rows],
+                                dout[:, rows], delta[:, rows], dlse is None, dtype)
+        for target, heads, grad in zip(final, (rows, keys, keys), grads):
+            target[:, heads] = grad
+        del grads
+    return tuple(final)
+
+
+def _piece_heads(piece, start: int, stop: int, group: int):
+    """``piece`` restricted to KV heads [start, stop) (exact pieces do not depend on heads)."""
+    if isinstance(piece, ExactPiece):
+        return piece
+    return SparsePiece(piece.structure.kv_heads(start, stop, group))
+
+
+def _backward_heads(backend, plan, q, k, v, out, lse, dout, delta, give_out: bool, dtype):
+    """(dq, dk, dv) in ``dtype`` of every piece of ``plan`` on these heads."""
+    xp = array_namespace(q)
     # the first piece writes its rows and keys (``fresh``) instead of adding to zeros: no fill, no
     # read-modify-write of three fp32 arrays the size of q, k and v; the rest is zeroed here
     dq = xp.empty(q.shape, dtype=dtype, device=device(q))
@@ -261,7 +298,7 @@ def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=Non
             zero_outside(dv, segments.k_start, segments.k_end)
         if isinstance(piece, ExactPiece):
             backend.exact_backward(q, k, v, lse, dout, delta, piece.segments, piece.causal, plan.scale, dq, dk, dv,
-                                   out=out if dlse is None else None, fresh=i == 0)
+                                   out=out if give_out else None, fresh=i == 0)
         else:
             backend.sparse_backward(q, k, v, lse, dout, delta, piece.structure, plan.scale, dq, dk, dv, fresh=i == 0)
     return dq, dk, dv

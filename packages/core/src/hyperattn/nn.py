@@ -38,7 +38,8 @@ class _PlannedAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dout_n = backend.to_native(dout)
         dlse_n = None if dlse is None else backend.to_native(dlse)
-        dq, dk, dv = run_backward(backend, plan, qn, kn, vn, backend.to_native(out), lse_n, dout_n, dlse_n)
+        dq, dk, dv = run_backward(backend, plan, qn, kn, vn, backend.to_native(out), lse_n, dout_n, dlse_n,
+                                  grad_dtype=qn.dtype)
         # one gradient at a time: each accumulator is freed as soon as it is converted
         grads = [dq, dk, dv]
         del dq, dk, dv

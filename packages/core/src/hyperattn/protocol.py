@@ -16,6 +16,7 @@ Conventions, for every kernel:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -155,6 +156,12 @@ class SparseStructure:
     @property
     def sample_size(self) -> int:
         return 0 if self.samples is None else int(self.samples.shape[-1])
+
+    def kv_heads(self, start: int, stop: int, group: int) -> SparseStructure:
+        """The structure of KV heads [start, stop) and their query heads [start * group, stop * group)."""
+        return dataclasses.replace(
+            self, q_order=self.q_order[:, start * group:stop * group], k_order=self.k_order[:, start:stop],
+            k_rank=self.k_rank[:, start:stop], samples=None if self.samples is None else self.samples[:, start:stop])
 
 
 @dataclass(frozen=True)
