@@ -613,3 +613,28 @@ def test_backward_in_chunks_of_heads_matches_one_pass(case, monkeypatch):
     for backend in ("reference", "triton"):
         for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), chunked[backend], whole[backend]):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f"{backend} {name}")
+
+
+def test_sdpa_in_order_changes_the_priority_for_one_call_only():
+    """cuDNN-first SDPA through two C calls: the same output as SDPA, PyTorch's priority restored
+    afterwards, also when SDPA raises."""
+    from hyperattn_triton.backend import SDPA_ORDER, sdpa_in_order
+
+    before = torch._C._get_sdp_priority_order()
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order())
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        out = sdpa_in_order(q, k, v, True, 0.3)
+    torch.testing.assert_close(out, real(q, k, v, is_causal=True, scale=0.3), rtol=0, atol=0)
+    assert seen[0][:len(SDPA_ORDER)] == [int(b) for b in SDPA_ORDER] and sorted(seen[0]) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(RuntimeError):
+        sdpa_in_order(q, k[:, :, :, :4], v, False, 0.3)
+    assert torch._C._get_sdp_priority_order() == before

@@ -113,3 +113,37 @@ def test_module_checks_input_dim():
         hyperattn.HyperAttention(input_dim=64)(q, k, v)
     with pytest.raises(ValueError, match=r"block_size must be an int >= 1, got -2"):
         hyperattn.HyperAttention(input_dim=8, block_size=-2)
+
+
+def test_torch_fast_path_agrees_with_the_full_checks():
+    """Plain torch tensors take a short validation path: the same Problem as the full checks when
+    valid, and no verdict (the full checks then raise) otherwise."""
+    from hyperattn.api import _valid_torch_problem, _validate_slowly
+
+    def qkv(q_shape, k_shape, v_shape, dtype=torch.float32, grad=False):
+        return [torch.zeros(s, dtype=dtype).requires_grad_(grad) for s in (q_shape, k_shape, v_shape)]
+
+    valid = [
+        (qkv((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 8)), False),
+        (qkv((2, 2, 5, 4), (2, 2, 9, 4), (2, 2, 9, 4), torch.bfloat16, grad=True), True),
+        ([x.transpose(1, 2) for x in qkv((1, 8, 2, 4), (1, 8, 2, 4), (1, 8, 2, 4))], False),
+    ]
+    for arrays, causal in valid:
+        assert _valid_torch_problem(*arrays, causal) == _validate_slowly(*arrays, causal=causal)
+    with torch.no_grad():
+        arrays = qkv((1, 1, 4, 4), (1, 1, 4, 4), (1, 1, 4, 4), grad=True)
+        assert _valid_torch_problem(*arrays, False) == _validate_slowly(*arrays, causal=False)
+        assert not _valid_torch_problem(*arrays, False).requires_grad
+    invalid = [
+        (qkv((1, 1, 9, 4), (1, 1, 8, 4), (1, 1, 8, 4)), True),  # causal with Nq > Nk
+        (qkv((1, 3, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)), False),  # heads
+        (qkv((1, 1, 8, 4), (1, 1, 8, 5), (1, 1, 8, 4)), False),  # head dims
+        (qkv((1, 1, 0, 4), (1, 1, 8, 4), (1, 1, 8, 4)), False),  # empty
+        (qkv((1, 8, 4), (1, 1, 8, 4), (1, 1, 8, 4)), False),  # three dims
+        (qkv((1, 1, 8, 4), (1, 1, 8, 4), (1, 1, 8, 4), torch.int32), False),
+        (qkv((1, 1, 8, 4), (1, 1, 8, 4), (1, 1, 8, 4)), 1),  # causal not a bool
+        ([torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4, dtype=torch.float64), torch.zeros(1, 1, 8, 4)], False),
+        ([torch.nn.Parameter(torch.zeros(1, 1, 8, 4)), torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4)], False),
+    ]
+    for arrays, causal in invalid:
+        assert _valid_torch_problem(*arrays, causal) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,32 @@ class Problem:
 
 def validate_inputs(q, k, v, *, causal: bool) -> Problem:
     """Check q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv]; raise naming what is wrong."""
+    problem = _valid_torch_problem(q, k, v, causal)
+    return problem if problem is not None else _validate_slowly(q, k, v, causal=causal)
+
+
+def _valid_torch_problem(q, k, v, causal) -> Problem | None:
+    """The Problem of three plain torch tensors that pass every check, else None (the full checks
+    then run and name what is wrong).  Short calls are host-bound: this path costs a third."""
+    torch = sys.modules.get("torch")
+    if torch is None or not (type(q) is type(k) is type(v) is torch.Tensor) or type(causal) is not bool:
+        return None
+    dtype = q.dtype
+    if not (dtype is k.dtype is v.dtype and dtype.is_floating_point and q.device == k.device == v.device):
+        return None
+    if not (q.dim() == k.dim() == v.dim() == 4 and q.numel() and k.numel() and v.numel()):
+        return None
+    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = q.shape, k.shape, v.shape
+    if not (batch == kb == vb and kv_heads == vh and n_k == vn and kd == head_dim and q_heads % kv_heads == 0):
+        return None
+    name = _arrays.dtype_name(q)
+    if name not in _arrays.FLOAT_DTYPES or (causal and n_q > n_k):
+        return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return Problem("torch", str(q.device), name, batch, q_heads, kv_heads, n_q, n_k, head_dim, v_head_dim, grad)
+
+
+def _validate_slowly(q, k, v, *, causal: bool) -> Problem:
     arrays = {"q": q, "k": k, "v": v}
     kinds = {name: _arrays.array_type(x) for name, x in arrays.items()}
     for name, kind in kinds.items():
@@ -200,7 +227,7 @@ def attention(
     Calls shorter than ``min_seq_len``, or short enough that the backend's exact attention is
     faster (``Capabilities.exact_below``), are computed exactly.
     """
-    config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len)
+    config = _config(block_size, sample_size, lsh_num_projs, min_seq_len)
     problem = validate_inputs(q, k, v, causal=causal)
     scale = resolve_scale(scale, problem.head_dim)
     _check_flag("return_lse", return_lse)
@@ -218,6 +245,18 @@ def attention(
         )
 
     return execute(impl, q, k, v, make_plan, return_lse=return_lse, problem=problem)
+
+
+def _config(block_size, sample_size, lsh_num_projs, min_seq_len) -> HyperAttentionConfig:
+    """The validated config, made once per distinct plain-int parameters."""
+    if all(type(x) is int for x in (block_size, sample_size, lsh_num_projs, min_seq_len)):
+        return _cached_config(block_size, sample_size, lsh_num_projs, min_seq_len)
+    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_config(block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int) -> HyperAttentionConfig:
+    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len)
 
 
 def fused_exact(backend: Backend, q, k, v, problem: Problem, *, causal: bool, scale: float, return_lse: bool,
