@@ -86,6 +86,33 @@ def _cols_of(base, idx, s_n, offs_c, s_c, mask, n_cols):
 
 
 @triton.jit
+def _block_keys(start, k1, k_order, k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, rows, diag,
+                HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
+                CAUSAL: tl.constexpr, WIDE: tl.constexpr):
+    """K^T [D_PAD, BLOCK_N] and V [BLOCK_N, DV_PAD] of key positions [start, start + BLOCK_N) clipped
+    to k1 (through ``k_order`` when PERMUTED), and which (row, key) pairs count: [1 or rows, BLOCK_N]."""
+    keys, mask_n = _positions(start, k1, k_order, BLOCK_N, PERMUTED, WIDE)
+    kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, mask_n, HEAD_DIM)
+    vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, mask_n, V_DIM)
+    valid = mask_n[None, :]
+    if CAUSAL:
+        valid = valid & (keys[None, :] <= rows[:, None] + diag)
+    return kt, vv, valid
+
+
+@triton.jit
+def _sample_keys(start, num_samples, samples_row, blocks_row, blk, k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d,
+                 offs_v, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+    """K^T and V of sample slots [start, start + BLOCK_N), and which count: [1, BLOCK_N], the slots
+    drawn from key block ``blk`` (the rows' own block, computed exactly) left out."""
+    keys, key_blocks, mask_n = _samples(start, num_samples, samples_row, blocks_row, BLOCK_N, WIDE)
+    keep = mask_n & (key_blocks != blk)
+    kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, keep, HEAD_DIM)
+    vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, keep, V_DIM)
+    return kt, vv, keep[None, :]
+
+
+@triton.jit
 def _online_step(q, kt, vv, valid, bias2, m_i, l_i, acc, scale2, PRECISION: tl.constexpr):
     s = tl.dot(q, kt, input_precision=PRECISION) * scale2 + bias2
     s = tl.where(valid, s, -float("inf"))
@@ -150,23 +177,17 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     for start in range(k0, k1, BLOCK_N):
-        keys, mask_n = _positions(start, k1, KOrder + b * sko_b + hk * sko_h, BLOCK_N, PERMUTED, WIDE)
-        kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, mask_n, HEAD_DIM)
-        vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, mask_n, V_DIM)
-        valid = mask_n[None, :]
-        if CAUSAL:
-            valid = valid & (keys[None, :] <= rows[:, None] + diag)
+        kt, vv, valid = _block_keys(start, k1, KOrder + b * sko_b + hk * sko_h, k_base, v_base, sk_n, sk_d, sv_n,
+                                    sv_d, offs_d, offs_v, rows, diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, WIDE)
         m_i, l_i, acc = _online_step(q, kt, vv, valid, 0.0, m_i, l_i, acc, scale2, PRECISION)
     if HAS_SAMPLES:
         log_w2 = tl.load(LogW + seg) * 1.4426950408889634
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         for start in range(0, num_samples, BLOCK_N):
-            keys, key_blocks, mask_n = _samples(start, num_samples, Samples + sample_row, SampleBlock + sample_row,
-                                                BLOCK_N, WIDE)
-            keep = mask_n & (key_blocks != blk)
-            kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, keep, HEAD_DIM)
-            vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, keep, V_DIM)
-            m_i, l_i, acc = _online_step(q, kt, vv, keep[None, :], log_w2, m_i, l_i, acc, scale2, PRECISION)
+            kt, vv, keep = _sample_keys(start, num_samples, Samples + sample_row, SampleBlock + sample_row, blk,
+                                        k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
+                                        BLOCK_N, WIDE)
+            m_i, l_i, acc = _online_step(q, kt, vv, keep, log_w2, m_i, l_i, acc, scale2, PRECISION)
     _store_partial(Out + b * so_b + h * so_h, Lse + b * sl_b + h * sl_h, rows, mask_m, offs_v, so_n, so_d, sl_n,
                    m_i, l_i, acc, V_DIM, FRESH)
 
@@ -207,24 +228,17 @@ def attention_bwd_dq_kernel(
     v_base = V + b * sv_b + hk * sv_h
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start in range(k0, k1, BLOCK_N):
-        keys, mask_n = _positions(start, k1, KOrder + b * sko_b + hk * sko_h, BLOCK_N, PERMUTED, WIDE)
-        kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, mask_n, HEAD_DIM)
-        vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, mask_n, V_DIM)
-        valid = mask_n[None, :] & mask_m[:, None]
-        if CAUSAL:
-            valid = valid & (keys[None, :] <= rows[:, None] + diag)
-        dq = _dq_step(q, do, kt, vv, valid, 0.0, lse2, delta, dq, scale, scale2, PRECISION)
+        kt, vv, valid = _block_keys(start, k1, KOrder + b * sko_b + hk * sko_h, k_base, v_base, sk_n, sk_d, sv_n,
+                                    sv_d, offs_d, offs_v, rows, diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, WIDE)
+        dq = _dq_step(q, do, kt, vv, valid & mask_m[:, None], 0.0, lse2, delta, dq, scale, scale2, PRECISION)
     if HAS_SAMPLES:
         log_w2 = tl.load(LogW + seg) * 1.4426950408889634
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         for start in range(0, num_samples, BLOCK_N):
-            keys, key_blocks, mask_n = _samples(start, num_samples, Samples + sample_row, SampleBlock + sample_row,
-                                                BLOCK_N, WIDE)
-            keep = mask_n & (key_blocks != blk)
-            kt = _cols_of(k_base, keys, sk_n, offs_d, sk_d, keep, HEAD_DIM)
-            vv = _rows_of(v_base, keys, sv_n, offs_v, sv_d, keep, V_DIM)
-            dq = _dq_step(q, do, kt, vv, keep[None, :] & mask_m[:, None], log_w2, lse2, delta, dq, scale, scale2,
-                          PRECISION)
+            kt, vv, keep = _sample_keys(start, num_samples, Samples + sample_row, SampleBlock + sample_row, blk,
+                                        k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
+                                        BLOCK_N, WIDE)
+            dq = _dq_step(q, do, kt, vv, keep & mask_m[:, None], log_w2, lse2, delta, dq, scale, scale2, PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + offs_d[None, :] * sdq_d
     dq_mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     if not FRESH:
