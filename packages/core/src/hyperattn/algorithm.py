@@ -291,8 +291,8 @@ def _backward_heads(backend, plan, q, k, v, out, lse, dout, delta, give_out: boo
     dk = xp.empty(k.shape, dtype=dtype, device=device(q))
     dv = xp.empty(v.shape, dtype=dtype, device=device(q))
     for i, piece in enumerate(plan.pieces):
-        segments = piece.segments if isinstance(piece, ExactPiece) else piece.structure.segments
         if i == 0:
+            segments = piece.segments if isinstance(piece, ExactPiece) else piece.structure.segments
             zero_outside(dq, segments.q_start, segments.q_end)
             zero_outside(dk, segments.k_start, segments.k_end)
             zero_outside(dv, segments.k_start, segments.k_end)

@@ -55,9 +55,9 @@ def _valid_torch_problem(q, k, v, causal) -> Problem | None:
         return None
     if not (q.dim() == k.dim() == v.dim() == 4 and q.numel() and k.numel() and v.numel()):
         return None
-    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = q.shape, k.shape, v.shape
-    if not (batch == kb == vb and kv_heads == vh and n_k == vn and kd == head_dim and q_heads % kv_heads == 0):
+    if not _shapes_agree(q.shape, k.shape, v.shape):
         return None
+    (batch, q_heads, n_q, head_dim), (_, kv_heads, n_k, _), (_, _, _, v_head_dim) = q.shape, k.shape, v.shape
     name = _arrays.dtype_name(q)
     if name not in _arrays.FLOAT_DTYPES or (causal and n_q > n_k):
         return None
@@ -89,9 +89,9 @@ def _validate_slowly(q, k, v, *, causal: bool) -> Problem:
             layout = {"q": "[B, Hq, Nq, D]", "k": "[B, Hk, Nk, D]", "v": "[B, Hk, Nk, Dv]"}[name]
             problem = "have 4 dimensions" if len(shape) != 4 else "not be empty:"
             raise ValueError(f"{name} must {problem} {layout}, got shape {shape}")
-    (batch, q_heads, n_q, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, v_head_dim) = shape_of.values()
-    if not (batch == kb == vb and kv_heads == vh and n_k == vn and kd == head_dim and q_heads % kv_heads == 0):
+    if not _shapes_agree(*shape_of.values()):
         _raise_shape_mismatch(shape_of)  # the message is built only then
+    (batch, q_heads, n_q, head_dim), (_, kv_heads, n_k, _), (_, _, _, v_head_dim) = shape_of.values()
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     if causal and n_q > n_k:
@@ -102,6 +102,13 @@ def _validate_slowly(q, k, v, *, causal: bool) -> Problem:
         kinds["q"], devices["q"], dtypes["q"], batch, q_heads, kv_heads, n_q, n_k, head_dim, v_head_dim,
         kinds["q"] == "torch" and _arrays.requires_grad(q, k, v),
     )
+
+
+def _shapes_agree(q_shape, k_shape, v_shape) -> bool:
+    """One batch size, k and v with the same heads and length, q and k with the same head dim, and
+    query heads a multiple of the KV heads (shapes of 4 dimensions)."""
+    (batch, q_heads, _, head_dim), (kb, kv_heads, n_k, kd), (vb, vh, vn, _) = q_shape, k_shape, v_shape
+    return batch == kb == vb and kv_heads == vh and n_k == vn and kd == head_dim and q_heads % kv_heads == 0
 
 
 def _raise_shape_mismatch(shape_of: dict) -> None:

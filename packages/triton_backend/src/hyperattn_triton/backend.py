@@ -47,7 +47,6 @@ EXACT_BELOW = (16384, 40960)
 #: SDPA kernels for whole exact calls, fastest first on Hopper.
 SDPA_ORDER = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.FLASH_ATTENTION,
               torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
-_SDPA_FIRST = [int(backend) for backend in SDPA_ORDER]
 
 
 def sdpa_in_order(q, k, v, causal: bool, scale: float):
@@ -56,12 +55,14 @@ def sdpa_in_order(q, k, v, causal: bool, scale: float):
     stay disabled.  Two C calls instead of ``sdpa_kernel(..., set_priority=True)`` (~15 us of
     Python, which short host-bound calls feel)."""
     previous = torch._C._get_sdp_priority_order()
-    first = _SDPA_FIRST
+    first = [int(backend) for backend in SDPA_ORDER]
     torch._C._set_sdp_priority_order(first + [backend for backend in previous if backend not in first])
     try:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     finally:
         torch._C._set_sdp_priority_order(previous)
+
+
 #: Rows per program of the LSH hashing kernel; ``use_dot``: projections as one fp32 ``tl.dot``
 #: rather than multiply-and-reduce passes (half as fast on an H200: benchmarks/results/micro_h200_cd0fbf2.txt).
 LSH_LAUNCH = {"block": 128, "warps": 2, "use_dot": False}
