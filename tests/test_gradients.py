@@ -122,3 +122,17 @@ def test_backward_in_chunks_of_heads_equals_one_pass(case, with_lse, monkeypatch
     for got, want in zip(grads(), whole):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kv_heads", "per_head", "budget", "want"),
+                         [(32, 96, 1024, 8), (32, 96, 512, 5), (32, 96, 4096, 32), (8, 100, 1, 1), (7, 10, 30, 3)])
+def test_backward_chunks_are_equal_and_within_the_budget(kv_heads, per_head, budget, want, monkeypatch):
+    """As few chunks as the byte budget allows, of equal size (no small last chunk idling the GPU)."""
+    from hyperattn import algorithm
+
+    monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", budget)
+    step = algorithm.backward_chunk_heads(kv_heads, per_head)
+    assert step == want
+    assert step * per_head <= max(budget, per_head)
+    chunks = -(-kv_heads // step)
+    assert chunks == -(-kv_heads // max(1, budget // per_head))  # no more chunks than the budget needs
