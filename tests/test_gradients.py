@@ -136,3 +136,27 @@ def test_backward_chunks_are_equal_and_within_the_budget(kv_heads, per_head, bud
     assert step * per_head <= max(budget, per_head)
     chunks = -(-kv_heads // step)
     assert chunks == -(-kv_heads // max(1, budget // per_head))  # no more chunks than the budget needs
+
+
+def test_backward_chunks_free_each_accumulator_before_the_next(monkeypatch):
+    """Each chunk's accumulators are gone (converted into the final gradients) before the next
+    chunk allocates its own: at most one chunk of accumulators is ever alive (the memory peak)."""
+    import weakref
+
+    from hyperattn import algorithm
+
+    case = (1, 4, 2, 19, 19, 4, 3, True)
+    alive = []
+    real = algorithm._backward_heads
+
+    def recording(*args, **kwargs):
+        assert all(ref() is None for ref in alive), "an earlier chunk's accumulator is still alive"
+        grads = real(*args, **kwargs)
+        alive.extend(weakref.ref(g) for g in grads)
+        return grads
+
+    monkeypatch.setattr(algorithm, "_backward_heads", recording)
+    monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", 1)  # one KV head per chunk
+    q, k, v = _tensors(case, seed=2)
+    hyperattn.attention(q, k, v, causal=True, seed=4, backend="reference", **TINY).sum().backward()
+    assert len(alive) == 3 * case[2]  # two chunks ran
