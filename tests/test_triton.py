@@ -239,6 +239,24 @@ def test_row_dot_is_the_fp32_row_sum_of_products():
     torch.testing.assert_close(got, (a.double() * b.double()).sum(-1).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_into_widens_rows_of_strided_views(dtype, add):
+    """The exact pieces' half-precision results go into fp32 accumulators through cast_into: a
+    copy (or an add) through both views' strides, padded head dim included."""
+    from hyperattn_triton import backend, kernels
+
+    src = torch.randn(2, 5, 3, 40, device=DEVICE).to(dtype).transpose(1, 2)  # [2, 3, 5, 40], strided
+    dst = torch.randn(2, 3, 5, 48, device=DEVICE)[..., :40]  # fp32, rows padded to 48
+    want = dst + src.float() if add else src.float()
+    if DEVICE == "cpu":  # cast_into copies with torch there: run the kernel itself (interpreter)
+        kernels.cast_rows_kernel[(2, 6)](src, dst, 5, 3, *src.stride(), *dst.stride(), DIM=40, D_PAD=64, BLOCK=4,
+                                         ADD=add)
+    else:
+        backend.cast_into(dst, src, add=add)
+    torch.testing.assert_close(dst, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_strided_inputs_give_the_same_result_as_contiguous_ones(causal):
     """[B, N, H, D] tensors transposed to [B, H, N, D] (as attention layers make them), and a
@@ -310,6 +328,9 @@ for use_dot in (True, False):
     lsh = sig(kernels.lsh_codes_kernel, {"X": "*bf16", "P": "*fp32", "Codes": "*i32"},
               dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128, USE_DOT=use_dot))
     assert "cubin" in triton.compile(lsh, target=GPUTarget("cuda", 90, 32)).asm
+for add in (False, True):
+    cast = sig(kernels.cast_rows_kernel, {"Src": "*bf16", "Dst": "*fp32"}, dict(DIM=64, D_PAD=64, BLOCK=64, ADD=add))
+    assert "cubin" in triton.compile(cast, target=GPUTarget("cuda", 90, 32)).asm
 row_dot = sig(kernels.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"}, dict(DIM=64, D_PAD=64, BLOCK=64))
 assert "cubin" in triton.compile(row_dot, target=GPUTarget("cuda", 90, 32)).asm
 from hyperattn_triton import sorting

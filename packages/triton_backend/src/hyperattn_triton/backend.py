@@ -66,8 +66,28 @@ def sdpa_in_order(q, k, v, causal: bool, scale: float):
 #: Rows per program of the LSH hashing kernel; ``use_dot``: projections as one fp32 ``tl.dot``
 #: rather than multiply-and-reduce passes (half as fast on an H200: benchmarks/results/micro_h200_cd0fbf2.txt).
 LSH_LAUNCH = {"block": 128, "warps": 2, "use_dot": False}
-#: Rows per program of the backward's delta kernel.
+#: Rows per program of the backward's delta kernel and of the widening copy (``cast_into``).
 ROW_DOT_BLOCK = 64
+CAST_BLOCK = 64
+#: CUDA's limit on a launch grid's second axis (batch x heads in these kernels).
+MAX_GRID_Y = 65535
+
+
+def cast_into(dst, src, add: bool = False) -> None:
+    """``dst[...] = src`` (``add``: ``dst += src``) for [B, H, N, D] views, in one vectorised launch
+    when the dtypes differ on a GPU (PyTorch's widening copy runs at about half the bandwidth)."""
+    plain = src.dtype == dst.dtype or interpreting() or not dst.is_cuda
+    if plain or src.shape != dst.shape or dst.dim() != 4 or dst.shape[0] * dst.shape[1] > MAX_GRID_Y:
+        if add:
+            dst += src
+        else:
+            dst.copy_(src)
+        return
+    batch, heads, n, dim = dst.shape
+    kernels.cast_rows_kernel[(triton.cdiv(n, CAST_BLOCK), batch * heads)](
+        src, dst, n, heads, *src.stride(), *dst.stride(), DIM=dim, D_PAD=_pad(dim), BLOCK=CAST_BLOCK, ADD=add,
+        num_warps=4,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +189,7 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     o, row_lse = _fused_attention(qf, kf, vf, causal, scale)
     row_lse = row_lse.reshape(lse_view.shape)
     if fresh:  # the usual case (exact pieces run first): no merge, no fp32 temporaries
-        out_view.copy_(o)
+        cast_into(out_view, o)
         lse_view.copy_(row_lse)
     else:
         merge_partial(out_view, lse_view, o, row_lse)
@@ -202,10 +222,7 @@ def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
         grads = _fused_attention_backward(qf[:, part], kf[:, part], vf[:, part], out_f[:, part], dout_f[:, part],
                                           lse_f[:, part].contiguous(), causal, scale)
         for acc, grad in zip((dq_f[:, part], dk_f[:, part], dv_f[:, part]), grads):
-            if fresh:
-                acc.copy_(grad)
-            else:
-                acc += grad
+            cast_into(acc, grad, add=not fresh)
         del grads
     return True
 
