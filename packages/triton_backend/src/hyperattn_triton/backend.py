@@ -73,23 +73,6 @@ CAST_BLOCK = 64
 MAX_GRID_Y = 65535
 
 
-def cast_into(dst, src, add: bool = False) -> None:
-    """``dst[...] = src`` (``add``: ``dst += src``) for [B, H, N, D] views, in one vectorised launch
-    when the dtypes differ on a GPU (PyTorch's widening copy runs at about half the bandwidth)."""
-    plain = src.dtype == dst.dtype or interpreting() or not dst.is_cuda
-    if plain or src.shape != dst.shape or dst.dim() != 4 or dst.shape[0] * dst.shape[1] > MAX_GRID_Y:
-        if add:
-            dst += src
-        else:
-            dst.copy_(src)
-        return
-    batch, heads, n, dim = dst.shape
-    kernels.cast_rows_kernel[(triton.cdiv(n, CAST_BLOCK), batch * heads)](
-        src, dst, n, heads, *src.stride(), *dst.stride(), DIM=dim, D_PAD=_pad(dim), BLOCK=CAST_BLOCK, ADD=add,
-        num_warps=4,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Launch:
     block_m: int
@@ -176,6 +159,23 @@ def fold_views(tiling, q, k, v, query_side=(), key_side=()):
     if any(f.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for f, x in zip(rows + keys, sources)):
         return None  # strides that do not fold
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
+
+
+def cast_into(dst, src, add: bool = False) -> None:
+    """``dst[...] = src`` (``add``: ``dst += src``) for [B, H, N, D] views, in one vectorised launch
+    when the dtypes differ on a GPU (PyTorch's widening copy runs at about half the bandwidth)."""
+    plain = src.dtype == dst.dtype or interpreting() or not dst.is_cuda
+    if plain or src.shape != dst.shape or dst.dim() != 4 or dst.shape[0] * dst.shape[1] > MAX_GRID_Y:
+        if add:
+            dst += src
+        else:
+            dst.copy_(src)
+        return
+    batch, heads, n, dim = dst.shape
+    kernels.cast_rows_kernel[(triton.cdiv(n, CAST_BLOCK), batch * heads)](
+        src, dst, n, heads, *src.stride(), *dst.stride(), DIM=dim, D_PAD=_pad(dim), BLOCK=CAST_BLOCK, ADD=add,
+        num_warps=4,
+    )
 
 
 def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse, fresh: bool = False) -> bool:
