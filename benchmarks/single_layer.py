@@ -66,26 +66,27 @@ def device_name(device: str) -> str:
 
 def run(args) -> dict:
     mode = args.mode
+    on_gpu = args.device.startswith("cuda")
     causal = not args.no_causal
     kv_heads = args.kv_heads or args.heads
-    repeats = args.repeats or (10 if args.device.startswith("cuda") else 3)
+    repeats = args.repeats or (10 if on_gpu else 3)
     params = dict(
         block_size=args.block_size, sample_size=args.sample_size, lsh_num_projs=args.lsh_num_projs,
         min_seq_len=args.min_seq_len,
     )
-    peak_flops, bandwidth = measure_ceilings(args.device, args.dtype if args.device.startswith("cuda") else "float32")
+    peak_flops, bandwidth = measure_ceilings(args.device, args.dtype if on_gpu else "float32")
     rows = []
     for n in args.seq_lens:
         row = {"seq_len": n}
         for method in ("sdpa", "hyper"):
-            if args.device.startswith("cuda"):
+            if on_gpu:
                 # free what earlier steps left in reference cycles (autograd graphs, closures): it
                 # would count in this method's peak (seen as ~3 GiB on both methods at N=131072)
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             # what is still allocated (a library's caches, e.g. SDPA's) is not this method's peak
-            baseline = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
+            baseline = torch.cuda.memory_allocated() if on_gpu else 0
             q, k, v = make_inputs(
                 args.batch, args.heads, kv_heads, n, args.dim, args.dtype, args.device, requires_grad=mode != "fwd"
             )
@@ -99,8 +100,7 @@ def run(args) -> dict:
                 "tflops": flops / seconds / 1e12,
                 "floor_ms": floor * 1e3,
                 "fraction_of_floor": floor / seconds,
-                "peak_mem_gib": (torch.cuda.max_memory_allocated() - baseline) / 2**30
-                if args.device.startswith("cuda") else None,
+                "peak_mem_gib": (torch.cuda.max_memory_allocated() - baseline) / 2**30 if on_gpu else None,
                 "baseline_mem_gib": baseline / 2**30,
             }
             del q, k, v, step

@@ -9,14 +9,7 @@ launch configurations next to a variant that walks block keys and samples in one
 import triton
 import triton.language as tl
 
-from hyperattn_triton.kernels import _online_step, _program_heads, _store_partial, _tile
-
-
-@triton.jit
-def _gather_pos(start, end, Order, BLOCK: tl.constexpr, IDX: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < end
-    return tl.load(Order + offs, mask=mask, other=0).to(IDX), mask
+from hyperattn_triton.kernels import _index, _online_step, _positions, _program_heads, _rows_of, _store_partial, _tile
 
 
 @triton.jit
@@ -27,16 +20,15 @@ def sparse_fwd_merged(
     sqo_b, sqo_h, sko_b, sko_h, ss_b, ss_h, ss_s,
     num_heads, group, scale2, num_samples,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FRESH: tl.constexpr, IDX: tl.constexpr, KT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FRESH: tl.constexpr, WIDE: tl.constexpr, KT: tl.constexpr,
 ):
     """Block keys then samples in ONE pipelined loop; FRESH writes without reading Out/Lse."""
     b, h, hk = _program_heads(num_heads, group)
     seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
-    rows, mask_m = _gather_pos(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, IDX)
+    rows, mask_m = _positions(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, True, WIDE)
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _rows_of(Q + b * sq_b + h * sq_h, rows, sq_n, offs_d, sq_d, mask_m, HEAD_DIM)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     k_order = KOrder + b * sko_b + hk * sko_h
@@ -57,7 +49,7 @@ def sparse_fwd_merged(
         kb = tl.load(k_order + pb, mask=mb, other=0)
         ks = tl.load(Samples + sample_row + ps, mask=ms, other=0)
         sb = tl.load(SampleBlock + sample_row + ps, mask=ms, other=-1)
-        keys = tl.where(in_block, kb, ks).to(IDX)
+        keys = _index(tl.where(in_block, kb, ks), WIDE)
         keep = mb | (ms & (sb != blk))
         bias2 = tl.where(in_block, 0.0, log_w2)
         if KT:
@@ -168,9 +160,9 @@ if __name__ == "__main__":
     lse = torch.empty(q.shape[:3], device="cuda")
     lse_fill = torch.full(q.shape[:3], -math.inf, device="cuda")
     # the merged-loop variant (block keys and samples in one pipelined loop): slower at every setting
-    base = dict(block_m=128, block_n=128, warps=4, stages=2, fresh=True, idx=tl.int32, kt_=False, maxnreg=None)
+    base = dict(block_m=128, block_n=128, warps=4, stages=2, fresh=True, wide=False, kt_=False, maxnreg=None)
     changes = [{}, dict(kt_=True), dict(stages=3), dict(stages=1), dict(block_m=64), dict(block_n=64, stages=3),
-               dict(warps=8), dict(fresh=False), dict(idx=tl.int64), dict(maxnreg=128), dict(maxnreg=168)]
+               dict(warps=8), dict(fresh=False), dict(wide=True), dict(maxnreg=128), dict(maxnreg=168)]
     for change in changes:
         cfg = dict(base, **change)
         tiles = on_device(sparse_tiles, q, st, cfg["block_m"])
@@ -184,7 +176,7 @@ if __name__ == "__main__":
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                 *ix["order_strides"], *ix["sample_strides"], 32, 1, 0.125 * 1.4426950408889634, ix["m"],
                 HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-                FRESH=cfg["fresh"], IDX=cfg["idx"], KT=cfg["kt_"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+                FRESH=cfg["fresh"], WIDE=cfg["wide"], KT=cfg["kt_"], num_warps=cfg["warps"], num_stages=cfg["stages"],
                 **extra)
         label = "sparse_fwd_merged " + " ".join(f"{key}={value}" for key, value in cfg.items())
         try:

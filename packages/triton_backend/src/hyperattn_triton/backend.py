@@ -161,15 +161,20 @@ def fold_views(tiling, q, k, v, query_side=(), key_side=()):
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
 
 
+def torch_cast_into(dst, src, add: bool = False) -> None:
+    """``dst[...] = src`` (``add``: ``dst += src``) through PyTorch."""
+    if add:
+        dst += src
+    else:
+        dst.copy_(src)
+
+
 def cast_into(dst, src, add: bool = False) -> None:
     """``dst[...] = src`` (``add``: ``dst += src``) for [B, H, N, D] views, in one vectorised launch
     when the dtypes differ on a GPU (PyTorch's widening copy runs at about half the bandwidth)."""
     plain = src.dtype == dst.dtype or interpreting() or not dst.is_cuda
     if plain or src.shape != dst.shape or dst.dim() != 4 or dst.shape[0] * dst.shape[1] > MAX_GRID_Y:
-        if add:
-            dst += src
-        else:
-            dst.copy_(src)
+        torch_cast_into(dst, src, add)
         return
     batch, heads, n, dim = dst.shape
     kernels.cast_rows_kernel[(triton.cdiv(n, CAST_BLOCK), batch * heads)](
