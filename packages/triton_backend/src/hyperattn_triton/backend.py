@@ -79,6 +79,8 @@ class Launch:
     block_n: int
     stages: int
     warps: int
+    #: registers per thread at most (ptxas spills beyond): fewer registers, more programs per SM
+    maxnreg: int | None = None
 
 
 def query_launch(head_dim: int, v_dim: int) -> Launch:
@@ -442,6 +444,7 @@ class TritonBackend:
             HEAD_DIM=q.shape[3], D_PAD=_pad(q.shape[3]), V_DIM=v.shape[3], DV_PAD=_pad(v.shape[3]),
             BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_stages=launch.stages, num_warps=launch.warps,
             PERMUTED=permuted, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WIDE=_wide(q, v, *tensors),
+            **({} if launch.maxnreg is None else {"maxnreg": launch.maxnreg}),
         )
 
     def _forward(self, q, k, v, tiles, structure, scale, out, lse, causal, fresh):
