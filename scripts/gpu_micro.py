@@ -22,15 +22,19 @@ def bench(fn):
 exact = torch.einsum("bhnd,dr->bhnr", x.double(), projections) > 0
 bits = (exact.long() << torch.arange(7, device="cuda")).sum(-1)
 want = bits ^ (bits >> 1) ^ (bits >> 2) ^ (bits >> 3) ^ (bits >> 4) ^ (bits >> 5) ^ (bits >> 6)
-for use_dot, block, warps in itertools.product((True, False), (64, 128, 256), (2, 4, 8)):
-    backend.LSH_LAUNCH.update(block=block, warps=warps, use_dot=use_dot)
+for terms, block, warps in itertools.product((3, 2, 0), (64, 128, 256), (2, 4, 8)):
+    mode = "split" if terms else "reduce"  # terms=0: bf16 rows through the fp32 multiply-and-reduce passes
+    saved = {name: dict(launch) for name, launch in backend.LSH_LAUNCH.items()}
+    backend.LSH_LAUNCH["split"]["terms"] = terms
+    backend.LSH_LAUNCH[mode].update(block=block, warps=warps)
     try:
         codes = impl.lsh_codes(x, projections.float())
         agree = (codes.long() == want).double().mean().item()
-        print(f"lsh use_dot={use_dot!s:5} block={block:4d} warps={warps}: {bench(lambda: impl.lsh_codes(x, projections.float())):7.1f} us"
-              f"  agree with fp64 {agree:.6f}", flush=True)
+        print(f"lsh {mode} terms={terms} block={block:4d} warps={warps}: "
+              f"{bench(lambda: impl.lsh_codes(x, projections.float())):7.1f} us  agree with fp64 {agree:.6f}", flush=True)
     except Exception as error:
-        print(f"lsh use_dot={use_dot} block={block} warps={warps}: {type(error).__name__} {error}"[:200], flush=True)
+        print(f"lsh {mode} terms={terms} block={block} warps={warps}: {type(error).__name__} {error}"[:200], flush=True)
+    backend.LSH_LAUNCH.update(saved)
 
 codes = torch.randint(0, 128, (1, 32, 131072), device="cuda", dtype=torch.int32)
 level = np.arange(16) * 8192

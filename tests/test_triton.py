@@ -179,13 +179,50 @@ def test_same_plan_matches_reference_with_small_tiles(case, monkeypatch):
         assert _error(got, want) < 1e-5, name
 
 
-def test_lsh_codes_and_sorting_match_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: the interpreter's tl.dot is wrong
+def test_lsh_codes_match_reference(dtype):
+    """fp32 inputs go through multiply-and-reduce passes, fp16/bf16 ones through split matrix-unit
+    products: both match the reference's codes of the same (rounded) inputs up to rare sign flips."""
+    reference, triton_backend = backend_status("reference").backend, TRITON.backend
+    x = torch.randn(2, 3, 300, 24).to(dtype)
+    projections = np.random.default_rng(0).standard_normal((24, 5))
+    expected = reference.lsh_codes(x.float().numpy(), projections.astype(np.float32))
+    got = triton_backend.lsh_codes(x.to(DEVICE), torch.from_numpy(projections).to(DEVICE, torch.float32))
+    assert (got.cpu().numpy() == expected).mean() > 0.999  # fp32 sums in another order: rare sign flips
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lsh_codes_agree_with_float64_on_gpu(dtype):
+    """Every hashing path at a real size (odd N, D=64, 7 projections) against float64 signs."""
+    x = torch.randn(1, 4, 20001, 64, device="cuda").to(dtype)
+    projections = torch.randn(64, 7, device="cuda", dtype=torch.float64)
+    bits = ((x.double() @ projections > 0).long() << torch.arange(7, device="cuda")).sum(-1)
+    want = bits
+    for shift in range(1, 7):
+        want = want ^ (bits >> shift)
+    got = TRITON.backend.lsh_codes(x, projections.float())
+    assert got.shape == want.shape
+    assert (got.long() == want).double().mean().item() > 0.9999
+
+
+def test_split_projections_sum_to_fp32():
+    from hyperattn_triton.backend import split_projections
+
+    p = torch.randn(64, 16, dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        parts = split_projections(p, dtype, 3)
+        assert parts.shape == (3, 64, 16) and parts.dtype == dtype
+        err = (parts.to(torch.float64).sum(0) - p.to(torch.float64)).abs().max().item()
+        assert err <= 2e-7 * p.abs().max().item(), (dtype, err)
+    assert split_projections(p, torch.bfloat16, 1).to(torch.float32).sub(p).abs().max() > 1e-4  # one term is not enough
+
+
+def test_segment_sort_matches_reference():
     reference, triton_backend = backend_status("reference").backend, TRITON.backend
     x = torch.randn(2, 3, 300, 24)
     projections = np.random.default_rng(0).standard_normal((24, 5))
     expected = reference.lsh_codes(x.numpy(), projections.astype(np.float32))
-    got = triton_backend.lsh_codes(x.to(DEVICE), torch.from_numpy(projections).to(DEVICE, torch.float32))
-    assert (got.cpu().numpy() == expected).mean() > 0.999  # fp32 sums in another order: rare sign flips
     starts, ends = np.array([10, 200]), np.array([150, 300])
     codes = torch.from_numpy(expected)
     order, rank = triton_backend.segment_sort(codes.to(DEVICE), starts, ends)
@@ -324,9 +361,9 @@ for dtype in ("fp16", "bf16"):
                              (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, FRESH=False))):
         compiled = triton.compile(sig(fn, types, dict(common, **flags)), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
-for use_dot in (True, False):
-    lsh = sig(kernels.lsh_codes_kernel, {"X": "*bf16", "P": "*fp32", "Codes": "*i32"},
-              dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128, USE_DOT=use_dot))
+for x_type, p_type, split in (("*bf16", "*bf16", 3), ("*fp16", "*fp16", 3), ("*fp32", "*fp32", 0)):
+    lsh = sig(kernels.lsh_codes_kernel, {"X": x_type, "P": p_type, "Codes": "*i32"},
+              dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128, SPLIT=split))
     assert "cubin" in triton.compile(lsh, target=GPUTarget("cuda", 90, 32)).asm
 for add in (False, True):
     cast = sig(kernels.cast_rows_kernel, {"Src": "*bf16", "Dst": "*fp32"}, dict(DIM=64, D_PAD=64, BLOCK=64, ADD=add))

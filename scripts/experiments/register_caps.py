@@ -13,6 +13,7 @@ beyond the cap) so that 3 (168 registers) or 4 (128) programs fit.
   checked against the production launch's;
 * the sparse backward (dQ, block dK/dV, sample dK/dV) with the query-side launch varied, then the
   key-side one, gradients checked against the production launch's;
+* with ``--narrow``, only the forward, for narrower key steps (32 and 16 keys) x stages x caps;
 * whole calls through ``hyperattn.attention`` (causal and not, forward and forward+backward) with
   the production launches and the best caps found above.
 """
@@ -60,7 +61,7 @@ def call_ms(fn, repeats=10):
     return statistics.median(times[2:])
 
 
-def main(quick: bool = False):
+def main(quick: bool = False, narrow: bool = False):
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     n, heads, dim, scale = 131072, 32, 64, 0.125
     torch.manual_seed(0)
@@ -91,11 +92,15 @@ def main(quick: bool = False):
 
     print("\n-- sparse forward (non-causal, N=131072): block_m block_n warps stages maxnreg", flush=True)
     fwd_variants = [Launch(128, 64, 3, 4)]
-    for caps in (168, 128):
-        fwd_variants += [Launch(128, 64, 3, 4, caps), Launch(128, 64, 2, 4, caps), Launch(128, 64, 4, 4, caps),
-                         Launch(128, 32, 3, 4, caps), Launch(64, 64, 3, 4, caps), Launch(256, 64, 2, 8, caps),
-                         Launch(256, 64, 3, 8, caps)]
-    fwd_variants += [Launch(64, 64, 3, 4), Launch(128, 64, 4, 4), Launch(256, 64, 2, 8)]
+    if narrow:  # second run: narrower key steps (more steps per loop) at every cap
+        for caps in (None, 168, 128):
+            fwd_variants += [Launch(128, block_n, stages, 4, caps) for block_n in (32, 16) for stages in (3, 4, 5)]
+    else:
+        for caps in (168, 128):
+            fwd_variants += [Launch(128, 64, 3, 4, caps), Launch(128, 64, 2, 4, caps), Launch(128, 64, 4, 4, caps),
+                             Launch(128, 32, 3, 4, caps), Launch(64, 64, 3, 4, caps), Launch(256, 64, 2, 8, caps),
+                             Launch(256, 64, 3, 8, caps)]
+        fwd_variants += [Launch(64, 64, 3, 4), Launch(128, 64, 4, 4), Launch(256, 64, 2, 8)]
     fwd_times = {}
     for launch in fwd_variants[:3] if quick else fwd_variants:
         use(query=launch)
@@ -106,6 +111,9 @@ def main(quick: bool = False):
         except Exception as exc:  # a shape that does not compile (shared memory) is reported, not fatal
             print(f"{launch}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     use()
+    if narrow:
+        print(f"best forward {min(fwd_times, key=fwd_times.get)}")
+        return
 
     print("\n-- sparse backward, query side (dQ) varied", flush=True)
     dq_variants = [Launch(128, 64, 3, 4), Launch(128, 64, 3, 4, 168), Launch(128, 64, 3, 4, 128),
@@ -161,4 +169,4 @@ def main(quick: bool = False):
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    main(quick="--quick" in sys.argv, narrow="--narrow" in sys.argv)

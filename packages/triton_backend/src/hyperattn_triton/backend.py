@@ -63,9 +63,11 @@ def sdpa_in_order(q, k, v, causal: bool, scale: float):
         torch._C._set_sdp_priority_order(previous)
 
 
-#: Rows per program of the LSH hashing kernel; ``use_dot``: projections as one fp32 ``tl.dot``
-#: rather than multiply-and-reduce passes (half as fast on an H200: benchmarks/results/micro_h200_cd0fbf2.txt).
-LSH_LAUNCH = {"block": 128, "warps": 2, "use_dot": False}
+#: The LSH hashing kernel's rows per program and warps: fp16/bf16 inputs as ``split`` matrix-unit
+#: products (``terms`` of ``split_projections``), fp32 ones as multiply-and-reduce passes
+#: (``reduce``; tuned in benchmarks/results/lsh_tuning_h200.txt).  An fp32 ``tl.dot`` (ieee) ran
+#: at half the reduce passes' speed (benchmarks/results/micro_h200_cd0fbf2.txt).
+LSH_LAUNCH = {"split": {"block": 128, "warps": 4, "terms": 3}, "reduce": {"block": 128, "warps": 2}}
 #: Rows per program of the backward's delta kernel and of the widening copy (``cast_into``).
 ROW_DOT_BLOCK = 64
 CAST_BLOCK = 64
@@ -161,6 +163,16 @@ def fold_views(tiling, q, k, v, query_side=(), key_side=()):
     if any(f.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for f, x in zip(rows + keys, sources)):
         return None  # strides that do not fold
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
+
+
+def split_projections(projections, dtype, terms: int):
+    """[terms, ...] in ``dtype`` (fp16/bf16) whose fp32 sum is ``projections`` (fp32) to about
+    ``terms`` times the dtype's significand bits (3 bf16 terms: all 24 bits of an fp32)."""
+    parts, rest = [], projections.to(torch.float32)
+    for _ in range(terms):
+        parts.append(rest.to(dtype))
+        rest = rest - parts[-1].to(torch.float32)
+    return torch.stack(parts).contiguous()
 
 
 def torch_cast_into(dst, src, add: bool = False) -> None:
@@ -319,19 +331,22 @@ class TritonBackend:
 
     # -- structure ------------------------------------------------------------------------------
     def lsh_codes(self, x, projections):
-        """One fused launch: x (any float dtype) times the fp32 projections, sign bits, Gray rank."""
+        """One fused launch: x times the projections (fp32-accurate), sign bits, Gray rank."""
         batch, heads, n, dim = x.shape
         num_projs = projections.shape[1]
-        r_pad = _pad(num_projs)
-        padded = torch.zeros(dim, r_pad, dtype=torch.float32, device=x.device)
-        padded[:, :num_projs] = projections.to(torch.float32)
+        d_pad, r_pad = _pad(dim), _pad(num_projs)
+        split = x.dtype in (torch.float16, torch.bfloat16) and LSH_LAUNCH["split"]["terms"] > 0
+        launch = LSH_LAUNCH["split" if split else "reduce"]
+        padded = torch.zeros(d_pad, r_pad, dtype=torch.float32, device=x.device)
+        padded[:dim, :num_projs] = projections.to(torch.float32)
+        if split:
+            padded = split_projections(padded, x.dtype, launch["terms"])
         code_dtype = torch.int32 if num_projs < 32 else torch.int64
         codes = torch.empty(batch, heads, n, dtype=code_dtype, device=x.device)
-        block, warps = LSH_LAUNCH["block"], LSH_LAUNCH["warps"]
-        kernels.lsh_codes_kernel[(triton.cdiv(n, block), batch * heads)](
+        kernels.lsh_codes_kernel[(triton.cdiv(n, launch["block"]), batch * heads)](
             x, padded, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
-            HEAD_DIM=dim, D_PAD=_pad(dim), NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=block, num_warps=warps,
-            USE_DOT=LSH_LAUNCH["use_dot"],
+            HEAD_DIM=dim, D_PAD=d_pad, NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=launch["block"],
+            SPLIT=launch["terms"] if split else 0, num_warps=launch["warps"],
         )
         return codes
 

@@ -347,23 +347,30 @@ def cast_rows_kernel(Src, Dst, n_rows, num_heads, ss_b, ss_h, ss_n, ss_d, sd_b, 
 @triton.jit
 def lsh_codes_kernel(X, P, Codes, n_rows, num_heads, sx_b, sx_h, sx_n, sx_d, sc_b, sc_h,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_PROJS: tl.constexpr, R_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, USE_DOT: tl.constexpr):
-    """Gray rank of the sign pattern of x @ P for BLOCK rows of one (batch, head), in fp32.
+                     BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    """Gray rank of the sign pattern of x @ P for BLOCK rows of one (batch, head).
 
-    ``USE_DOT`` computes the projections as one fp32 matrix product; otherwise as NUM_PROJS
-    multiply-and-reduce passes over the rows in registers (no layout conversion)."""
+    ``SPLIT > 0`` (fp16/bf16 x): P is [SPLIT, D_PAD, R_PAD] in x's dtype, terms whose sum is the
+    fp32 projections (see ``backend.split_projections``), and x @ P is SPLIT matrix-unit products
+    accumulated in fp32: x is exact in its own dtype, so this is an fp32-accurate projection at
+    the cost of a few tiny products (the multiply-and-reduce passes are ALU-bound: half the
+    memory bandwidth).  ``SPLIT == 0``: P is fp32 [D_PAD, R_PAD] and the projections are NUM_PROJS
+    multiply-and-reduce passes over the rows in fp32 registers."""
     b, h, _ = _program_heads(num_heads, 1)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
     mask_n = offs_n < n_rows
-    x = _rows_of(X + b * sx_b + h * sx_h, offs_n, sx_n, offs_d, sx_d, mask_n, HEAD_DIM).to(tl.float32)
-    if USE_DOT:
+    x = _rows_of(X + b * sx_b + h * sx_h, offs_n, sx_n, offs_d, sx_d, mask_n, HEAD_DIM)
+    if SPLIT > 0:
         offs_r = tl.arange(0, R_PAD)
-        p = tl.load(P + offs_d[:, None] * R_PAD + offs_r[None, :], mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        projected = tl.dot(x, p, input_precision="ieee")
+        projected = tl.zeros([BLOCK, R_PAD], tl.float32)
+        for t in tl.static_range(SPLIT):
+            p = tl.load(P + t * D_PAD * R_PAD + offs_d[:, None] * R_PAD + offs_r[None, :])
+            projected = tl.dot(x, p, projected)
         bits = ((projected > 0) & (offs_r[None, :] < NUM_PROJS)).to(tl.int64) << offs_r[None, :].to(tl.int64)
         code = tl.sum(bits, 1)
     else:
+        x = x.to(tl.float32)
         code = tl.zeros([BLOCK], tl.int64)
         for r in tl.static_range(NUM_PROJS):
             p_r = tl.load(P + offs_d * R_PAD + r, mask=offs_d < HEAD_DIM, other=0.0)
