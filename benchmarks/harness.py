@@ -70,6 +70,10 @@ def make_step(method, q, k, v, *, causal, mode, backend="auto", params=None):
 
     def forward_backward():
         nonlocal grad
+        # as a training step after zero_grad(set_to_none=True): the gradients are the backward's
+        # own tensors, not added into the last step's (three elementwise adds of the inputs'
+        # size, 1.1 ms at N=131072 on an H200 for either method, are no part of attention)
+        q.grad = k.grad = v.grad = None
         out = forward()
         if grad is None:
             grad = torch.randn_like(out)

@@ -1,7 +1,7 @@
 """Launch sweeps of the sparse kernels alone on one fixed plan (N=131072, H=32, D=64, bf16):
 
-    python scripts/gpu_kernel_sweep.py fwd   # forward: block_m, block_n, warps, stages
-    python scripts/gpu_kernel_sweep.py dq    # dQ (shares block_m/block_n with the forward)
+    python scripts/gpu_kernel_sweep.py fwd   # forward: block_m, fwd_block_n, warps, fwd_stages, fwd_maxnreg
+    python scripts/gpu_kernel_sweep.py dq    # dQ: block_m (shared with the forward), block_n, warps, stages
     python scripts/gpu_kernel_sweep.py dkdv  # dK/dV: kv_block_n, kv_block_m, kv_warps, kv_stages
 """
 
@@ -43,7 +43,10 @@ def bwd():
     impl.sparse_backward(q, k, v, lse, dout, delta, st, 0.125, *grads)
 
 
-if what in ("fwd", "dq"):
+if what == "fwd":
+    keys = ("block_m", "fwd_block_n", "warps", "fwd_stages", "fwd_maxnreg")
+    grid = itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (3, 5), (None, 168, 128))
+elif what == "dq":
     keys = ("block_m", "block_n", "warps", "stages")
     grid = itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))
 else:
@@ -56,8 +59,8 @@ for values in grid:
     backend.TUNING.update(zip(keys, values))
     try:
         ms = triton.testing.do_bench(fn, return_mode="median", warmup=5, rep=30)
-        print(" ".join(f"{key}={value:<3}" for key, value in zip(keys, values)), f"| {what} {ms * 1e3:8.1f} us",
+        print(" ".join(f"{key}={value!s:<4}" for key, value in zip(keys, values)), f"| {what} {ms * 1e3:8.1f} us",
               flush=True)
     except Exception as error:  # out of shared memory etc.
-        print(" ".join(f"{key}={value:<3}" for key, value in zip(keys, values)), f"| {type(error).__name__}",
+        print(" ".join(f"{key}={value!s:<4}" for key, value in zip(keys, values)), f"| {type(error).__name__}",
               flush=True)

@@ -1,6 +1,6 @@
 """Sweep the Triton launch configurations at N=131072 (bf16, H=32, D=64).
 
-    python scripts/gpu_tune.py fwd [N]   # forward and dQ tiles: block_m, block_n, warps, stages
+    python scripts/gpu_tune.py fwd [N]   # forward tiles: block_m, fwd_block_n, warps, fwd_stages
     python scripts/gpu_tune.py bwd [N]   # dK/dV tiles: kv_block_n, kv_block_m, kv_warps, kv_stages
 """
 
@@ -31,7 +31,7 @@ def forward_backward(causal):
 
 
 if what == "fwd":
-    keys, grid = ("block_m", "block_n", "warps", "stages"), itertools.product((64, 128), (32, 64, 128), (4, 8), (3,))
+    keys, grid = ("block_m", "fwd_block_n", "warps", "fwd_stages"), itertools.product((64, 128), (32, 64, 128), (4, 8), (3, 5))
     measures = (("fwd", forward, False), ("fwd causal", forward, True))
 else:
     keys, grid = ("kv_block_n", "kv_block_m", "kv_warps", "kv_stages"), itertools.product((64, 128), (32, 64), (4, 8), (2, 3))

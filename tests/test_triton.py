@@ -168,6 +168,7 @@ def test_same_plan_matches_reference_with_small_tiles(case, monkeypatch):
 
     monkeypatch.setitem(triton_module.TUNING, "block_m", 16)
     monkeypatch.setitem(triton_module.TUNING, "block_n", 16)
+    monkeypatch.setitem(triton_module.TUNING, "fwd_block_n", 16)
     monkeypatch.setitem(triton_module.TUNING, "kv_block_m", 16)
     monkeypatch.setitem(triton_module.TUNING, "kv_block_n", 16)
     monkeypatch.setattr(tiles, "SAMPLE_ROW_CHUNK", 24)
@@ -361,6 +362,12 @@ for dtype in ("fp16", "bf16"):
                              (kernels.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, FRESH=False))):
         compiled = triton.compile(sig(fn, types, dict(common, **flags)), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
+    # the forward's production launch: 32-key steps, 5 stages, registers capped (backend.TUNING)
+    capped = sig(kernels.attention_fwd_kernel, fwd_types, dict(common, BLOCK_M=128, BLOCK_N=32, HAS_SAMPLES=True,
+                                                               FRESH=True))
+    compiled = triton.compile(capped, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=5, maxnreg=168))
+    assert "cubin" in compiled.asm
 for x_type, p_type, split in (("*bf16", "*bf16", 3), ("*fp16", "*fp16", 3), ("*fp32", "*fp32", 0)):
     lsh = sig(kernels.lsh_codes_kernel, {"X": x_type, "P": p_type, "Codes": "*i32"},
               dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128, SPLIT=split))

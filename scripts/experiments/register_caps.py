@@ -31,7 +31,8 @@ from hyperattn.config import HyperAttentionConfig
 from hyperattn_triton import backend
 from hyperattn_triton.backend import Launch
 
-PRODUCTION_QUERY = backend.query_launch
+PRODUCTION_FORWARD = backend.forward_launch
+PRODUCTION_DQ = backend.dq_launch
 PRODUCTION_KEY = backend.key_launch
 
 
@@ -40,8 +41,9 @@ def bench_us(fn):
 
 
 def use(query=None, key=None):
-    """Make the backend launch with these shapes (None: production)."""
-    backend.query_launch = PRODUCTION_QUERY if query is None else (lambda d, dv: query)
+    """Make the backend launch with these shapes (None: production); ``query``: forward and dQ."""
+    backend.forward_launch = PRODUCTION_FORWARD if query is None else (lambda d, dv: query)
+    backend.dq_launch = PRODUCTION_DQ if query is None else (lambda d, dv: query)
     backend.key_launch = PRODUCTION_KEY if key is None else (lambda d, dv: key)
 
 

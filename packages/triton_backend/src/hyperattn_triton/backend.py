@@ -36,9 +36,13 @@ from .tiles import (
 )
 
 #: Launch configurations for head dims up to 128 (tuned on an H200, see benchmarks/results/):
-#: the forward and dQ kernels walk query tiles of ``block_m`` rows in steps of ``block_n`` keys;
-#: the dK/dV kernel walks key tiles of ``kv_block_n`` keys in steps of ``kv_block_m`` rows.
+#: the dQ kernel walks query tiles of ``block_m`` rows in steps of ``block_n`` keys, the forward
+#: the same tiles in steps of ``fwd_block_n`` keys with its registers capped at ``fwd_maxnreg``
+#: (3 programs per SM instead of 2, and twice the steps per loop: 6% faster,
+#: benchmarks/results/experiments_2026-11-28c/); the dK/dV kernel walks key tiles of
+#: ``kv_block_n`` keys in steps of ``kv_block_m`` rows.
 TUNING = {"block_m": 128, "block_n": 64, "warps": 4, "stages": 3,
+          "fwd_block_n": 32, "fwd_stages": 5, "fwd_maxnreg": 168,
           "kv_block_n": 128, "kv_block_m": 32, "kv_warps": 4, "kv_stages": 3}
 #: (keys, rows) below which exact attention (cuDNN) beats this backend's HyperAttention on an
 #: H200 (non-causal calls by their keys, causal calls by their rows): such calls run exactly.
@@ -85,8 +89,16 @@ class Launch:
     maxnreg: int | None = None
 
 
-def query_launch(head_dim: int, v_dim: int) -> Launch:
-    """Forward and dQ: smaller tiles for wide heads so shared memory fits."""
+def forward_launch(head_dim: int, v_dim: int) -> Launch:
+    """Forward: smaller tiles for wide heads so shared memory fits."""
+    if max(head_dim, v_dim) > 128:
+        return Launch(32, 32, 1, 4)
+    return Launch(TUNING["block_m"], TUNING["fwd_block_n"], TUNING["fwd_stages"], TUNING["warps"],
+                  TUNING["fwd_maxnreg"])
+
+
+def dq_launch(head_dim: int, v_dim: int) -> Launch:
+    """dQ (the same query tiles as the forward's)."""
     if max(head_dim, v_dim) > 128:
         return Launch(32, 32, 1, 4)
     return Launch(TUNING["block_m"], TUNING["block_n"], TUNING["stages"], TUNING["warps"])
@@ -383,13 +395,11 @@ class TritonBackend:
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, fresh=False):
         if flash_exact_forward(q, k, v, segments, bool(causal), scale, out, lse, fresh):
             return
-        launch = query_launch(q.shape[3], v.shape[3])
-        tiles = on_device(exact_tiles, q, segments, bool(causal), launch.block_m)
+        tiles = on_device(exact_tiles, q, segments, bool(causal), forward_launch(q.shape[3], v.shape[3]).block_m)
         self._forward(q, k, v, tiles, None, scale, out, lse, bool(causal), fresh)
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
-        launch = query_launch(q.shape[3], v.shape[3])
-        tiles = on_device(sparse_tiles, q, structure, launch.block_m)
+        tiles = on_device(sparse_tiles, q, structure, forward_launch(q.shape[3], v.shape[3]).block_m)
         self._forward(q, k, v, tiles, structure, scale, out, lse, False, fresh)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None, *,
@@ -397,13 +407,13 @@ class TritonBackend:
         causal = bool(causal)
         if flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv, fresh):
             return
-        q_tiles = on_device(exact_tiles, q, segments, causal, query_launch(q.shape[3], v.shape[3]).block_m)
+        q_tiles = on_device(exact_tiles, q, segments, causal, dq_launch(q.shape[3], v.shape[3]).block_m)
         k_tiles = on_device(exact_key_tiles, q, segments, causal, key_launch(q.shape[3], v.shape[3]).block_n, fresh)
         self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal, fresh)
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *,
                         fresh=False):
-        q_tiles = on_device(sparse_tiles, q, structure, query_launch(q.shape[3], v.shape[3]).block_m)
+        q_tiles = on_device(sparse_tiles, q, structure, dq_launch(q.shape[3], v.shape[3]).block_m)
         block_n = key_launch(q.shape[3], v.shape[3]).block_n
         # fresh: blocks without queries too, so that every key of the segments is written
         k_tiles = [(on_device(sparse_key_tiles, q, structure, block_n, fresh), False)]
@@ -466,7 +476,7 @@ class TritonBackend:
         if len(tiles) == 0:
             return
         ix = self._indices(q, structure)
-        meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None, k, out, lse)
+        meta = self._meta(q, v, forward_launch(q.shape[3], v.shape[3]), structure is not None, k, out, lse)
         kernels.attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
             q, k, v, out, lse, tiles,
             ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
@@ -485,7 +495,7 @@ class TritonBackend:
         group = q.shape[1] // k.shape[1]
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
         if len(q_tiles):
-            meta = self._meta(q, v, query_launch(q.shape[3], v.shape[3]), structure is not None, k, dout, dq, lse)
+            meta = self._meta(q, v, dq_launch(q.shape[3], v.shape[3]), structure is not None, k, dout, dq, lse)
             kernels.attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
                 q, k, v, dout, lse, delta, dq, q_tiles,
                 ix["q_order"], ix["k_order"], ix["samples"], ix["sample_blocks"], ix["log_w"],
