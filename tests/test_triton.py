@@ -160,6 +160,21 @@ def test_device_tables_are_built_once_per_distinct_arguments():
     np.testing.assert_array_equal(first.cpu().numpy(), tiles.exact_tiles(Segments.from_ranges([(0, 40, 0, 40)]), True, 16))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_whole_steps_then_a_partial_step(causal, monkeypatch):
+    """Blocks of 40 keys in steps of 16: two unmasked whole steps, then a masked step of 8 keys
+    (and the segment's last, shorter block), in fp32 and fp16."""
+    from hyperattn_triton import backend as triton_module
+
+    monkeypatch.setitem(triton_module.TUNING, "fwd_block_n", 16)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+        q, k, v = (torch.from_numpy(x).to(DEVICE, dtype) for x in make_inputs((1, 2, 150, 16), n_k=150, seed=3))
+        results, _ = run_both(q, k, v, causal=causal, params=dict(SMALL, block_size=40, sample_size=24),
+                              backward=False)
+        for name, got, want in zip(("out", "lse"), results["triton"], results["reference"]):
+            assert np.isfinite(got).all() and _error(got, want) < tolerance, (dtype, name)
+
+
 @pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1]])
 def test_same_plan_matches_reference_with_small_tiles(case, monkeypatch):
     """Many tiles per block, key tiles shorter than blocks, several row chunks adding into the samples."""

@@ -23,7 +23,6 @@ import triton.language as tl
 
 from hyperattn_triton.kernels import (
     _block_keys,
-    _online_step,
     _positions,
     _program_heads,
     _rows_of,
@@ -31,6 +30,21 @@ from hyperattn_triton.kernels import (
     _store_partial,
     _tile,
 )
+
+
+@triton.jit
+def _online_step(q, kt, vv, valid, bias2, m_i, l_i, acc, scale2, PRECISION: tl.constexpr):
+    """The production step until 2026-11-28 (scaled scores, a select per score, then exp2 of a
+    difference): the baseline of these variants and of register_caps.py's step A/B."""
+    s = tl.dot(q, kt, input_precision=PRECISION) * scale2 + bias2
+    s = tl.where(valid, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit

@@ -8,8 +8,9 @@ launch configurations next to a variant that walks block keys and samples in one
 
 import triton
 import triton.language as tl
+from fwd_step_variants import _online_step  # the step these variants were measured with
 
-from hyperattn_triton.kernels import _index, _online_step, _positions, _program_heads, _rows_of, _store_partial, _tile
+from hyperattn_triton.kernels import _index, _positions, _program_heads, _rows_of, _store_partial, _tile
 
 
 @triton.jit

@@ -29,10 +29,14 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _tile(Tiles):
+def _tile(Tiles, WIDE: tl.constexpr = True):
+    """This program's row of the tile table, in int32 unless ``WIDE`` (positions are below N, and
+    N < 2**31 when offsets fit in int32): 32-bit loop counters and masks halve the integer work."""
     tile = Tiles + tl.program_id(0).to(tl.int64) * 7
-    return (tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4),
-            tl.load(tile + 5), tl.load(tile + 6))
+    dtype = tl.int64 if WIDE else tl.int32
+    return (tl.load(tile).to(dtype), tl.load(tile + 1).to(dtype), tl.load(tile + 2).to(dtype),
+            tl.load(tile + 3).to(dtype), tl.load(tile + 4).to(dtype), tl.load(tile + 5).to(dtype),
+            tl.load(tile + 6).to(dtype))
 
 
 @triton.jit
@@ -113,13 +117,24 @@ def _sample_keys(start, num_samples, samples_row, blocks_row, blk, k_base, v_bas
 
 
 @triton.jit
-def _online_step(q, kt, vv, valid, bias2, m_i, l_i, acc, scale2, PRECISION: tl.constexpr):
-    s = tl.dot(q, kt, input_precision=PRECISION) * scale2 + bias2
-    s = tl.where(valid, s, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_step(q, kt, vv, key_bias, valid, m_i, l_i, acc, scale2, PRECISION: tl.constexpr, BIAS: tl.constexpr,
+                 MASK: tl.constexpr):
+    """One online-softmax step (base 2) over keys ``kt`` [D, N] / ``vv`` [N, Dv].
+
+    The row maxima are taken over the *raw* scores and scaled per row (scale2 > 0), so that each
+    probability is one fused multiply-add and an exp2: the step is bound by instruction issue
+    (ncu: 60% of issue slots), and a score costs 4.5 instructions plus what masking adds.
+    ``key_bias`` [1, N] (if BIAS) is added to the raw scores: a log weight / scale2, or -inf for a
+    key that does not count; ``valid`` [R or 1, N] (if MASK) says which scores count."""
+    s = tl.dot(q, kt, input_precision=PRECISION)
+    if BIAS:
+        s = s + key_bias
+    if MASK:
+        s = tl.where(valid, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * scale2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -166,7 +181,7 @@ def attention_fwd_kernel(
     WIDE: tl.constexpr, FRESH: tl.constexpr,
 ):
     b, h, hk = _program_heads(num_heads, group)
-    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
+    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles, WIDE)
     rows, mask_m = _positions(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, PERMUTED, WIDE)
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
@@ -176,26 +191,37 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    for start in range(k0, k1, BLOCK_N):
-        kt, vv, valid = _block_keys(start, k1, KOrder + b * sko_b + hk * sko_h, k_base, v_base, sk_n, sk_d, sv_n,
-                                    sv_d, offs_d, offs_v, rows, diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, WIDE)
-        m_i, l_i, acc = _online_step(q, kt, vv, valid, 0.0, m_i, l_i, acc, scale2, PRECISION)
+    k_order = KOrder + b * sko_b + hk * sko_h
+    # whole steps unmasked (unless causal), then the block's partial last step masked
+    k_whole = k1 if CAUSAL else k0 + (k1 - k0) // BLOCK_N * BLOCK_N
+    for start in range(k0, k_whole, BLOCK_N):
+        kt, vv, valid = _block_keys(start, k1, k_order, k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, rows,
+                                    diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, WIDE)
+        m_i, l_i, acc = _online_step(q, kt, vv, 0.0, valid, m_i, l_i, acc, scale2, PRECISION, False, CAUSAL)
+    if k_whole < k1:
+        kt, vv, valid = _block_keys(k_whole, k1, k_order, k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v,
+                                    rows, diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, False, WIDE)
+        m_i, l_i, acc = _online_step(q, kt, vv, 0.0, valid, m_i, l_i, acc, scale2, PRECISION, False, True)
     if HAS_SAMPLES:
-        log_w2 = tl.load(LogW + seg) * 1.4426950408889634
+        log_w = tl.load(LogW + seg) * 1.4426950408889634 / scale2  # in raw score units
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         for start in range(0, num_samples, BLOCK_N):
             kt, vv, keep = _sample_keys(start, num_samples, Samples + sample_row, SampleBlock + sample_row, blk,
                                         k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
                                         BLOCK_N, WIDE)
-            m_i, l_i, acc = _online_step(q, kt, vv, keep, log_w2, m_i, l_i, acc, scale2, PRECISION)
+            key_bias = tl.where(keep, log_w, -float("inf"))
+            m_i, l_i, acc = _online_step(q, kt, vv, key_bias, keep, m_i, l_i, acc, scale2, PRECISION, True, False)
     _store_partial(Out + b * so_b + h * so_h, Lse + b * sl_b + h * sl_h, rows, mask_m, offs_v, so_n, so_d, sl_n,
                    m_i, l_i, acc, V_DIM, FRESH)
 
 
 @triton.jit
-def _dq_step(q, do, kt, vv, valid, bias2, lse2, delta, dq, scale, scale2, PRECISION: tl.constexpr):
-    s = tl.dot(q, kt, input_precision=PRECISION) * scale2 + bias2
-    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+def _dq_step(q, do, kt, vv, valid, row_offset2, delta, dq, scale, scale2, PRECISION: tl.constexpr):
+    """dq += dS K for keys ``kt``/``vv``: P = exp2(S * scale2 - row_offset2) with row_offset2 =
+    lse2 - the keys' log weight (one fused multiply-add per score).  Masked rows read q = do = 0
+    and lse2 = delta = 0, so their P is 1 and their dS 0; keys need the mask (``valid``): a
+    zero-filled key gives P = exp2(-lse2), which overflows for lse < -88, and inf * 0 is NaN."""
+    p = tl.where(valid, tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * scale2 - row_offset2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
     ds = p * (dp - delta[:, None]) * scale
     return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -216,7 +242,7 @@ def attention_bwd_dq_kernel(
     """dQ of a query tile: its rows are owned, so dQ is read, added to and written once (written
     without reading when FRESH: the call's first piece)."""
     b, h, hk = _program_heads(num_heads, group)
-    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles)
+    seg, blk, q0, q1, k0, k1, diag = _tile(Tiles, WIDE)
     rows, mask_m = _positions(q0, q1, QOrder + b * sqo_b + h * sqo_h, BLOCK_M, PERMUTED, WIDE)
     offs_d = tl.arange(0, D_PAD)
     offs_v = tl.arange(0, DV_PAD)
@@ -227,18 +253,20 @@ def attention_bwd_dq_kernel(
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    k_order = KOrder + b * sko_b + hk * sko_h
+    # every step masked: an unmasked loop and a masked last step (as in the forward) spill here
     for start in range(k0, k1, BLOCK_N):
-        kt, vv, valid = _block_keys(start, k1, KOrder + b * sko_b + hk * sko_h, k_base, v_base, sk_n, sk_d, sv_n,
-                                    sv_d, offs_d, offs_v, rows, diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, WIDE)
-        dq = _dq_step(q, do, kt, vv, valid & mask_m[:, None], 0.0, lse2, delta, dq, scale, scale2, PRECISION)
+        kt, vv, valid = _block_keys(start, k1, k_order, k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, rows,
+                                    diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, WIDE)
+        dq = _dq_step(q, do, kt, vv, valid, lse2, delta, dq, scale, scale2, PRECISION)
     if HAS_SAMPLES:
-        log_w2 = tl.load(LogW + seg) * 1.4426950408889634
+        sample_offset2 = lse2 - tl.load(LogW + seg) * 1.4426950408889634
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         for start in range(0, num_samples, BLOCK_N):
             kt, vv, keep = _sample_keys(start, num_samples, Samples + sample_row, SampleBlock + sample_row, blk,
                                         k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
                                         BLOCK_N, WIDE)
-            dq = _dq_step(q, do, kt, vv, keep & mask_m[:, None], log_w2, lse2, delta, dq, scale, scale2, PRECISION)
+            dq = _dq_step(q, do, kt, vv, keep, sample_offset2, delta, dq, scale, scale2, PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + offs_d[None, :] * sdq_d
     dq_mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     if not FRESH:
@@ -262,7 +290,7 @@ def attention_bwd_dkdv_kernel(
     """dK, dV of a key tile (block keys, exact keys, or sample slots) over rows [q0, q1) of every
     query head of its KV head; program axis 1 runs over batch x KV heads."""
     b, hk, _ = _program_heads(num_kv_heads, 1)
-    seg, blk, k0, k1, q0, q1, diag = _tile(Tiles)
+    seg, blk, k0, k1, q0, q1, diag = _tile(Tiles, WIDE)
     if SAMPLES:
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         keys, key_blocks, mask_n = _samples(k0, k1, Samples + sample_row, SampleBlock + sample_row, BLOCK_N, WIDE)
@@ -285,14 +313,16 @@ def attention_bwd_dkdv_kernel(
             do = _rows_of(DO + b * sdo_b + h * sdo_h, rows, sdo_n, offs_v, sdo_d, mask_m, V_DIM).to(qt.dtype)
             lse2 = tl.load(Lse + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0) * 1.4426950408889634
             delta = tl.load(Delta + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0)
-            st = tl.dot(k, qt, input_precision=PRECISION) * scale2 + bias2  # [BLOCK_N, BLOCK_M]
-            valid = mask_n[:, None] & mask_m[None, :]
+            # [BLOCK_N, BLOCK_M]; one fused multiply-add per score
+            pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * scale2 - (lse2 - bias2)[None, :])
+            # Masked rows read q = do = 0, lse2 = delta = 0: P = 1, dS = 0, no contribution; a
+            # masked key's row of dK/dV is never stored.  So only causality and the samples' own
+            # block need masks.
             if CAUSAL:
-                valid = valid & (keys[:, None] <= rows[None, :] + diag)
+                pt = tl.where(keys[:, None] <= rows[None, :] + diag, pt, 0.0)
             if SAMPLES:  # sorted position -> the row's key block: samples of that block are not its
                 row_blocks = tl.load(QBlock + start + tl.arange(0, BLOCK_M), mask=mask_m, other=-2)
-                valid = valid & (key_blocks[:, None] != row_blocks[None, :])
-            pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
+                pt = tl.where(key_blocks[:, None] != row_blocks[None, :], pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dst = pt * (dpt - delta[None, :]) * scale

@@ -1,0 +1,74 @@
+"""Times of the sparse kernels and of whole calls at N=131072 (B=1, H=32, D=64, bf16), for A/B runs
+of two versions of the Triton backend in one session: run it once per version, each in its own
+process, with PYTHONPATH putting the baseline's ``hyperattn_triton`` first for the A run:
+
+    PYTHONPATH=.ab/packages/triton_backend/src:benchmarks python3 scripts/experiments/kernel_ab.py A
+    PYTHONPATH=benchmarks python3 scripts/experiments/kernel_ab.py B
+
+(``.ab`` from ``git archive <commit> packages/triton_backend | tar -x -C .ab``).  Prints the
+sparse forward and backward of one non-causal plan (do_bench medians) and the four whole steps
+(the benchmark harness's measure_step, HyperAttention only).
+"""
+
+import sys
+
+import torch
+import triton
+
+import hyperattn_triton
+from harness import make_inputs, make_step, measure_step
+from hyperattn.algorithm import draw_projections, plan_attention
+from hyperattn.api import make_rng
+from hyperattn.config import HyperAttentionConfig
+from hyperattn_triton import backend
+
+N, HEADS, DIM = 131072, 32, 64
+
+
+def time_kernels(label: str):
+    n, heads, dim, scale = N, HEADS, DIM, 0.125
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    impl = backend.TritonBackend()
+    rng = make_rng(0)
+    plan = plan_attention(impl, q, k, causal=False, scale=scale, config=HyperAttentionConfig(),
+                          projections=draw_projections(rng, dim, 7), rng=rng)
+    (piece,) = list(plan.pieces)
+    st = piece.structure
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device="cuda")
+
+    def forward():
+        impl.sparse_forward(q, k, v, st, scale, out, lse, fresh=True)
+
+    forward()
+    delta = impl.row_dot(dout, out)
+    grads = tuple(torch.empty(x.shape, device="cuda") for x in (q, k, v))
+
+    def backward():
+        impl.sparse_backward(q, k, v, lse, dout, delta, st, scale, *grads, fresh=True)
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, return_mode="median", warmup=5, rep=100) * 1e3
+
+    print(f"[{label}] sparse forward  {bench(forward):8.1f} us", flush=True)
+    print(f"[{label}] sparse backward {bench(backward):8.1f} us", flush=True)
+
+
+def time_steps(label: str):
+    n, heads, dim = N, HEADS, DIM
+    for mode in ("fwd", "fwd+bwd"):
+        for causal in (False, True):
+            q, k, v = make_inputs(1, heads, heads, n, dim, "bfloat16", "cuda", requires_grad=mode != "fwd")
+            step = make_step("hyper", q, k, v, causal=causal, mode=mode, backend="triton")
+            ms = measure_step(step, "cuda", repeats=15) * 1e3
+            print(f"[{label}] {mode:7} causal={causal!s:5} {ms:8.2f} ms", flush=True)
+            del q, k, v, step
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "?"
+    print(f"[{which}] {hyperattn_triton.__file__}", flush=True)
+    time_kernels(which)
+    torch.cuda.empty_cache()
+    time_steps(which)
