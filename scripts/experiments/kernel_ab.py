@@ -66,9 +66,38 @@ def time_steps(label: str):
             del q, k, v, step
 
 
+def profile_forward(label: str):
+    """Kernel table and host time of the non-causal forward step."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = make_inputs(1, HEADS, HEADS, N, DIM, "bfloat16", "cuda")
+    step = make_step("hyper", q, k, v, causal=False, mode="fwd", backend="triton")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - begin) / 20
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - begin) / 20
+    print(f"[{label}] fwd causal=False host {host * 1e3:.2f} ms/call, wall {wall * 1e3:.2f} ms/call", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    for line in prof.key_averages().table(sort_by="cuda_time_total", row_limit=14).splitlines():
+        print(f"[{label}] {line[:60]}{line[-60:]}")
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "?"
     print(f"[{which}] {hyperattn_triton.__file__}", flush=True)
-    time_kernels(which)
-    torch.cuda.empty_cache()
-    time_steps(which)
+    if "--profile" in sys.argv:
+        profile_forward(which)
+    else:
+        time_kernels(which)
+        torch.cuda.empty_cache()
+        time_steps(which)
