@@ -98,13 +98,8 @@ MAX_REPEATS = 200
 GPU_SAMPLE_SECONDS = 0.02
 
 
-def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
-    """Median seconds per ``step``.
-
-    GPU: CUDA events around a run of back-to-back steps lasting about GPU_SAMPLE_SECONDS (a single
-    step for steps longer than that).  Elsewhere: the host clock around single steps after a sync.
-    At least ``repeats`` samples, more for fast steps (see MIN_TOTAL_SECONDS).
-    """
+def _steps_per_sample(step, device: str, warmup: int) -> tuple[int, float]:
+    """Warm ``step`` up, then (steps per GPU sample, seconds of one step after a sync)."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -112,19 +107,48 @@ def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
     step()
     synchronize(device)
     once = time.perf_counter() - begin
+    return max(1, int(GPU_SAMPLE_SECONDS / max(once, 1e-6))), once
+
+
+def _gpu_sample(step, run: int) -> float:
+    """Seconds per step of ``run`` back-to-back steps between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(run):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / run
+
+
+def measure_steps_interleaved(steps: dict, *, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds per step of each of ``steps`` (name -> step) on the GPU, their samples taken
+    in turn (A, B, A, B, ...): host-bound short steps drift by tens of percent within a run, and a
+    ratio of two methods should see the same drift.  Each sample is measure_step's (a run of
+    back-to-back steps lasting about GPU_SAMPLE_SECONDS)."""
+    runs = {}
+    for name, step in steps.items():
+        runs[name], once = _steps_per_sample(step, "cuda", warmup)
+        repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once * runs[name], 1e-6))))
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(_gpu_sample(step, runs[name]))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per ``step``.
+
+    GPU: CUDA events around a run of back-to-back steps lasting about GPU_SAMPLE_SECONDS (a single
+    step for steps longer than that).  Elsewhere: the host clock around single steps after a sync.
+    At least ``repeats`` samples, more for fast steps (see MIN_TOTAL_SECONDS).
+    """
+    run, once = _steps_per_sample(step, device, warmup)
     samples = []
     if device.startswith("cuda"):
-        run = max(1, int(GPU_SAMPLE_SECONDS / max(once, 1e-6)))
         repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once * run, 1e-6))))
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(run):
-                step()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / run)
-        return statistics.median(samples)
+        return statistics.median(_gpu_sample(step, run) for _ in range(repeats))
     repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once, 1e-6))))
     for _ in range(repeats):
         begin = time.perf_counter()

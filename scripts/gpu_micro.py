@@ -37,6 +37,7 @@ for terms, block, warps in itertools.product((3, 2, 0), (64, 128, 256), (2, 4, 8
     backend.LSH_LAUNCH.update(saved)
 
 codes = torch.randint(0, 128, (1, 32, 131072), device="cuda", dtype=torch.int32)
+default_chunk = sorting.CHUNK
 level = np.arange(16) * 8192
 # timings include the host work of each call (tables, copies, launches): see the profiler for kernels
 for name, starts, ends in (("one segment", np.array([0]), np.array([131072])),
@@ -47,7 +48,7 @@ for name, starts, ends in (("one segment", np.array([0]), np.array([131072])),
         print(f"counting sort {name} chunk={chunk}: {t:7.1f} us", flush=True)
     t = bench(lambda s=starts, e=ends: impl.segment_sort(codes, s, e, code_bits=12))
     print(f"torch sort    {name}: {t:7.1f} us", flush=True)
-sorting.CHUNK = 1024
+sorting.CHUNK = default_chunk
 
 out, dout = torch.randn_like(x), torch.randn_like(x)
 for block in (32, 64, 128):

@@ -68,10 +68,11 @@ def sdpa_in_order(q, k, v, causal: bool, scale: float):
 
 
 #: The LSH hashing kernel's rows per program and warps: fp16/bf16 inputs as ``split`` matrix-unit
-#: products (``terms`` of ``split_projections``), fp32 ones as multiply-and-reduce passes
-#: (``reduce``; tuned in benchmarks/results/lsh_tuning_h200.txt).  An fp32 ``tl.dot`` (ieee) ran
-#: at half the reduce passes' speed (benchmarks/results/micro_h200_cd0fbf2.txt).
-LSH_LAUNCH = {"split": {"block": 256, "warps": 2, "terms": 3}, "reduce": {"block": 128, "warps": 2}}
+#: products (``terms`` of ``split_projections``; 155 us per 131072 x 32 x 64 bf16 tensor on an
+#: H200 against 263 us for the reduce passes: experiments_2026-11-28c/sort_launches), fp32 ones as
+#: multiply-and-reduce passes (``reduce``; benchmarks/results/lsh_tuning_h200.txt).  An fp32
+#: ``tl.dot`` (ieee) ran at half the reduce passes' speed (benchmarks/results/micro_h200_cd0fbf2.txt).
+LSH_LAUNCH = {"split": {"block": 128, "warps": 2, "terms": 3}, "reduce": {"block": 128, "warps": 2}}
 #: Rows per program of the backward's delta kernel and of the widening copy (``cast_into``).
 ROW_DOT_BLOCK = 64
 CAST_BLOCK = 64

@@ -28,12 +28,13 @@ import triton.language as tl
 
 from .tiles import on_device, split_ranges
 
-#: Positions per chunk (one program of each launch): 512 sorts fastest in registers on an H100
-#: (benchmarks/results/); Triton's interpreter sorts a 1024-chunk in about 10 s, so it uses short ones.
-CHUNK = 512
-SCATTER_WARPS = 4
-#: Chunks per step of the prefix-sum kernel (one program per segment: a non-causal call's 256
-#: chunks take 4 steps instead of 16, 57 -> ~15 us per sort on an H200).
+#: Positions per chunk (one program of each launch) and warps of the scatter: 256 and 2 sort
+#: fastest on an H200 (kernel time of a 131072-position sort 113 us against 138 us at 512 and 4,
+#: and 63 against 86 us for a causal level's 16 segments: experiments_2026-11-28c/sort_launches);
+#: Triton's interpreter sorts a 1024-chunk in about 10 s, so it uses short ones.
+CHUNK = 256
+SCATTER_WARPS = 2
+#: Chunks per step of the prefix-sum kernel (one program per segment and row).
 STARTS_CHUNKS = 64
 INTERPRETER_CHUNK = 32
 #: Codes of at most this many bits are counting-sorted (2**bits buckets per chunk).
