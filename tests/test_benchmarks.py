@@ -17,3 +17,27 @@ def test_asv_suite_passes_asv_check():
     result = subprocess.run([sys.executable, "-m", "asv", "check", "--python=same"], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "No problems found" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
+    """measure_steps_interleaved samples A, B, A, B, ... (each with its own steps per sample) and
+    returns each method's median; the CUDA parts are replaced by a fake clock."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    order = []
+    fake_seconds = {"a": iter([5.0, 1.0, 3.0, 9.0, 2.0]), "b": iter([4.0, 4.0, 8.0, 6.0, 7.0])}
+    steps = {"a": lambda: "a", "b": lambda: "b"}
+    monkeypatch.setattr(harness, "_steps_per_sample", lambda step, device, warmup: (2 if step() == "a" else 3, 1.0))
+
+    def sample(step, run):
+        name = step()
+        order.append((name, run))
+        return next(fake_seconds[name])
+
+    monkeypatch.setattr(harness, "_gpu_sample", sample)
+    medians = harness.measure_steps_interleaved(steps, repeats=5)
+    assert order == [("a", 2), ("b", 3)] * 5
+    assert medians == {"a": 3.0, "b": 6.0}
