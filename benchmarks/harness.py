@@ -110,6 +110,11 @@ def _steps_per_sample(step, device: str, warmup: int) -> tuple[int, float]:
     return max(1, int(GPU_SAMPLE_SECONDS / max(once, 1e-6))), once
 
 
+def _sample_count(repeats: int, seconds_per_sample: float) -> int:
+    """At least ``repeats`` samples, more for fast ones (up to MIN_TOTAL_SECONDS, MAX_REPEATS)."""
+    return max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(seconds_per_sample, 1e-6))))
+
+
 def _gpu_sample(step, run: int) -> float:
     """Seconds per step of ``run`` back-to-back steps between two CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -129,7 +134,7 @@ def measure_steps_interleaved(steps: dict, *, repeats: int, warmup: int = 1) -> 
     runs = {}
     for name, step in steps.items():
         runs[name], once = _steps_per_sample(step, "cuda", warmup)
-        repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once * runs[name], 1e-6))))
+        repeats = _sample_count(repeats, once * runs[name])
     samples = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -145,12 +150,10 @@ def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
     At least ``repeats`` samples, more for fast steps (see MIN_TOTAL_SECONDS).
     """
     run, once = _steps_per_sample(step, device, warmup)
-    samples = []
     if device.startswith("cuda"):
-        repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once * run, 1e-6))))
-        return statistics.median(_gpu_sample(step, run) for _ in range(repeats))
-    repeats = max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(once, 1e-6))))
-    for _ in range(repeats):
+        return statistics.median(_gpu_sample(step, run) for _ in range(_sample_count(repeats, once * run)))
+    samples = []
+    for _ in range(_sample_count(repeats, once)):
         begin = time.perf_counter()
         step()
         samples.append(time.perf_counter() - begin)

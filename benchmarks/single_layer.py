@@ -80,6 +80,7 @@ def run(args) -> dict:
     for n in args.seq_lens:
         row = {"seq_len": n}
         steps = {}  # on the GPU both methods' inputs stay alive for the interleaved timing below
+        seconds, work = {}, {}  # per method: seconds per step, (FLOPs, floor seconds)
         for method in ("sdpa", "hyper"):
             if on_gpu:
                 # free what earlier steps left in reference cycles (autograd graphs, closures): it
@@ -97,29 +98,24 @@ def run(args) -> dict:
                 for _ in range(2):
                     step()
                 torch.cuda.synchronize()
-                seconds = None
             else:
-                seconds = measure_step(step, args.device, repeats=repeats)
+                seconds[method] = measure_step(step, args.device, repeats=repeats)
             pairs = pairs_of_method(method, q, k, causal=causal, params=params, backend=args.backend)
             flops = attention_flops(pairs, args.batch, args.heads, args.dim, mode)
-            floor = max(flops / peak_flops, io_bytes(q, k, v, mode) / bandwidth)
+            work[method] = flops, max(flops / peak_flops, io_bytes(q, k, v, mode) / bandwidth)
             row[method] = {
-                "seconds": seconds, "flops": flops, "floor_ms": floor * 1e3,
                 "peak_mem_gib": (torch.cuda.max_memory_allocated() - baseline) / 2**30 if on_gpu else None,
                 "baseline_mem_gib": baseline / 2**30,
             }
             steps[method] = step
             del q, k, v, step
         if on_gpu:  # samples of the two methods in turn: both see the same drift of the machine
-            for method, seconds in measure_steps_interleaved(steps, repeats=repeats).items():
-                row[method]["seconds"] = seconds
+            seconds.update(measure_steps_interleaved(steps, repeats=repeats))
         del steps
         for method in ("sdpa", "hyper"):
-            entry = row[method]
-            seconds, flops = entry.pop("seconds"), entry.pop("flops")
-            row[method] = {"ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "floor_ms": entry["floor_ms"],
-                           "fraction_of_floor": entry["floor_ms"] / 1e3 / seconds, "peak_mem_gib": entry["peak_mem_gib"],
-                           "baseline_mem_gib": entry["baseline_mem_gib"]}
+            (flops, floor), taken = work[method], seconds[method]
+            row[method] = {"ms": taken * 1e3, "tflops": flops / taken / 1e12, "floor_ms": floor * 1e3,
+                           "fraction_of_floor": floor / taken, **row[method]}
         row["speedup"] = row["sdpa"]["ms"] / row["hyper"]["ms"]
         rows.append(row)
         print_row(row)

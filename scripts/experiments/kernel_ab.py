@@ -14,39 +14,26 @@ import sys
 
 import torch
 import triton
+from noncausal_plan import DIM, HEADS, SCALE, N, noncausal_plan
 
 import hyperattn_triton
 from harness import make_inputs, make_step, measure_step
-from hyperattn.algorithm import draw_projections, plan_attention
-from hyperattn.api import make_rng
-from hyperattn.config import HyperAttentionConfig
-from hyperattn_triton import backend
-
-N, HEADS, DIM = 131072, 32, 64
 
 
 def time_kernels(label: str):
-    n, heads, dim, scale = N, HEADS, DIM, 0.125
-    torch.manual_seed(0)
-    q, k, v, dout = (torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    impl = backend.TritonBackend()
-    rng = make_rng(0)
-    plan = plan_attention(impl, q, k, causal=False, scale=scale, config=HyperAttentionConfig(),
-                          projections=draw_projections(rng, dim, 7), rng=rng)
-    (piece,) = list(plan.pieces)
-    st = piece.structure
+    impl, q, k, v, dout, st = noncausal_plan()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device="cuda")
 
     def forward():
-        impl.sparse_forward(q, k, v, st, scale, out, lse, fresh=True)
+        impl.sparse_forward(q, k, v, st, SCALE, out, lse, fresh=True)
 
     forward()
     delta = impl.row_dot(dout, out)
     grads = tuple(torch.empty(x.shape, device="cuda") for x in (q, k, v))
 
     def backward():
-        impl.sparse_backward(q, k, v, lse, dout, delta, st, scale, *grads, fresh=True)
+        impl.sparse_backward(q, k, v, lse, dout, delta, st, SCALE, *grads, fresh=True)
 
     def bench(fn):
         return triton.testing.do_bench(fn, return_mode="median", warmup=5, rep=100) * 1e3
@@ -56,10 +43,9 @@ def time_kernels(label: str):
 
 
 def time_steps(label: str):
-    n, heads, dim = N, HEADS, DIM
     for mode in ("fwd", "fwd+bwd"):
         for causal in (False, True):
-            q, k, v = make_inputs(1, heads, heads, n, dim, "bfloat16", "cuda", requires_grad=mode != "fwd")
+            q, k, v = make_inputs(1, HEADS, HEADS, N, DIM, "bfloat16", "cuda", requires_grad=mode != "fwd")
             step = make_step("hyper", q, k, v, causal=causal, mode=mode, backend="triton")
             ms = measure_step(step, "cuda", repeats=15) * 1e3
             print(f"[{label}] {mode:7} causal={causal!s:5} {ms:8.2f} ms", flush=True)

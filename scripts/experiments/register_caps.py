@@ -23,11 +23,9 @@ import sys
 
 import torch
 import triton
+from noncausal_plan import SCALE, noncausal_plan
 
 import hyperattn
-from hyperattn.algorithm import draw_projections, plan_attention
-from hyperattn.api import make_rng
-from hyperattn.config import HyperAttentionConfig
 from hyperattn_triton import backend
 from hyperattn_triton.backend import Launch
 
@@ -65,20 +63,12 @@ def call_ms(fn, repeats=10):
 
 def main(quick: bool = False, narrow: bool = False):
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-    n, heads, dim, scale = 131072, 32, 64, 0.125
-    torch.manual_seed(0)
-    q, k, v, dout = (torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    impl = backend.TritonBackend()
-    rng = make_rng(0)
-    plan = plan_attention(impl, q, k, causal=False, scale=scale, config=HyperAttentionConfig(),
-                          projections=draw_projections(rng, dim, 7), rng=rng)
-    (piece,) = list(plan.pieces)
-    st = piece.structure
+    impl, q, k, v, dout, st = noncausal_plan()
 
     def forward():
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], device="cuda")
-        impl.sparse_forward(q, k, v, st, scale, out, lse, fresh=True)
+        impl.sparse_forward(q, k, v, st, SCALE, out, lse, fresh=True)
         return out, lse
 
     use()
@@ -87,10 +77,26 @@ def main(quick: bool = False, narrow: bool = False):
 
     def backward():
         grads = tuple(torch.empty(x.shape, device="cuda") for x in (q, k, v))
-        impl.sparse_backward(q, k, v, ref_lse, dout, delta, st, scale, *grads, fresh=True)
+        impl.sparse_backward(q, k, v, ref_lse, dout, delta, st, SCALE, *grads, fresh=True)
         return grads
 
     ref_grads = backward()
+
+    def sweep(variants, run, reference, side):
+        """{launch: us} of ``run`` with each launch on ``side`` ("query": forward and dQ, or
+        "key": dK/dV), its results checked against ``reference``; a launch that fails (shared
+        memory) is reported, not fatal."""
+        times = {}
+        for launch in variants:
+            use(**{side: launch})
+            try:
+                err = max_err(run(), reference)
+                times[launch] = bench_us(run)
+                print(f"{launch}: {times[launch]:8.1f} us  max err {err:.2e}", flush=True)
+            except Exception as exc:
+                print(f"{launch}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        use()
+        return times
 
     print("\n-- sparse forward (non-causal, N=131072): block_m block_n warps stages maxnreg", flush=True)
     fwd_variants = [Launch(128, 64, 3, 4)]
@@ -103,16 +109,7 @@ def main(quick: bool = False, narrow: bool = False):
                              Launch(128, 32, 3, 4, caps), Launch(64, 64, 3, 4, caps), Launch(256, 64, 2, 8, caps),
                              Launch(256, 64, 3, 8, caps)]
         fwd_variants += [Launch(64, 64, 3, 4), Launch(128, 64, 4, 4), Launch(256, 64, 2, 8)]
-    fwd_times = {}
-    for launch in fwd_variants[:3] if quick else fwd_variants:
-        use(query=launch)
-        try:
-            err = max_err(forward(), (ref_out, ref_lse))
-            fwd_times[launch] = bench_us(forward)
-            print(f"{launch}: {fwd_times[launch]:8.1f} us  max err {err:.2e}", flush=True)
-        except Exception as exc:  # a shape that does not compile (shared memory) is reported, not fatal
-            print(f"{launch}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    use()
+    fwd_times = sweep(fwd_variants[:3] if quick else fwd_variants, forward, (ref_out, ref_lse), "query")
     if narrow:
         print(f"best forward {min(fwd_times, key=fwd_times.get)}")
         return
@@ -121,31 +118,13 @@ def main(quick: bool = False, narrow: bool = False):
     dq_variants = [Launch(128, 64, 3, 4), Launch(128, 64, 3, 4, 168), Launch(128, 64, 3, 4, 128),
                    Launch(128, 64, 2, 4, 168), Launch(64, 64, 3, 4, 128), Launch(64, 64, 3, 4),
                    Launch(128, 32, 3, 4, 168)]
-    dq_times = {}
-    for launch in dq_variants[:2] if quick else dq_variants:
-        use(query=launch)
-        try:
-            err = max_err(backward(), ref_grads)
-            dq_times[launch] = bench_us(backward)
-            print(f"{launch}: {dq_times[launch]:8.1f} us  max err {err:.2e}", flush=True)
-        except Exception as exc:
-            print(f"{launch}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    use()
+    dq_times = sweep(dq_variants[:2] if quick else dq_variants, backward, ref_grads, "query")
 
     print("\n-- sparse backward, key side (dK/dV, block and sample slots) varied", flush=True)
     kv_variants = [Launch(32, 128, 3, 4), Launch(32, 128, 3, 4, 168), Launch(32, 128, 3, 4, 128),
                    Launch(16, 128, 3, 4, 168), Launch(16, 128, 3, 4, 128), Launch(32, 64, 3, 4, 128),
                    Launch(64, 128, 3, 8, 128), Launch(32, 128, 3, 8, 128), Launch(32, 128, 2, 4, 168)]
-    kv_times = {}
-    for launch in kv_variants[:2] if quick else kv_variants:
-        use(key=launch)
-        try:
-            err = max_err(backward(), ref_grads)
-            kv_times[launch] = bench_us(backward)
-            print(f"{launch}: {kv_times[launch]:8.1f} us  max err {err:.2e}", flush=True)
-        except Exception as exc:
-            print(f"{launch}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    use()
+    kv_times = sweep(kv_variants[:2] if quick else kv_variants, backward, ref_grads, "key")
 
     best_q = min(fwd_times, key=fwd_times.get)
     best_dq = min(dq_times, key=dq_times.get)
