@@ -96,6 +96,12 @@ MAX_REPEATS = 200
 #: training or serving loop runs them: the host's Python overhead of one call (~40 us) then
 #: overlaps the GPU work of the previous one instead of being timed as idle GPU.
 GPU_SAMPLE_SECONDS = 0.02
+#: Before each timed GPU sample, back-to-back untimed steps of the same method lasting about this
+#: long are queued (no sync in between): the timed steps then start with the host already ahead and
+#: the GPU in this method's own steady state (clocks included), as in a loop of training steps.
+#: Without it a sample of a few ms steps also timed the host's ramp-up to its first kernel, and
+#: after a long SDPA sample the GPU's lowered clock.
+GPU_WARM_SECONDS = 0.02
 
 
 def _steps_per_sample(step, device: str, warmup: int) -> tuple[int, float]:
@@ -115,9 +121,17 @@ def _sample_count(repeats: int, seconds_per_sample: float) -> int:
     return max(repeats, min(MAX_REPEATS, int(MIN_TOTAL_SECONDS / max(seconds_per_sample, 1e-6))))
 
 
-def _gpu_sample(step, run: int) -> float:
-    """Seconds per step of ``run`` back-to-back steps between two CUDA events."""
+def _warm_steps(once: float) -> int:
+    """Untimed steps queued before each GPU sample (see GPU_WARM_SECONDS): none for long steps."""
+    return int(GPU_WARM_SECONDS / max(once, 1e-6)) if once < GPU_WARM_SECONDS else 0
+
+
+def _gpu_sample(step, run: int, warm: int = 0) -> float:
+    """Seconds per step of ``run`` back-to-back steps between two CUDA events, after ``warm``
+    untimed steps queued just before them."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(warm):
+        step()
     start.record()
     for _ in range(run):
         step()
@@ -131,14 +145,15 @@ def measure_steps_interleaved(steps: dict, *, repeats: int, warmup: int = 1) -> 
     in turn (A, B, A, B, ...): host-bound short steps drift by tens of percent within a run, and a
     ratio of two methods should see the same drift.  Each sample is measure_step's (a run of
     back-to-back steps lasting about GPU_SAMPLE_SECONDS)."""
-    runs = {}
+    runs, warms = {}, {}
     for name, step in steps.items():
         runs[name], once = _steps_per_sample(step, "cuda", warmup)
+        warms[name] = _warm_steps(once)
         repeats = _sample_count(repeats, once * runs[name])
     samples = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            samples[name].append(_gpu_sample(step, runs[name]))
+            samples[name].append(_gpu_sample(step, runs[name], warms[name]))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -146,12 +161,13 @@ def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
     """Median seconds per ``step``.
 
     GPU: CUDA events around a run of back-to-back steps lasting about GPU_SAMPLE_SECONDS (a single
-    step for steps longer than that).  Elsewhere: the host clock around single steps after a sync.
+    step for steps longer than that), each run after GPU_WARM_SECONDS of untimed ones.  Elsewhere: the host clock around single steps after a sync.
     At least ``repeats`` samples, more for fast steps (see MIN_TOTAL_SECONDS).
     """
     run, once = _steps_per_sample(step, device, warmup)
     if device.startswith("cuda"):
-        return statistics.median(_gpu_sample(step, run) for _ in range(_sample_count(repeats, once * run)))
+        warm = _warm_steps(once)
+        return statistics.median(_gpu_sample(step, run, warm) for _ in range(_sample_count(repeats, once * run)))
     samples = []
     for _ in range(_sample_count(repeats, once)):
         begin = time.perf_counter()

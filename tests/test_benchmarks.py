@@ -20,8 +20,9 @@ def test_asv_suite_passes_asv_check():
 
 
 def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
-    """measure_steps_interleaved samples A, B, A, B, ... (each with its own steps per sample) and
-    returns each method's median; the CUDA parts are replaced by a fake clock."""
+    """measure_steps_interleaved samples A, B, A, B, ... (each with its own steps per sample, and
+    untimed warm-up steps before it when its steps are short) and returns each method's median; the
+    CUDA parts are replaced by a fake clock."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import harness
@@ -30,14 +31,17 @@ def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
     order = []
     fake_seconds = {"a": iter([5.0, 1.0, 3.0, 9.0, 2.0]), "b": iter([4.0, 4.0, 8.0, 6.0, 7.0])}
     steps = {"a": lambda: "a", "b": lambda: "b"}
-    monkeypatch.setattr(harness, "_steps_per_sample", lambda step, device, warmup: (2 if step() == "a" else 3, 1.0))
+    # a's steps take 0.25 s: two warm-up steps fill GPU_WARM_SECONDS; b's 1 s ones need none
+    monkeypatch.setattr(harness, "GPU_WARM_SECONDS", 0.5)
+    monkeypatch.setattr(harness, "_steps_per_sample",
+                        lambda step, device, warmup: (2, 0.25) if step() == "a" else (3, 1.0))
 
-    def sample(step, run):
+    def sample(step, run, warm):
         name = step()
-        order.append((name, run))
+        order.append((name, run, warm))
         return next(fake_seconds[name])
 
     monkeypatch.setattr(harness, "_gpu_sample", sample)
     medians = harness.measure_steps_interleaved(steps, repeats=5)
-    assert order == [("a", 2), ("b", 3)] * 5
+    assert order == [("a", 2, 2), ("b", 3, 0)] * 5
     assert medians == {"a": 3.0, "b": 6.0}

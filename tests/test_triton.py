@@ -274,6 +274,32 @@ def test_counting_sort_matches_the_reference_sort(chunk, monkeypatch):
         np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank, err_msg=f"{n=} {bits=} {starts=} {ends=}")
 
 
+@pytest.mark.parametrize("chunk", [16] if INTERPRETED else [16, 256])
+def test_causal_levels_sort_presorted_chunks_like_the_reference(chunk, monkeypatch):
+    """The causal recursion's levels (segments cut at multiples of the chunk, with gaps) sort one
+    codes tensor several times from its presorted chunks: each level matches the reference, and a
+    level cut off the chunk grid takes the general path."""
+    from hyperattn_triton import sorting
+
+    monkeypatch.setattr(sorting, "CHUNK", chunk)
+    monkeypatch.setattr(sorting, "INTERPRETER_CHUNK", chunk)
+    reference = backend_status("reference").backend
+    n, bits = 8 * chunk + 5, 3
+    codes = np.random.default_rng(chunk).integers(0, 1 << bits, size=(2, 3, n))
+    device_codes = torch.from_numpy(codes).to(DEVICE, torch.int32)
+    levels = [([4 * chunk], [n]), ([2 * chunk, 6 * chunk], [4 * chunk, n]), ([0, 4 * chunk], [2 * chunk, 6 * chunk]),
+              ([chunk, 3 * chunk + 1], [2 * chunk, 4 * chunk])]
+    for starts, ends in levels:
+        starts, ends = np.array(starts), np.array(ends)
+        assert sorting.aligned(starts, ends, n, chunk) == (starts[-1] % chunk == 0)
+        order, rank = sorting.counting_segment_sort(device_codes, starts, ends, bits)
+        expected_order, expected_rank = reference.segment_sort(codes, starts, ends)
+        np.testing.assert_array_equal(order.cpu().numpy(), expected_order, err_msg=f"{starts=} {ends=}")
+        np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank, err_msg=f"{starts=} {ends=}")
+    assert device_codes in sorting._presorted
+    assert not sorting.aligned(np.array([0]), np.array([n]), n, chunk)  # the one whole range: no presort
+
+
 def test_counting_sort_declines_what_it_cannot_sort():
     from hyperattn_triton import sorting
 
@@ -393,9 +419,10 @@ for add in (False, True):
 row_dot = sig(kernels.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"}, dict(DIM=64, D_PAD=64, BLOCK=64))
 assert "cubin" in triton.compile(row_dot, target=GPUTarget("cuda", 90, 32)).asm
 from hyperattn_triton import sorting
-for fn in (sorting.chunk_histogram_kernel, sorting.chunk_scatter_kernel, sorting.bucket_starts_kernel):
+for fn in (sorting.chunk_histogram_kernel, sorting.chunk_scatter_kernel, sorting.bucket_starts_kernel,
+           sorting.chunk_presort_kernel, sorting.presorted_scatter_kernel):
     types = {"Tiles": "*i64", "Pieces": "*i64", "Codes": "*i32", "Hist": "*i32", "First": "*i32", "Order": "*i32",
-             "Rank": "*i32"}
+             "Rank": "*i32", "Sorted": "*i32"}
     sizes = dict(CB=sorting.STARTS_CHUNKS) if fn is sorting.bucket_starts_kernel else dict(CHUNK=sorting.CHUNK)
     compiled = sig(fn, types, dict(sizes, NB=128))
     assert "cubin" in triton.compile(compiled, target=GPUTarget("cuda", 90, 32)).asm

@@ -7,7 +7,8 @@ process, with PYTHONPATH putting the baseline's ``hyperattn_triton`` first for t
 
 (``.ab`` from ``git archive <commit> packages/triton_backend | tar -x -C .ab``).  Prints the
 sparse forward and backward of one non-causal plan (do_bench medians) and the four whole steps
-(the benchmark harness's measure_step, HyperAttention only).
+(the benchmark harness's measure_step, HyperAttention only); with ``--profile`` the kernel tables
+of the non-causal forward and the causal forward and forward+backward.
 """
 
 import sys
@@ -52,37 +53,41 @@ def time_steps(label: str):
             del q, k, v, step
 
 
-def profile_forward(label: str):
-    """Kernel table and host time of the non-causal forward step."""
+def profile_step(label: str, causal: bool, mode: str = "fwd"):
+    """Kernel table and host time of one whole step."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v = make_inputs(1, HEADS, HEADS, N, DIM, "bfloat16", "cuda")
-    step = make_step("hyper", q, k, v, causal=False, mode="fwd", backend="triton")
+    q, k, v = make_inputs(1, HEADS, HEADS, N, DIM, "bfloat16", "cuda", requires_grad=mode != "fwd")
+    step = make_step("hyper", q, k, v, causal=causal, mode=mode, backend="triton")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     begin = time.perf_counter()
-    for _ in range(20):
+    for _ in range(10):
         step()
-    host = (time.perf_counter() - begin) / 20
+    host = (time.perf_counter() - begin) / 10
     torch.cuda.synchronize()
-    wall = (time.perf_counter() - begin) / 20
-    print(f"[{label}] fwd causal=False host {host * 1e3:.2f} ms/call, wall {wall * 1e3:.2f} ms/call", flush=True)
+    wall = (time.perf_counter() - begin) / 10
+    print(f"[{label}] {mode} causal={causal} host {host * 1e3:.2f} ms/call, wall {wall * 1e3:.2f} ms/call", flush=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    for line in prof.key_averages().table(sort_by="cuda_time_total", row_limit=14).splitlines():
+    for line in prof.key_averages().table(sort_by="cuda_time_total", row_limit=16).splitlines():
         print(f"[{label}] {line[:60]}{line[-60:]}")
+    del q, k, v, step
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "?"
     print(f"[{which}] {hyperattn_triton.__file__}", flush=True)
     if "--profile" in sys.argv:
-        profile_forward(which)
+        profile_step(which, causal=False)
+        profile_step(which, causal=True)
+        profile_step(which, causal=True, mode="fwd+bwd")
     else:
         time_kernels(which)
         torch.cuda.empty_cache()

@@ -211,17 +211,18 @@ def _accumulator_dtype(xp, x):
 
 
 def run_forward(backend: Backend, plan: Plan, q, k, v):
-    """Run every piece: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq]) in the accumulator dtype.
-
-    A plan of one piece writes out in q's dtype straight away: no fp32 buffer to fill and convert.
+    """Run every piece: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq]); lse in the accumulator dtype, out
+    in it too unless the plan has one piece or the backend merges in q's dtype
+    (``Capabilities.running_out_dtype``): then out is q's dtype, with no buffer to convert.
     """
     xp = array_namespace(q)
     dtype = _accumulator_dtype(xp, q)
     batch, heads, n_q = q.shape[:3]
     out_shape = (batch, heads, n_q, v.shape[3])
+    in_input_dtype = len(plan.pieces) == 1 or backend.capabilities.running_out_dtype == "input"
     # the first piece of every plan covers every row (the whole rectangle, or the causal leaves)
-    # and writes it without reading, so out needs no fill; with one piece it is q's dtype
-    out = xp.empty(out_shape, dtype=q.dtype if len(plan.pieces) == 1 else dtype, device=device(q))
+    # and writes it without reading, so out needs no fill
+    out = xp.empty(out_shape, dtype=q.dtype if in_input_dtype else dtype, device=device(q))
     lse = xp.full((batch, heads, n_q), -math.inf, dtype=dtype, device=device(q))
     for i, piece in enumerate(plan.pieces):
         if isinstance(piece, ExactPiece):

@@ -180,6 +180,10 @@ class Capabilities:
     #: HyperAttention, so the plan computes non-causal calls with fewer keys, and causal calls with
     #: fewer query rows, exactly (more accurate and faster; ``min_seq_len`` still applies above).
     exact_below: tuple[int, int] = (0, 0)
+    #: The dtype of the running output between a plan's pieces: "accumulator" (float32, float64
+    #: for float64 inputs) or "input" (q's dtype: half the memory and traffic of a float32 buffer
+    #: for fp16/bf16; each piece's kernel merges in float32 and rounds once when it stores).
+    running_out_dtype: str = "accumulator"
     notes: str = ""
 
 

@@ -221,11 +221,26 @@ def flash_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     o, row_lse = _fused_attention(qf, kf, vf, causal, scale)
     row_lse = row_lse.reshape(lse_view.shape)
     if fresh:  # the usual case (exact pieces run first): no merge, no fp32 temporaries
-        cast_into(out_view, o)
+        if not _adopt_storage(out, out_view, o):
+            cast_into(out_view, o)
         lse_view.copy_(row_lse)
     else:
         merge_partial(out_view, lse_view, o, row_lse)
     return True
+
+
+def _adopt_storage(whole, view, result) -> bool:
+    """Point ``whole`` at ``result``'s memory instead of copying ``result`` into ``view`` (a view of
+    all of ``whole``) when both lay the same elements out alike: a causal call's leaves are its
+    first piece, and their output is already the running output (a 0.5 GB copy at N=131072)."""
+    same_layout = (
+        result.dtype == whole.dtype and result.shape == view.shape and result.stride() == view.stride()
+        and result.storage_offset() == 0 and view.storage_offset() == 0 and whole.is_contiguous()
+        and result.untyped_storage().nbytes() >= whole.untyped_storage().nbytes()
+    )
+    if same_layout:
+        whole.set_(result.untyped_storage(), 0, whole.shape, whole.stride())
+    return same_layout
 
 
 def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, scale: float, dq, dk, dv,
@@ -299,6 +314,9 @@ class TritonBackend:
         dtypes=_DTYPES,
         max_head_dim=MAX_HEAD_DIM,
         priority=10,
+        # a causal call's fp32 running output cost 1.1 GB of reads and writes per recursion level at
+        # N=131072 (B=1, H=32, D=64), plus a widening and a narrowing copy of the whole output
+        running_out_dtype="input",
         notes="Triton kernels on NVIDIA GPUs; fp16/bf16 with fp32 accumulation, fp32 exact (no tf32).",
     )
 

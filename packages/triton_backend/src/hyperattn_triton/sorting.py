@@ -14,6 +14,12 @@ order (their codes count as 0).  Pieces are cut into chunks of ``CHUNK`` positio
 
 Three launches and three allocations: the host cost of a sort matters as much as its GPU time.
 
+The causal recursion sorts the same codes once per level, over segments whose bounds are
+multiples of ``CHUNK``.  Then every level's chunks are the same aligned chunks, whose counts and
+in-chunk order do not depend on the level: ``chunk_presort_kernel`` computes them once per codes
+tensor (cached while it lives), and each level runs only the prefix sums and
+``presorted_scatter_kernel`` (no in-register sort: 28 of a level sort's 75 us on an H200).
+
 Orders and ranks are int32 (what the attention kernels read).
 """
 
@@ -23,6 +29,7 @@ import os
 
 import numpy as np
 import torch
+import torch.utils.weak
 import triton
 import triton.language as tl
 
@@ -108,6 +115,43 @@ def chunk_scatter_kernel(Tiles, Codes, First, Order, Rank, sc_bh, so_bh, num_til
         tl.store(Rank + bh * so_bh + position, (dest - piece_start).to(tl.int32), mask=valid)
 
 
+@triton.jit
+def chunk_presort_kernel(Codes, Hist, Sorted, n, sc_bh, so_bh, num_tiles, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """Aligned chunk t = [t * CHUNK, (t + 1) * CHUNK) clipped to n: Hist[bh, t, c] counts its code-c
+    positions, Sorted[bh, t * CHUNK + k] is its k-th position in (code, position) order."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    local = tl.arange(0, CHUNK)
+    offs = t * CHUNK + local
+    mask = offs < n
+    codes = tl.load(Codes + bh * sc_bh + offs, mask=mask, other=0).to(tl.int32)
+    tl.store(Hist + (bh * num_tiles + t) * NB + tl.arange(0, NB), tl.histogram(codes, NB, mask=mask))
+    keys = tl.sort(tl.where(mask, codes, NB) * CHUNK + local)  # masked positions sort last
+    tl.store(Sorted + bh * so_bh + offs, (t * CHUNK + keys % CHUNK).to(tl.int32), mask=mask)
+
+
+@triton.jit
+def presorted_scatter_kernel(Tiles, Codes, Sorted, First, Order, Rank, sc_bh, so_bh, num_tiles,
+                             CHUNK: tl.constexpr, NB: tl.constexpr):
+    """chunk_scatter_kernel for aligned chunks already sorted by chunk_presort_kernel."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    row = Tiles + t * 4
+    p0, p1, piece_start, is_gap = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    local = tl.arange(0, CHUNK)
+    offs = p0 + local
+    mask = offs < p1
+    if is_gap != 0:  # positions outside every segment stay in place, rank 0
+        tl.store(Order + bh * so_bh + offs, offs.to(tl.int32), mask=mask)
+        tl.store(Rank + bh * so_bh + offs, tl.zeros([CHUNK], tl.int32), mask=mask)
+    else:
+        position = tl.load(Sorted + bh * so_bh + offs, mask=mask, other=0)
+        code = tl.load(Codes + bh * sc_bh + position, mask=mask, other=0).to(tl.int32)
+        dest = tl.load(First + (bh * num_tiles + t) * NB + code, mask=mask, other=0) + local
+        tl.store(Order + bh * so_bh + dest, position, mask=mask)
+        tl.store(Rank + bh * so_bh + position, (dest - piece_start).to(tl.int32), mask=mask)
+
+
 def chunk_size() -> int:
     return INTERPRETER_CHUNK if os.environ.get("TRITON_INTERPRET") == "1" else CHUNK
 
@@ -146,6 +190,33 @@ def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int):
     return tiles, np.ascontiguousarray(pieces)
 
 
+def aligned(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int) -> bool:
+    """Whether segments cut [0, n) only at multiples of ``chunk`` and are not the one whole range
+    (a sort of the whole range is the codes' only one: presorting would add a pass)."""
+    starts, ends = np.asarray(starts), np.asarray(ends)
+    if len(starts) == 1 and starts[0] == 0 and ends[0] == n:
+        return False
+    return bool(np.all((starts % chunk == 0) | (starts == n)) and np.all((ends % chunk == 0) | (ends == n)))
+
+
+#: codes tensor -> (hist, sorted) of chunk_presort_kernel, while the codes live (one call's levels)
+_presorted = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _presort(codes, flat, num_buckets: int, chunk: int):
+    """(hist int32 [BH, T, NB], sorted int32 [BH, N]) of the aligned chunks of ``codes``, made once."""
+    bh, n = flat.shape
+    num_tiles = triton.cdiv(n, chunk)
+    cached = _presorted.get(codes)
+    if cached is None or cached[0].shape[1:] != (num_tiles, num_buckets):
+        hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=flat.device)
+        in_order = torch.empty(bh, n, dtype=torch.int32, device=flat.device)
+        chunk_presort_kernel[(num_tiles, bh)](flat, hist, in_order, n, flat.stride(0), in_order.stride(0), num_tiles,
+                                              CHUNK=chunk, NB=num_buckets, num_warps=SCATTER_WARPS)
+        cached = _presorted[codes] = (hist, in_order)
+    return cached
+
+
 def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int):
     """(order, rank) int32 [B, H, N] as ``Backend.segment_sort``, or None when it does not apply
     (codes wider than MAX_BITS, overlapping segments, or N beyond int32)."""
@@ -158,20 +229,28 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     if tables is None:
         return None
     tiles, pieces = tables
-    codes = codes.reshape(batch * heads, n)
-    if codes.stride(1) != 1:
-        codes = codes.contiguous()
+    flat = codes.reshape(batch * heads, n)
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
     bh, num_tiles = batch * heads, len(tiles)
-    hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=codes.device)
     grid = (num_tiles, bh)
-    chunk_histogram_kernel[grid](tiles, codes, hist, codes.stride(0), num_tiles, CHUNK=chunk, NB=num_buckets,
-                                 num_warps=4)
+    presorted = aligned(starts, ends, n, chunk)
+    if presorted:  # the tiles are the aligned chunks, in order
+        hist, in_order = _presort(codes, flat, num_buckets, chunk)
+    else:
+        hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=codes.device)
+        chunk_histogram_kernel[grid](tiles, flat, hist, flat.stride(0), num_tiles, CHUNK=chunk, NB=num_buckets,
+                                     num_warps=4)
     first = torch.empty_like(hist)  # gap chunks' entries stay unset: the scatter never reads them
     if len(pieces):
         bucket_starts_kernel[(len(pieces), bh)](pieces, hist, first, num_tiles, CB=STARTS_CHUNKS, NB=num_buckets,
                                                 num_warps=4)
     order = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
     rank = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
-    chunk_scatter_kernel[grid](tiles, codes, first, order, rank, codes.stride(0), order.stride(0), num_tiles,
-                               CHUNK=chunk, NB=num_buckets, num_warps=SCATTER_WARPS)
+    if presorted:
+        presorted_scatter_kernel[grid](tiles, flat, in_order, first, order, rank, flat.stride(0), order.stride(0),
+                                       num_tiles, CHUNK=chunk, NB=num_buckets, num_warps=4)
+    else:
+        chunk_scatter_kernel[grid](tiles, flat, first, order, rank, flat.stride(0), order.stride(0), num_tiles,
+                                   CHUNK=chunk, NB=num_buckets, num_warps=SCATTER_WARPS)
     return order.view(batch, heads, n), rank.view(batch, heads, n)
