@@ -147,8 +147,8 @@ def plan_attention(
         projs = projections() if callable(projections) else projections
         generator = rng() if callable(rng) else rng
         xp = array_namespace(q)
-        compute_dtype = xp.float64 if q.dtype == xp.float64 else xp.float32
-        proj = xp.astype(host_to_device(np.asarray(projs), q), compute_dtype)
+        # cast on the host: one copy to the device, no conversion kernel there
+        proj = host_to_device(np.asarray(projs, dtype=np.float64 if q.dtype == xp.float64 else np.float32), q)
         q_codes = backend.lsh_codes(q, proj)
         k_codes = backend.lsh_codes(k, proj)
         for ranges in sparse_calls:

@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 import torch
 import torch.nn.attention
+import torch.utils.weak
 import triton
 
 from hyperattn._arrays import host_to_device
@@ -178,14 +179,16 @@ def fold_views(tiling, q, k, v, query_side=(), key_side=()):
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
 
 
-def split_projections(projections, dtype, terms: int):
-    """[terms, ...] in ``dtype`` (fp16/bf16) whose fp32 sum is ``projections`` (fp32) to about
-    ``terms`` times the dtype's significand bits (3 bf16 terms: all 24 bits of an fp32)."""
-    parts, rest = [], projections.to(torch.float32)
-    for _ in range(terms):
-        parts.append(rest.to(dtype))
-        rest = rest - parts[-1].to(torch.float32)
-    return torch.stack(parts).contiguous()
+def split_projections(projections, dtype, terms: int, d_pad: int, r_pad: int):
+    """The projections [D, r] as the LSH kernel reads them, in one launch: zero-padded to
+    [d_pad, r_pad], and for ``terms > 0`` as [terms, d_pad, r_pad] in ``dtype`` (fp16/bf16) whose
+    fp32 sum is the fp32 projections (see ``kernels.split_projections_kernel``)."""
+    dim, num_projs = projections.shape
+    shape, out_dtype = ((terms, d_pad, r_pad), dtype) if terms > 0 else ((d_pad, r_pad), torch.float32)
+    out = torch.empty(shape, dtype=out_dtype, device=projections.device)
+    kernels.split_projections_kernel[(1,)](projections, out, *projections.stride(), HEAD_DIM=dim, NUM_PROJS=num_projs,
+                                           D_PAD=d_pad, R_PAD=r_pad, TERMS=terms, num_warps=1)
+    return out
 
 
 def torch_cast_into(dst, src, add: bool = False) -> None:
@@ -322,6 +325,7 @@ class TritonBackend:
 
     def __init__(self):
         self._index_cache = weakref.WeakKeyDictionary()  # SparseStructure -> its device index tensors
+        self._projections = torch.utils.weak.WeakIdKeyDictionary()  # projections -> {(dtype, terms): prepared}
         if interpreting():  # CPU tensors are accepted then, but "auto" must still prefer the reference
             self.capabilities = dataclasses.replace(self.capabilities, devices=("cuda", "cpu"), priority=-1)
         else:
@@ -368,16 +372,18 @@ class TritonBackend:
         d_pad, r_pad = _pad(dim), _pad(num_projs)
         split = x.dtype in (torch.float16, torch.bfloat16) and LSH_LAUNCH["split"]["terms"] > 0
         launch = LSH_LAUNCH["split" if split else "reduce"]
-        padded = torch.zeros(d_pad, r_pad, dtype=torch.float32, device=x.device)
-        padded[:dim, :num_projs] = projections.to(torch.float32)
-        if split:
-            padded = split_projections(padded, x.dtype, launch["terms"])
+        terms = launch["terms"] if split else 0
+        # q and k share their projections: prepared once per call
+        prepared = self._projections.setdefault(projections, {})
+        key = (x.dtype if split else torch.float32, terms)
+        if key not in prepared:
+            prepared[key] = split_projections(projections, x.dtype, terms, d_pad, r_pad)
         code_dtype = torch.int32 if num_projs < 32 else torch.int64
         codes = torch.empty(batch, heads, n, dtype=code_dtype, device=x.device)
         kernels.lsh_codes_kernel[(triton.cdiv(n, launch["block"]), batch * heads)](
-            x, padded, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
+            x, prepared[key], codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
             HEAD_DIM=dim, D_PAD=d_pad, NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=launch["block"],
-            SPLIT=launch["terms"] if split else 0, num_warps=launch["warps"],
+            SPLIT=terms, num_warps=launch["warps"],
         )
         return codes
 

@@ -375,13 +375,33 @@ def cast_rows_kernel(Src, Dst, n_rows, num_heads, ss_b, ss_h, ss_n, ss_d, sd_b, 
 
 
 @triton.jit
+def split_projections_kernel(P, Out, sp_d, sp_r, HEAD_DIM: tl.constexpr, NUM_PROJS: tl.constexpr,
+                             D_PAD: tl.constexpr, R_PAD: tl.constexpr, TERMS: tl.constexpr):
+    """Out [TERMS, D_PAD, R_PAD] in its own dtype (fp16/bf16): terms whose fp32 sum is P [D, r]
+    (any float dtype; zero-padded), each the rounding of what the earlier ones leave.  3 bf16 terms
+    carry all 24 bits of an fp32.  TERMS == 0: Out is P padded, in fp32.  One program: a call
+    prepares its projections in one launch, not a dozen elementwise ones."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_r = tl.arange(0, R_PAD)
+    mask = (offs_d[:, None] < HEAD_DIM) & (offs_r[None, :] < NUM_PROJS)
+    rest = tl.load(P + offs_d[:, None] * sp_d + offs_r[None, :] * sp_r, mask=mask, other=0.0).to(tl.float32)
+    out_ptrs = Out + offs_d[:, None] * R_PAD + offs_r[None, :]
+    if TERMS == 0:
+        tl.store(out_ptrs, rest)
+    for t in tl.static_range(TERMS):
+        part = rest.to(Out.dtype.element_ty)
+        tl.store(out_ptrs + t * D_PAD * R_PAD, part)
+        rest = rest - part.to(tl.float32)
+
+
+@triton.jit
 def lsh_codes_kernel(X, P, Codes, n_rows, num_heads, sx_b, sx_h, sx_n, sx_d, sc_b, sc_h,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_PROJS: tl.constexpr, R_PAD: tl.constexpr,
                      BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """Gray rank of the sign pattern of x @ P for BLOCK rows of one (batch, head).
 
     ``SPLIT > 0`` (fp16/bf16 x): P is [SPLIT, D_PAD, R_PAD] in x's dtype, terms whose sum is the
-    fp32 projections (see ``backend.split_projections``), and x @ P is SPLIT matrix-unit products
+    fp32 projections (see ``split_projections_kernel``), and x @ P is SPLIT matrix-unit products
     accumulated in fp32: x is exact in its own dtype, so this is an fp32-accurate projection at
     the cost of a few tiny products (the multiply-and-reduce passes are ALU-bound: half the
     memory bandwidth).  ``SPLIT == 0``: P is fp32 [D_PAD, R_PAD] and the projections are NUM_PROJS
