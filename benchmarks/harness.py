@@ -140,20 +140,32 @@ def _gpu_sample(step, run: int, warm: int = 0) -> float:
     return start.elapsed_time(end) / 1e3 / run
 
 
+#: Methods are interleaved only while every one's step is shorter than this.  A long step at full
+#: power (SDPA at N=131072: 0.15-1 s) lowers the clock for the next method's samples: an H200 ran
+#: HyperAttention at 1838 MHz interleaved with SDPA against 1918 MHz alone, 2-5% slower
+#: (benchmarks/results/experiments_2026-11-28d/timing_methods_h200_bbd5d2c.txt), which no loop of
+#: one method sees.  Such methods are timed one after the other, each after its own warm-up.
+INTERLEAVE_BELOW_SECONDS = 0.05
+
+
 def measure_steps_interleaved(steps: dict, *, repeats: int, warmup: int = 1) -> dict:
     """Median seconds per step of each of ``steps`` (name -> step) on the GPU, their samples taken
     in turn (A, B, A, B, ...): host-bound short steps drift by tens of percent within a run, and a
     ratio of two methods should see the same drift.  Each sample is measure_step's (a run of
-    back-to-back steps lasting about GPU_SAMPLE_SECONDS)."""
-    runs, warms = {}, {}
+    back-to-back steps lasting about GPU_SAMPLE_SECONDS, after GPU_WARM_SECONDS of untimed ones).
+    When a step is longer than INTERLEAVE_BELOW_SECONDS, each method's samples run in a row."""
+    runs, warms, longest = {}, {}, 0.0
     for name, step in steps.items():
         runs[name], once = _steps_per_sample(step, "cuda", warmup)
-        warms[name] = _warm_steps(once)
+        warms[name], longest = _warm_steps(once), max(longest, once)
         repeats = _sample_count(repeats, once * runs[name])
+    if longest >= INTERLEAVE_BELOW_SECONDS:
+        order = [name for name in steps for _ in range(repeats)]
+    else:
+        order = [name for _ in range(repeats) for name in steps]
     samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            samples[name].append(_gpu_sample(step, runs[name], warms[name]))
+    for name in order:
+        samples[name].append(_gpu_sample(steps[name], runs[name], warms[name]))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

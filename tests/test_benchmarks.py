@@ -33,6 +33,7 @@ def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
     steps = {"a": lambda: "a", "b": lambda: "b"}
     # a's steps take 0.25 s: two warm-up steps fill GPU_WARM_SECONDS; b's 1 s ones need none
     monkeypatch.setattr(harness, "GPU_WARM_SECONDS", 0.5)
+    monkeypatch.setattr(harness, "INTERLEAVE_BELOW_SECONDS", 10.0)
     monkeypatch.setattr(harness, "_steps_per_sample",
                         lambda step, device, warmup: (2, 0.25) if step() == "a" else (3, 1.0))
 
@@ -45,3 +46,19 @@ def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
     medians = harness.measure_steps_interleaved(steps, repeats=5)
     assert order == [("a", 2, 2), ("b", 3, 0)] * 5
     assert medians == {"a": 3.0, "b": 6.0}
+
+
+def test_methods_with_long_steps_are_timed_one_after_the_other(monkeypatch):
+    """A step longer than INTERLEAVE_BELOW_SECONDS (SDPA at large N) would lower the GPU clock for
+    the other method's samples: then each method's samples run in a row."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    order = []
+    monkeypatch.setattr(harness, "_steps_per_sample",
+                        lambda step, device, warmup: (1, 0.5) if step() == "a" else (4, 0.005))
+    monkeypatch.setattr(harness, "_gpu_sample", lambda step, run, warm: order.append(step()) or 1.0)
+    harness.measure_steps_interleaved({"a": lambda: "a", "b": lambda: "b"}, repeats=3)
+    assert order == ["a"] * 10 + ["b"] * 10  # 10: b's short samples ask for more

@@ -266,6 +266,7 @@ def test_counting_sort_matches_the_reference_sort(chunk, monkeypatch):
     monkeypatch.setattr(sorting, "CHUNK", chunk)
     monkeypatch.setattr(sorting, "INTERPRETER_CHUNK", chunk)
     monkeypatch.setattr(sorting, "STARTS_CHUNKS", 2)  # segments of several prefix-sum steps
+    monkeypatch.setattr(sorting, "STARTS_PART", 3)  # and of several parts
     reference = backend_status("reference").backend
     rng = np.random.default_rng(chunk)
     for trial in range(4):
@@ -442,6 +443,8 @@ for x_type, p_type, split in (("*bf16", "*bf16", 3), ("*fp16", "*fp16", 3), ("*f
     lsh = sig(kernels.lsh_codes_kernel, {"X": x_type, "P": p_type, "Codes": "*i32"},
               dict(HEAD_DIM=64, D_PAD=64, NUM_PROJS=7, R_PAD=16, BLOCK=128, SPLIT=split))
     assert "cubin" in triton.compile(lsh, target=GPUTarget("cuda", 90, 32)).asm
+blocks = sig(kernels.sample_blocks_kernel, {"Samples": "*i32", "KRank": "*i32", "Blocks": "*i32"}, dict(BLOCK=1024))
+assert "cubin" in triton.compile(blocks, target=GPUTarget("cuda", 90, 32)).asm
 for out_type, terms in (("*bf16", 3), ("*fp32", 0)):
     split = sig(kernels.split_projections_kernel, {"P": "*fp64", "Out": out_type},
                 dict(HEAD_DIM=64, NUM_PROJS=7, D_PAD=64, R_PAD=16, TERMS=terms))

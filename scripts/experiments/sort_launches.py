@@ -3,8 +3,11 @@ profiler (host time excluded: a sort call's host work would dominate a do_bench 
 
 ``python scripts/experiments/sort_launches.py`` on the GPU machine; N=131072, H=32, bf16 rows
 hashed with 7 projections, sorted as one segment (the non-causal call) and as the 16 rectangles of
-a causal level (rows [4096, 8192) of each 8192 block).
+a causal level (rows [4096, 8192) of each 8192 block; sorted from chunks presorted once per codes
+tensor, which is not in these times).
 """
+
+import sys
 
 import numpy as np
 import torch
@@ -12,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hyperattn_triton import backend, sorting
 
-SORT_KERNELS = ("chunk_histogram_kernel", "bucket_starts_kernel", "chunk_scatter_kernel")
+SORT_KERNELS = ("chunk_histogram_kernel", "bucket_starts_kernel", "chunk_scatter_kernel", "presorted_scatter_kernel")
 
 
 def kernel_us(fn, names, calls=5):
@@ -33,23 +36,27 @@ def main():
     x = torch.randn(1, 32, n, 64, device="cuda", dtype=torch.bfloat16)
     projections = torch.randn(64, 7, device="cuda", dtype=torch.float32)
     print(torch.cuda.get_device_name())
-    for block, warps in ((128, 4), (256, 2), (256, 4), (128, 2), (512, 4)):
-        backend.LSH_LAUNCH["split"].update(block=block, warps=warps)
-        us = kernel_us(lambda: impl.lsh_codes(x, projections), ("lsh_codes_kernel",))["lsh_codes_kernel"]
-        print(f"lsh split block={block:4d} warps={warps}: {us:7.1f} us", flush=True)
+    if "--lsh" in sys.argv:
+        for block, warps in ((128, 4), (256, 2), (256, 4), (128, 2), (512, 4)):
+            backend.LSH_LAUNCH["split"].update(block=block, warps=warps)
+            us = kernel_us(lambda: impl.lsh_codes(x, projections), ("lsh_codes_kernel",))["lsh_codes_kernel"]
+            print(f"lsh split block={block:4d} warps={warps}: {us:7.1f} us", flush=True)
     codes = impl.lsh_codes(x, projections)
     level = np.arange(16) * 8192
     cases = (("one segment", np.array([0]), np.array([n])), ("16 segments", level + 4096, level + 8192))
-    defaults = (sorting.CHUNK, sorting.SCATTER_WARPS, sorting.STARTS_CHUNKS)
-    for chunk, warps, starts_chunks in ((512, 4, 16), (512, 4, 64), (512, 2, 64), (512, 8, 64), (256, 4, 64),
-                                        (256, 2, 64), (1024, 8, 64)):
-        sorting.CHUNK, sorting.SCATTER_WARPS, sorting.STARTS_CHUNKS = chunk, warps, starts_chunks
-        for name, starts, ends in cases:
+    names = ("CHUNK", "SCATTER_WARPS", "STARTS_CHUNKS", "STARTS_PART")
+    defaults = tuple(getattr(sorting, name) for name in names)
+    for setting in ((256, 2, 64, 512), (256, 2, 64, 64), (256, 2, 32, 32), (256, 2, 64, 128), (256, 2, 16, 16),
+                    (512, 4, 64, 64)):
+        for name, value in zip(names, setting):
+            setattr(sorting, name, value)
+        for case, starts, ends in cases:
             times = kernel_us(lambda s=starts, e=ends: impl.segment_sort(codes, s, e, code_bits=7), SORT_KERNELS)
-            parts = "  ".join(f"{k.split('_')[1]} {v:6.1f}" for k, v in times.items())
-            print(f"sort chunk={chunk:4d} scatter warps={warps} starts chunks={starts_chunks:2d} {name:11}: "
-                  f"{sum(times.values()):7.1f} us  ({parts})", flush=True)
-    sorting.CHUNK, sorting.SCATTER_WARPS, sorting.STARTS_CHUNKS = defaults
+            parts = "  ".join(f"{k.split('_')[1]} {v:6.1f}" for k, v in times.items() if v)
+            print(f"sort chunk={setting[0]:4d} scatter warps={setting[1]} starts chunks={setting[2]:2d} "
+                  f"part={setting[3]:3d} {case:11}: {sum(times.values()):7.1f} us  ({parts})", flush=True)
+    for name, value in zip(names, defaults):
+        setattr(sorting, name, value)
 
 
 if __name__ == "__main__":

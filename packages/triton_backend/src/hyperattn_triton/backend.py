@@ -477,11 +477,12 @@ class TritonBackend:
         samples = sample_blocks = dummy
         sample_strides = (0, 0, 0)
         if structure.samples is not None:
-            drawn = structure.samples.to(torch.int64)
-            batch, kv_heads = drawn.shape[:2]
-            ranks = torch.gather(structure.k_rank, 2, drawn.reshape(batch, kv_heads, -1)).reshape(drawn.shape)
-            samples = drawn.to(torch.int32).contiguous()
-            sample_blocks = (ranks // structure.block_size).to(torch.int32).contiguous()
+            samples = structure.samples.to(torch.int32).contiguous()  # the kernels read both with its strides
+            batch, kv_heads, segments, m = samples.shape
+            sample_blocks = torch.empty(samples.shape, dtype=torch.int32, device=device)
+            kernels.sample_blocks_kernel[(batch * kv_heads,)](
+                samples, structure.k_rank, sample_blocks, segments * m, kv_heads, *samples.stride()[:2],
+                *structure.k_rank.stride(), structure.block_size, BLOCK=1024, num_warps=4)
             sample_strides = samples.stride()[:3]
         log_w = on_device(log_sample_weights, q, structure)
         return dict(q_order=q_order, k_order=k_order, samples=samples, sample_blocks=sample_blocks, log_w=log_w,

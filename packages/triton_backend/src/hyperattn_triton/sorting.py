@@ -41,8 +41,9 @@ from .tiles import on_device, split_ranges
 #: Triton's interpreter sorts a 1024-chunk in about 10 s, so it uses short ones.
 CHUNK = 256
 SCATTER_WARPS = 2
-#: Chunks per step of the prefix-sum kernel (one program per segment and row).
+#: Chunks per step of the prefix-sum kernel, and per part of a segment (one program per part and row).
 STARTS_CHUNKS = 64
+STARTS_PART = 64
 INTERPRETER_CHUNK = 32
 #: Codes of at most this many bits are counting-sorted (2**bits buckets per chunk).
 MAX_BITS = 8
@@ -71,22 +72,27 @@ def chunk_histogram_kernel(Tiles, Codes, Hist, sc_bh, num_tiles, CHUNK: tl.const
 
 @triton.jit
 def bucket_starts_kernel(Pieces, Hist, First, num_tiles, CB: tl.constexpr, NB: tl.constexpr):
-    """First[bh, t, c] for the chunks t of one segment (piece): the segment's start, plus its
-    positions of smaller codes, plus code-c positions in its earlier chunks, minus chunk t's own
-    positions of smaller codes (the scatter adds each position's index in the sorted chunk)."""
-    row = Pieces + tl.program_id(0) * 3
+    """First[bh, t, c] for the chunks t in [u0, u1) of one segment (piece) of chunks [t0, t1):
+    the segment's start, plus its positions of smaller codes, plus code-c positions in its earlier
+    chunks, minus chunk t's own positions of smaller codes (the scatter adds each position's
+    index in the sorted chunk).  A long segment is cut into parts [u0, u1), one program each,
+    which all read the segment's counts: 8 parts of a 512-chunk segment instead of one program."""
+    row = Pieces + tl.program_id(0) * 5
     t0, t1, piece_start = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    u0, u1 = tl.load(row + 3), tl.load(row + 4)
     base = (tl.program_id(1).to(tl.int64) * num_tiles) * NB
     offs_c = tl.arange(0, NB)
     totals = tl.zeros([NB], tl.int32)
+    before = tl.zeros([NB], tl.int32)  # code-c positions in the segment's chunks before this part
     for start in range(t0, t1, CB):
         rows = start + tl.arange(0, CB)
-        totals += tl.sum(tl.load(Hist + base + rows[:, None] * NB + offs_c[None, :], mask=(rows < t1)[:, None],
-                                 other=0), 0)
-    carry = (piece_start + tl.cumsum(totals, 0) - totals).to(tl.int32)  # first position of each code
-    for start in range(t0, t1, CB):
+        counts = tl.load(Hist + base + rows[:, None] * NB + offs_c[None, :], mask=(rows < t1)[:, None], other=0)
+        totals += tl.sum(counts, 0)
+        before += tl.sum(tl.where((rows < u0)[:, None], counts, 0), 0)
+    carry = (piece_start + tl.cumsum(totals, 0) - totals + before).to(tl.int32)  # first position of each code
+    for start in range(u0, u1, CB):
         rows = start + tl.arange(0, CB)
-        mask = (rows < t1)[:, None]
+        mask = (rows < u1)[:, None]
         counts = tl.load(Hist + base + rows[:, None] * NB + offs_c[None, :], mask=mask, other=0)
         earlier_chunks = tl.cumsum(counts, 0) - counts + carry[None, :]
         smaller_codes = tl.cumsum(counts, 1) - counts
@@ -174,9 +180,10 @@ def _cover(starts: np.ndarray, ends: np.ndarray, n: int):
     return piece_start[nonempty], piece_end[nonempty], is_gap[nonempty]
 
 
-def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int):
-    """Host tables of one sort: chunks int64 [T, 4] (p0, p1, piece start, is gap) and segments
-    int64 [P, 3] (first chunk, end chunk, start position); or None when the segments overlap."""
+def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int, part: int):
+    """Host tables of one sort: chunks int64 [T, 4] (p0, p1, piece start, is gap) and segment
+    parts int64 [P, 5] (first chunk, end chunk, start position of the segment; the first and end
+    chunk of a part of at most ``part`` chunks); or None when the segments overlap."""
     cover = _cover(starts, ends, n)
     if cover is None:
         return None
@@ -186,8 +193,10 @@ def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int):
     first = np.cumsum(counts) - counts  # first chunk of each piece
     tiles = np.stack([p0, p1, piece_start[owner], is_gap[owner]], axis=1)
     sorted_pieces = (is_gap == 0) & (counts > 0)
-    pieces = np.stack([first, first + counts, piece_start], axis=1)[sorted_pieces]
-    return tiles, np.ascontiguousarray(pieces)
+    segments = np.stack([first, first + counts, piece_start], axis=1)[sorted_pieces]
+    part_of, u0, u1 = split_ranges(segments[:, 0], segments[:, 1], part)
+    parts = np.concatenate([segments[part_of], u0[:, None], u1[:, None]], axis=1)
+    return tiles, np.ascontiguousarray(parts.reshape(-1, 5))
 
 
 def aligned(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int) -> bool:
@@ -225,7 +234,7 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     if code_bits > MAX_BITS or n >= 2**31 - chunk:
         return None
     num_buckets = max(2, 1 << code_bits)
-    tables = on_device(chunk_tables, codes, np.asarray(starts), np.asarray(ends), n, chunk)
+    tables = on_device(chunk_tables, codes, np.asarray(starts), np.asarray(ends), n, chunk, STARTS_PART)
     if tables is None:
         return None
     tiles, pieces = tables
