@@ -37,7 +37,7 @@ def main():
     projections = torch.randn(64, 7, device="cuda", dtype=torch.float32)
     print(torch.cuda.get_device_name())
     if "--lsh" in sys.argv:
-        for block, warps in ((128, 4), (256, 2), (256, 4), (128, 2), (512, 4)):
+        for block, warps in ((128, 2), (128, 1), (64, 1), (64, 2), (32, 1), (256, 2)):
             backend.LSH_LAUNCH["split"].update(block=block, warps=warps)
             us = kernel_us(lambda: impl.lsh_codes(x, projections), ("lsh_codes_kernel",))["lsh_codes_kernel"]
             print(f"lsh split block={block:4d} warps={warps}: {us:7.1f} us", flush=True)
