@@ -11,7 +11,8 @@ key block ``SampleBlock``, both [B, Hk, S, m]) are masked for rows of their own 
 weighted by ``exp(LogW[segment])``.
 
 Forward: online softmax (base 2) over the tile's keys then its samples, merged by log-sum-exp
-into the running fp32 ``Out``/``Lse`` (rows are disjoint inside one launch).
+into the running ``Out`` (fp32, or the input dtype: see ``Capabilities.running_out_dtype``) and fp32
+``Lse``, in fp32 arithmetic (rows are disjoint inside one launch).
 Backward: FlashAttention's formulas with the final ``Lse`` and ``Delta``, split so that nothing
 contends: the dQ kernel walks a query tile's keys and samples (it owns its rows); the dK/dV kernel
 walks a key tile's rows, for every query head of its KV group, and owns its keys.  Only sample
