@@ -94,6 +94,21 @@ def test_same_plan_matches_reference(case, dtype):
         assert _error(got, want) < tolerance, name
 
 
+def test_causal_forward_keeps_its_running_output_in_the_input_dtype():
+    """A causal plan's pieces merge into an fp16 running output (Capabilities.running_out_dtype is
+    "input": fp32 arithmetic, one rounding per piece) and still match the reference's fp32 one."""
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float16) for x in
+               make_inputs((1, 2, 100, 16), kv_heads=1, n_k=130, v_dim=16, seed=5))
+    reference = backend_status("reference").backend
+    plan = testing.seeded_plan(reference, q, k, causal=True, scale=0.25, config=HyperAttentionConfig(**SMALL), seed=0)
+    assert len(plan.pieces) > 2 and TRITON.backend.capabilities.running_out_dtype == "input"
+    out, lse = run_forward(TRITON.backend, plan_on(plan, q.device), *(TRITON.backend.to_native(x) for x in (q, k, v)))
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    want_out, want_lse = run_forward(reference, plan, *(reference.to_native(x) for x in (q, k, v)))
+    assert _error(testing.to_numpy64(out), testing.to_numpy64(want_out)) < 3e-3
+    assert _error(testing.to_numpy64(lse), testing.to_numpy64(want_lse)) < 1e-3
+
+
 class _Poisoned:
     """An array namespace whose ``empty`` returns NaN-filled arrays (uninitialised memory at its worst)."""
 
