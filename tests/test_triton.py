@@ -237,6 +237,16 @@ def test_lsh_codes_agree_with_float64_on_gpu(dtype):
     assert (got.long() == want).double().mean().item() > 0.9999
 
 
+def test_lsh_codes_follow_projections_changed_in_place():
+    """Prepared projections are cached per tensor (q and k share them), but not past an in-place change."""
+    x = torch.randn(1, 2, 64, 16, device=DEVICE, dtype=torch.float16)
+    projections = torch.randn(16, 4, device=DEVICE)
+    before = TRITON.backend.lsh_codes(x, projections)
+    projections.neg_()
+    after = TRITON.backend.lsh_codes(x, projections)
+    assert torch.equal(after, TRITON.backend.lsh_codes(x, projections.clone())) and not torch.equal(before, after)
+
+
 def test_split_projections_sum_to_fp32():
     """The LSH kernel's projections for fp16/bf16 rows: terms in that dtype summing to the fp32
     projections (zero-padded), and for fp32 rows the padded fp32 projections."""
@@ -320,6 +330,11 @@ def test_causal_levels_sort_presorted_chunks_like_the_reference(chunk, monkeypat
         np.testing.assert_array_equal(order.cpu().numpy(), expected_order, err_msg=f"{starts=} {ends=}")
         np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank, err_msg=f"{starts=} {ends=}")
     assert device_codes in sorting._presorted
+    device_codes[..., :chunk] = torch.from_numpy(codes[..., :chunk][..., ::-1].copy())  # in place: presorted again
+    codes[..., :chunk] = codes[..., :chunk][..., ::-1].copy()
+    starts, ends = np.array([0, 4 * chunk]), np.array([2 * chunk, 6 * chunk])
+    order, _ = sorting.counting_segment_sort(device_codes, starts, ends, bits)
+    np.testing.assert_array_equal(order.cpu().numpy(), reference.segment_sort(codes, starts, ends)[0])
     assert not sorting.aligned(np.array([0]), np.array([n]), n, chunk)  # the one whole range: no presort
 
 

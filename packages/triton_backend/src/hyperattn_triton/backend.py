@@ -389,9 +389,9 @@ class TritonBackend:
         split = x.dtype in (torch.float16, torch.bfloat16) and LSH_LAUNCH["split"]["terms"] > 0
         launch = LSH_LAUNCH["split" if split else "reduce"]
         terms = launch["terms"] if split else 0
-        # q and k share their projections: prepared once per call
+        # q and k share their projections: prepared once per call (and again if changed in place)
         prepared = self._projections.setdefault(projections, {})
-        key = (x.dtype if split else torch.float32, terms)
+        key = (x.dtype if split else torch.float32, terms, projections._version)
         if key not in prepared:
             prepared[key] = split_projections(projections, x.dtype, terms, d_pad, r_pad)
         code_dtype = torch.int32 if num_projs < 32 else torch.int64

@@ -218,7 +218,8 @@ def aligned(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int) -> bool:
     return bool(np.all((starts % chunk == 0) | (starts == n)) and np.all((ends % chunk == 0) | (ends == n)))
 
 
-#: codes tensor -> (hist, sorted) of chunk_presort_kernel, while the codes live (one call's levels)
+#: codes tensor -> (hist, sorted, the codes' version) of chunk_presort_kernel, while the codes live
+#: (one call's levels)
 _presorted = torch.utils.weak.WeakIdKeyDictionary()
 
 
@@ -227,13 +228,13 @@ def _presort(codes, flat, num_buckets: int, chunk: int):
     bh, n = flat.shape
     num_tiles = triton.cdiv(n, chunk)
     cached = _presorted.get(codes)
-    if cached is None or cached[0].shape[1:] != (num_tiles, num_buckets):
+    if cached is None or cached[0].shape[1:] != (num_tiles, num_buckets) or cached[2] != codes._version:
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=flat.device)
         in_order = torch.empty(bh, n, dtype=torch.int32, device=flat.device)
         chunk_presort_kernel[(num_tiles, bh)](flat, hist, in_order, n, flat.stride(0), in_order.stride(0), num_tiles,
                                               CHUNK=chunk, NB=num_buckets, num_warps=SCATTER_WARPS)
-        cached = _presorted[codes] = (hist, in_order)
-    return cached
+        cached = _presorted[codes] = (hist, in_order, codes._version)  # codes changed in place: again
+    return cached[:2]
 
 
 def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int):
