@@ -99,34 +99,30 @@ WIDE_HEAD_LAUNCHES = {"forward": Launch(128, 32, 3, 4), "dq": Launch(128, 64, 2,
 WIDEST_HEAD_LAUNCH = Launch(32, 32, 1, 4)
 
 
-def _head_tier(head_dim: int, v_dim: int) -> str:
+def _wide_head_launch(kernel: str, head_dim: int, v_dim: int) -> Launch | None:
+    """``kernel``'s launch for heads wider than 64, or None for the tuned ones (TUNING)."""
     widest = max(head_dim, v_dim)
-    return "tuned" if widest <= 64 else "wide" if widest <= 128 else "widest"
+    if widest <= 64:
+        return None
+    return WIDE_HEAD_LAUNCHES[kernel] if widest <= 128 else WIDEST_HEAD_LAUNCH
 
 
 def forward_launch(head_dim: int, v_dim: int) -> Launch:
     """Forward: query tiles of ``block_m`` rows in steps of ``block_n`` keys."""
-    tier = _head_tier(head_dim, v_dim)
-    if tier != "tuned":
-        return WIDE_HEAD_LAUNCHES["forward"] if tier == "wide" else WIDEST_HEAD_LAUNCH
-    return Launch(TUNING["block_m"], TUNING["fwd_block_n"], TUNING["fwd_stages"], TUNING["warps"],
-                  TUNING["fwd_maxnreg"])
+    return _wide_head_launch("forward", head_dim, v_dim) or Launch(
+        TUNING["block_m"], TUNING["fwd_block_n"], TUNING["fwd_stages"], TUNING["warps"], TUNING["fwd_maxnreg"])
 
 
 def dq_launch(head_dim: int, v_dim: int) -> Launch:
     """dQ (its own query tiles: they need not be the forward's)."""
-    tier = _head_tier(head_dim, v_dim)
-    if tier != "tuned":
-        return WIDE_HEAD_LAUNCHES["dq"] if tier == "wide" else WIDEST_HEAD_LAUNCH
-    return Launch(TUNING["block_m"], TUNING["block_n"], TUNING["stages"], TUNING["warps"])
+    return _wide_head_launch("dq", head_dim, v_dim) or Launch(
+        TUNING["block_m"], TUNING["block_n"], TUNING["stages"], TUNING["warps"])
 
 
 def key_launch(head_dim: int, v_dim: int) -> Launch:
     """dK/dV: key tiles of ``block_n`` keys in steps of ``block_m`` rows."""
-    tier = _head_tier(head_dim, v_dim)
-    if tier != "tuned":
-        return WIDE_HEAD_LAUNCHES["key"] if tier == "wide" else WIDEST_HEAD_LAUNCH
-    return Launch(TUNING["kv_block_m"], TUNING["kv_block_n"], TUNING["kv_stages"], TUNING["kv_warps"])
+    return _wide_head_launch("key", head_dim, v_dim) or Launch(
+        TUNING["kv_block_m"], TUNING["kv_block_n"], TUNING["kv_stages"], TUNING["kv_warps"])
 
 
 MAX_HEAD_DIM = 256

@@ -51,16 +51,35 @@ MAX_BITS = 8
 
 
 @triton.jit
-def _chunk(Tiles, Codes, sc_bh, CHUNK: tl.constexpr, NB: tl.constexpr):
-    """This program's chunk: (tile index, bh, its positions, mask, codes (0 in gaps), piece start)."""
+def _chunk_row(Tiles, CHUNK: tl.constexpr):
+    """This program's chunk: (tile index, bh, its positions, mask, piece start, is it a gap)."""
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     row = Tiles + t * 4
     p0, p1, piece_start, is_gap = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
     offs = p0 + tl.arange(0, CHUNK)
-    mask = offs < p1
+    return t, bh, offs, offs < p1, piece_start, is_gap
+
+
+@triton.jit
+def _chunk(Tiles, Codes, sc_bh, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """_chunk_row plus the chunk's codes (0 in gaps): (t, bh, offs, mask, codes, piece start, is gap)."""
+    t, bh, offs, mask, piece_start, is_gap = _chunk_row(Tiles, CHUNK)
     codes = tl.load(Codes + bh * sc_bh + offs, mask=mask & (is_gap == 0), other=0).to(tl.int32)
     return t, bh, offs, mask, codes, piece_start, is_gap
+
+
+@triton.jit
+def _sorted_keys(codes, mask, CHUNK: tl.constexpr, NB: tl.constexpr):
+    """A chunk's ``code * CHUNK + local index`` in ascending order (masked positions last, as code NB)."""
+    return tl.sort(tl.where(mask, codes, NB) * CHUNK + tl.arange(0, CHUNK))
+
+
+@triton.jit
+def _store_in_place(Order, Rank, offs, mask, CHUNK: tl.constexpr):
+    """A gap chunk: its positions stay where they are, rank 0."""
+    tl.store(Order + offs, offs.to(tl.int32), mask=mask)
+    tl.store(Rank + offs, tl.zeros([CHUNK], tl.int32), mask=mask)
 
 
 @triton.jit
@@ -107,13 +126,11 @@ def chunk_scatter_kernel(Tiles, Codes, First, Order, Rank, sc_bh, so_bh, num_til
     """Scatter chunk t: its k-th position in (code, position) order goes to ``First[bh, t, code] + k``,
     where First already subtracts the chunk's own positions of smaller codes."""
     t, bh, offs, mask, codes, piece_start, is_gap = _chunk(Tiles, Codes, sc_bh, CHUNK, NB)
-    if is_gap != 0:  # positions outside every segment stay in place, rank 0
-        tl.store(Order + bh * so_bh + offs, offs.to(tl.int32), mask=mask)
-        tl.store(Rank + bh * so_bh + offs, tl.zeros([CHUNK], tl.int32), mask=mask)
+    if is_gap != 0:  # positions outside every segment
+        _store_in_place(Order + bh * so_bh, Rank + bh * so_bh, offs, mask, CHUNK)
     else:
         local = tl.arange(0, CHUNK)
-        keys = tl.where(mask, codes, NB) * CHUNK + local  # masked positions sort last
-        keys = tl.sort(keys)
+        keys = _sorted_keys(codes, mask, CHUNK, NB)
         code = keys // CHUNK
         valid = code < NB
         position = offs - local + keys % CHUNK  # p0 + local index
@@ -133,7 +150,7 @@ def chunk_presort_kernel(Codes, Hist, Sorted, n, sc_bh, so_bh, num_tiles, CHUNK:
     mask = offs < n
     codes = tl.load(Codes + bh * sc_bh + offs, mask=mask, other=0).to(tl.int32)
     tl.store(Hist + (bh * num_tiles + t) * NB + tl.arange(0, NB), tl.histogram(codes, NB, mask=mask))
-    keys = tl.sort(tl.where(mask, codes, NB) * CHUNK + local)  # masked positions sort last
+    keys = _sorted_keys(codes, mask, CHUNK, NB)
     tl.store(Sorted + bh * so_bh + offs, (t * CHUNK + keys % CHUNK).to(tl.int32), mask=mask)
 
 
@@ -141,17 +158,11 @@ def chunk_presort_kernel(Codes, Hist, Sorted, n, sc_bh, so_bh, num_tiles, CHUNK:
 def presorted_scatter_kernel(Tiles, Codes, Sorted, First, Order, Rank, sc_bh, so_bh, num_tiles,
                              CHUNK: tl.constexpr, NB: tl.constexpr):
     """chunk_scatter_kernel for aligned chunks already sorted by chunk_presort_kernel."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    row = Tiles + t * 4
-    p0, p1, piece_start, is_gap = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
-    local = tl.arange(0, CHUNK)
-    offs = p0 + local
-    mask = offs < p1
-    if is_gap != 0:  # positions outside every segment stay in place, rank 0
-        tl.store(Order + bh * so_bh + offs, offs.to(tl.int32), mask=mask)
-        tl.store(Rank + bh * so_bh + offs, tl.zeros([CHUNK], tl.int32), mask=mask)
+    t, bh, offs, mask, piece_start, is_gap = _chunk_row(Tiles, CHUNK)
+    if is_gap != 0:  # positions outside every segment
+        _store_in_place(Order + bh * so_bh, Rank + bh * so_bh, offs, mask, CHUNK)
     else:
+        local = tl.arange(0, CHUNK)
         position = tl.load(Sorted + bh * so_bh + offs, mask=mask, other=0)
         code = tl.load(Codes + bh * sc_bh + position, mask=mask, other=0).to(tl.int32)
         dest = tl.load(First + (bh * num_tiles + t) * NB + code, mask=mask, other=0) + local
