@@ -47,11 +47,11 @@ if what in backend.WIDE_HEAD_LAUNCHES:  # one launch of the 64 < D <= 128 tier
     forward_only = what == "forward"
     rows = (64, 128) if what != "key" else (16, 32, 64)
     columns = (32, 64) if what != "key" else (64, 128)
-    keys = ("block_m", "block_n", "warps", "stages")
+    keys = ("block_m", "block_n", "stages", "warps")  # Launch's field order
     measures = ((("fwd", forward, False), ("fwd causal", forward, True)) if forward_only else
                 (("fwd+bwd", forward_backward, False), ("fwd+bwd causal", forward_backward, True)))
     default = backend.WIDE_HEAD_LAUNCHES[what]
-    for values in itertools.product(rows, columns, (4, 8), (2, 3)):
+    for values in itertools.product(rows, columns, (2, 3), (4, 8)):
         backend.WIDE_HEAD_LAUNCHES[what] = backend.Launch(*values)
         report(keys, values, measures)
     backend.WIDE_HEAD_LAUNCHES[what] = default
