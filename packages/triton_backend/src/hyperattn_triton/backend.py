@@ -94,7 +94,7 @@ class Launch:
 #: Launches for 64 < D <= 128 (padded to 128): TUNING's, tuned at D = 64, spill at D = 128 (sm_90
 #: ptxas: forward 400 B of stack, dQ 720 B, dK/dV 2464 B); these compile without spills
 #: (tests/test_triton.py checks it) but are not yet timed on a GPU.
-WIDE_HEAD_LAUNCHES = {"forward": Launch(128, 32, 3, 4), "dq": Launch(128, 64, 2, 8), "key": Launch(32, 64, 3, 8)}
+WIDE_HEAD_LAUNCHES = {"forward": Launch(128, 32, 3, 4), "dq": Launch(64, 64, 3, 4), "key": Launch(32, 64, 3, 8)}
 #: Above D = 128: small tiles, so that shared memory fits.
 WIDEST_HEAD_LAUNCH = Launch(32, 32, 1, 4)
 
