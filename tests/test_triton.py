@@ -542,15 +542,17 @@ for dim in (64, 128):
                                              BLOCK_N=launch.block_n).items() if n in fn.arg_names}
         spilled = stack_bytes(fn, pointers, constexprs, launch)
         print(f"D={dim} {fn.__name__} {launch}: stack {spilled} B", flush=True)
-        assert spilled == 0, (dim, fn.__name__, launch, spilled)
-print("no spills")
+        # the D = 128 dK/dV launch was timed faster with its small spill than without (backend.py)
+        allowed = 128 if fn is kernels.attention_bwd_dkdv_kernel else 0
+        assert spilled <= allowed, (dim, fn.__name__, launch, spilled)
+print("no spills beyond the allowed")
 """
 
 
 def test_production_launches_do_not_spill_on_sm90():
     """The forward's launch at D = 64 and 128 and the backward's at D = 128 compile for sm_90
-    without spilling registers to local memory (TUNING's D = 64 launches spilled up to 2.4 KB of
-    stack per thread at D = 128)."""
+    without spilling registers to local memory, but for at most 128 B of the D = 128 dK/dV launch,
+    timed faster so (TUNING's D = 64 launches spilled up to 2.4 KB of stack per thread at D = 128)."""
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
