@@ -19,15 +19,19 @@ def test_asv_suite_passes_asv_check():
     assert result.returncode == 0 and "No problems found" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
 
 
-def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
+@pytest.fixture
+def harness(monkeypatch):
+    """benchmarks/harness.py (benchmarks/ is not a package)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import harness
+
+    return harness
+
+
+def test_interleaved_timing_alternates_methods_and_takes_medians(harness, monkeypatch):
     """measure_steps_interleaved samples A, B, A, B, ... (each with its own steps per sample, and
     untimed warm-up steps before it when its steps are short) and returns each method's median; the
     CUDA parts are replaced by a fake clock."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import harness
-    finally:
-        sys.path.pop(0)
     order = []
     fake_seconds = {"a": iter([5.0, 1.0, 3.0, 9.0, 2.0]), "b": iter([4.0, 4.0, 8.0, 6.0, 7.0])}
     steps = {"a": lambda: "a", "b": lambda: "b"}
@@ -48,14 +52,9 @@ def test_interleaved_timing_alternates_methods_and_takes_medians(monkeypatch):
     assert medians == {"a": 3.0, "b": 6.0}
 
 
-def test_methods_with_long_steps_are_timed_one_after_the_other(monkeypatch):
+def test_methods_with_long_steps_are_timed_one_after_the_other(harness, monkeypatch):
     """A step longer than INTERLEAVE_BELOW_SECONDS (SDPA at large N) would lower the GPU clock for
     the other method's samples: then each method's samples run in a row."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import harness
-    finally:
-        sys.path.pop(0)
     order = []
     monkeypatch.setattr(harness, "_steps_per_sample",
                         lambda step, device, warmup: (1, 0.5) if step() == "a" else (4, 0.005))

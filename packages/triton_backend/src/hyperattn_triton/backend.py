@@ -16,7 +16,6 @@ import weakref
 import numpy as np
 import torch
 import torch.nn.attention
-import torch.utils.weak
 import triton
 
 from hyperattn._arrays import host_to_device
@@ -26,6 +25,7 @@ from hyperattn.protocol import Capabilities, Segments, SparseStructure
 from . import kernels, sorting
 from . import tiles as tile_tables
 from .tiles import (
+    DerivedTensors,
     exact_key_tiles,
     exact_tiles,
     log_sample_weights,
@@ -340,7 +340,7 @@ class TritonBackend:
 
     def __init__(self):
         self._index_cache = weakref.WeakKeyDictionary()  # SparseStructure -> its device index tensors
-        self._projections = torch.utils.weak.WeakIdKeyDictionary()  # projections -> {(dtype, terms): prepared}
+        self._projections = DerivedTensors()  # projections -> {(dtype, terms): prepared}
         if interpreting():  # CPU tensors are accepted then, but "auto" must still prefer the reference
             self.capabilities = dataclasses.replace(self.capabilities, devices=("cuda", "cpu"), priority=-1)
         else:
@@ -389,14 +389,12 @@ class TritonBackend:
         launch = LSH_LAUNCH["split" if split else "reduce"]
         terms = launch["terms"] if split else 0
         # q and k share their projections: prepared once per call (and again if changed in place)
-        prepared = self._projections.setdefault(projections, {})
-        key = (x.dtype if split else torch.float32, terms, projections._version)
-        if key not in prepared:
-            prepared[key] = split_projections(projections, x.dtype, terms, d_pad, r_pad)
+        prepared = self._projections.get(projections, (x.dtype if split else torch.float32, terms),
+                                         lambda: split_projections(projections, x.dtype, terms, d_pad, r_pad))
         code_dtype = torch.int32 if num_projs < 32 else torch.int64
         codes = torch.empty(batch, heads, n, dtype=code_dtype, device=x.device)
         kernels.lsh_codes_kernel[(triton.cdiv(n, launch["block"]), batch * heads)](
-            x, prepared[key], codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
+            x, prepared, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
             HEAD_DIM=dim, D_PAD=d_pad, NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=launch["block"],
             SPLIT=terms, num_warps=launch["warps"],
         )

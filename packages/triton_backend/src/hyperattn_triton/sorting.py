@@ -29,11 +29,10 @@ import os
 
 import numpy as np
 import torch
-import torch.utils.weak
 import triton
 import triton.language as tl
 
-from .tiles import on_device, split_ranges
+from .tiles import DerivedTensors, on_device, split_ranges
 
 #: Positions per chunk (one program of each launch) and warps of the scatter: 256 and 2 sort
 #: fastest on an H200 (kernel time of a 131072-position sort 113 us against 138 us at 512 and 4,
@@ -229,23 +228,23 @@ def aligned(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int) -> bool:
     return bool(np.all((starts % chunk == 0) | (starts == n)) and np.all((ends % chunk == 0) | (ends == n)))
 
 
-#: codes tensor -> (hist, sorted, the codes' version) of chunk_presort_kernel, while the codes live
-#: (one call's levels)
-_presorted = torch.utils.weak.WeakIdKeyDictionary()
+#: codes tensor -> (hist, sorted) of chunk_presort_kernel, while the codes live (one call's levels)
+_presorted = DerivedTensors()
 
 
 def _presort(codes, flat, num_buckets: int, chunk: int):
     """(hist int32 [BH, T, NB], sorted int32 [BH, N]) of the aligned chunks of ``codes``, made once."""
-    bh, n = flat.shape
-    num_tiles = triton.cdiv(n, chunk)
-    cached = _presorted.get(codes)
-    if cached is None or cached[0].shape[1:] != (num_tiles, num_buckets) or cached[2] != codes._version:
+
+    def presort():
+        bh, n = flat.shape
+        num_tiles = triton.cdiv(n, chunk)
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=flat.device)
         in_order = torch.empty(bh, n, dtype=torch.int32, device=flat.device)
         chunk_presort_kernel[(num_tiles, bh)](flat, hist, in_order, n, flat.stride(0), in_order.stride(0), num_tiles,
                                               CHUNK=chunk, NB=num_buckets, num_warps=SCATTER_WARPS)
-        cached = _presorted[codes] = (hist, in_order, codes._version)  # codes changed in place: again
-    return cached[:2]
+        return hist, in_order
+
+    return _presorted.get(codes, (chunk, num_buckets), presort)
 
 
 def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import torch.utils.weak
 
 from hyperattn._arrays import host_to_device
 from hyperattn.protocol import Segments, SparseStructure, query_block_bounds
@@ -51,6 +52,28 @@ def on_device(build, like, *args):
     if len(_device_tables) > DEVICE_TABLES_CAPACITY:
         _device_tables.popitem(last=False)
     return tables
+
+
+class DerivedTensors:
+    """Tensors derived from a tensor (by ``key``), kept while it lives and made again after an
+    in-place change of it (``Tensor._version``): a call's q and k share their prepared projections,
+    a causal call's levels one presort of the codes."""
+
+    def __init__(self):
+        self._entries = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> (its version, {key: derived})
+
+    def __contains__(self, tensor) -> bool:
+        return tensor in self._entries
+
+    def get(self, tensor, key, make):
+        """``make()`` for (``tensor``, ``key``), made once per version of ``tensor``."""
+        version, derived = self._entries.get(tensor, (None, None))
+        if version != tensor._version:
+            derived = {}
+            self._entries[tensor] = (tensor._version, derived)
+        if key not in derived:
+            derived[key] = make()
+        return derived[key]
 
 
 def split_ranges(starts, ends, step: int):
