@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 from hyperattn.registry import backend_status
@@ -43,14 +42,18 @@ def reference():
     return status.backend
 
 
-def make_inputs(shape, *, seed=0, dtype=np.float64, kv_heads=None, n_k=None, v_dim=None):
-    """Gaussian q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] as NumPy arrays."""
-    batch, q_heads, n_q, dim = shape
-    kv_heads = q_heads if kv_heads is None else kv_heads
-    n_k = n_q if n_k is None else n_k
-    v_dim = dim if v_dim is None else v_dim
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, q_heads, n_q, dim)).astype(dtype)
-    k = rng.standard_normal((batch, kv_heads, n_k, dim)).astype(dtype)
-    v = rng.standard_normal((batch, kv_heads, n_k, v_dim)).astype(dtype)
-    return q, k, v
+@pytest.fixture
+def backend_options():
+    """``set_options(name, **changes)``: ``hyperattn.configure`` for one test, undone afterwards."""
+    import hyperattn
+
+    saved = {}
+
+    def set_options(name, **changes):
+        if name not in saved:
+            saved[name] = hyperattn.configure(name)
+        return hyperattn.configure(name, **changes)
+
+    yield set_options
+    for name, options in saved.items():
+        backend_status(name).backend.options = options

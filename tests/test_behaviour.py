@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hyperattn
-from conftest import make_inputs
+from helpers import make_inputs
 from hyperattn import testing
 
 SPARSE = dict(block_size=32, sample_size=24, lsh_num_projs=4, min_seq_len=64)
@@ -141,18 +141,16 @@ def test_available_backends_and_info_command(capsys):
 
 
 @pytest.fixture
-def reference_with(monkeypatch):
-    """Patch the reference backend instance (capabilities, optional hooks) for one test."""
-    import dataclasses
-
+def reference_with(monkeypatch, backend_options):
+    """Set the reference backend's crossover (an option) and its optional fused hook for one test."""
     from hyperattn.registry import backend_status
 
     backend = backend_status("reference").backend
 
     def patch(exact_below=(0, 0), fused=None):
-        monkeypatch.setattr(backend, "capabilities", dataclasses.replace(backend.capabilities, exact_below=exact_below))
+        backend_options("reference", exact_below=exact_below)
         if fused is not None:
-            monkeypatch.setattr(backend, "fused_attention", fused, raising=False)
+            monkeypatch.setattr(backend, "fused_attention", fused)
         return backend
 
     return patch
@@ -170,6 +168,35 @@ def test_calls_below_the_backend_crossover_are_exact(causal, reference_with):
     np.testing.assert_allclose(lse, exact_lse, rtol=1e-12, atol=1e-13)
     reference_with(exact_below=(128, 128))  # above the crossover: approximated again
     assert testing.relative_error(hyperattn.attention(q, k, v, causal=causal, seed=1, **SPARSE), exact) > 1e-6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_crossover_is_an_option_taking_effect_after_use_and_a_per_call_switch(causal, backend_options):
+    """``configure`` changes the crossover of a backend that has already run; ``exact_crossover=False``
+    asks for the approximation whatever the crossover says."""
+    q, k, v = make_inputs((1, 2, 200, 16), dtype=np.float64, seed=2)
+    exact = hyperattn.exact_attention(q, k, v, causal=causal)
+    approx = hyperattn.attention(q, k, v, causal=causal, seed=1, **SPARSE)  # the backend has run
+    assert testing.relative_error(approx, exact) > 1e-6
+    assert hyperattn.configure("reference").exact_below == (0, 0)
+    backend_options("reference", exact_below=(256, 256))
+    assert hyperattn.configure("reference").exact_below == (256, 256)
+    np.testing.assert_allclose(hyperattn.attention(q, k, v, causal=causal, seed=1, **SPARSE), exact, rtol=1e-12)
+    off = hyperattn.attention(q, k, v, causal=causal, seed=1, exact_crossover=False, **SPARSE)
+    np.testing.assert_array_equal(off, approx)  # the same approximation as before the change
+    hyperattn.configure("reference", reset=True)
+    np.testing.assert_array_equal(hyperattn.attention(q, k, v, causal=causal, seed=1, **SPARSE), approx)
+
+
+def test_configure_names_what_is_wrong(backend_options):
+    with pytest.raises(TypeError, match=r"backend 'reference' has no option\(s\) \['exact_bellow'\]; its options are"):
+        hyperattn.configure("reference", exact_bellow=(0, 0))
+    with pytest.raises(ValueError, match=r"exact_below must be a tuple \(keys, rows\) of two ints >= 0, got \(1,\)"):
+        hyperattn.configure("reference", exact_below=(1,))
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'nope'"):
+        hyperattn.configure("nope")
+    with pytest.raises(TypeError, match=r"exact_crossover must be a bool, got str 'no'"):
+        hyperattn.attention(*make_inputs((1, 1, 8, 4)), exact_crossover="no")
 
 
 def test_fused_attention_hook_runs_whole_exact_calls_only(reference_with):
@@ -210,7 +237,7 @@ def test_is_exact_call_agrees_with_the_causal_split(n, min_seq_len):
 def test_pinned_ring_never_hands_out_bytes_of_a_copy_in_flight():
     """The ring's bookkeeping with copies that never finish on their own (a GPU far behind the
     host): every area it hands out is free of unfinished copies, over many laps."""
-    from hyperattn._arrays import _PinnedRing
+    from hyperattn_triton.staging import PinnedRing as _PinnedRing
 
     class Event:  # a copy in flight until someone waits for it
         def __init__(self):
@@ -241,7 +268,7 @@ def test_merge_partial_is_the_same_for_numpy_and_torch():
     garbage out) take the partial, others the weighted mean; NumPy and torch agree."""
     import torch
 
-    from hyperattn.algorithm import merge_partial
+    from hyperattn.kernel_utils import merge_partial
 
     rng = np.random.default_rng(0)
     out = rng.standard_normal((2, 5, 3))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hyperattn
-from conftest import make_inputs
+from helpers import make_inputs
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 
@@ -102,7 +102,7 @@ def test_no_grad_inputs_give_plain_outputs():
 
 @pytest.mark.parametrize("case", [(1, 4, 2, 19, 19, 4, 3, True), (2, 3, 3, 13, 16, 5, 5, False)])
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_backward_in_chunks_of_heads_equals_one_pass(case, with_lse, monkeypatch):
+def test_backward_in_chunks_of_heads_equals_one_pass(case, with_lse, backend_options):
     """Long calls run their backward a few KV heads (and their query heads) at a time, converting
     each chunk into the final gradients: the same gradients as one pass (GQA, causal, lse grad)."""
     from hyperattn import algorithm
@@ -118,7 +118,7 @@ def test_backward_in_chunks_of_heads_equals_one_pass(case, with_lse, monkeypatch
         return [x.grad for x in (q, k, v)]
 
     whole = grads()
-    monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", 1)  # one KV head per chunk
+    backend_options("reference", backward_chunk_bytes=1)  # one KV head per chunk
     for got, want in zip(grads(), whole):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -126,28 +126,27 @@ def test_backward_in_chunks_of_heads_equals_one_pass(case, with_lse, monkeypatch
 
 @pytest.mark.parametrize(("kv_heads", "per_head", "budget", "want"),
                          [(32, 96, 1024, 8), (32, 96, 512, 5), (32, 96, 4096, 32), (8, 100, 1, 1), (7, 10, 30, 3)])
-def test_backward_chunks_are_equal_and_within_the_budget(kv_heads, per_head, budget, want, monkeypatch):
+def test_backward_chunks_are_equal_and_within_the_budget(kv_heads, per_head, budget, want):
     """As few chunks as the byte budget allows, of equal size (no small last chunk idling the GPU)."""
     from hyperattn import algorithm
 
-    monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", budget)
-    step = algorithm.backward_chunk_heads(kv_heads, per_head)
+    step = algorithm.backward_chunk_heads(kv_heads, per_head, budget)
     assert step == want
     assert step * per_head <= max(budget, per_head)
     chunks = -(-kv_heads // step)
     assert chunks == -(-kv_heads // max(1, budget // per_head))  # no more chunks than the budget needs
 
 
-def test_backward_chunks_free_each_accumulator_before_the_next(monkeypatch):
+def test_backward_chunks_free_each_accumulator_before_the_next(monkeypatch, backend_options):
     """Each chunk's accumulators are gone (converted into the final gradients) before the next
     chunk allocates its own: at most one chunk of accumulators is ever alive (the memory peak)."""
     import weakref
 
-    from hyperattn import algorithm
+    from hyperattn.algorithm import backward
 
     case = (1, 4, 2, 19, 19, 4, 3, True)
     alive = []
-    real = algorithm._backward_heads
+    real = backward._backward_heads
 
     def recording(*args, **kwargs):
         assert all(ref() is None for ref in alive), "an earlier chunk's accumulator is still alive"
@@ -155,8 +154,8 @@ def test_backward_chunks_free_each_accumulator_before_the_next(monkeypatch):
         alive.extend(weakref.ref(g) for g in grads)
         return grads
 
-    monkeypatch.setattr(algorithm, "_backward_heads", recording)
-    monkeypatch.setattr(algorithm, "BACKWARD_CHUNK_BYTES", 1)  # one KV head per chunk
+    monkeypatch.setattr(backward, "_backward_heads", recording)
+    backend_options("reference", backward_chunk_bytes=1)  # one KV head per chunk
     q, k, v = _tensors(case, seed=2)
     hyperattn.attention(q, k, v, causal=True, seed=4, backend="reference", **TINY).sum().backward()
     assert len(alive) == 3 * case[2]  # two chunks ran

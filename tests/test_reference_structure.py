@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hyperattn
-from conftest import make_inputs
+from helpers import make_inputs
 from hyperattn import testing
 from hyperattn.algorithm import ExactPiece, SparsePiece
 from hyperattn.config import HyperAttentionConfig
@@ -96,33 +96,33 @@ def test_sampled_keys_inside_the_own_block_are_masked(reference):
     (True, [(0, 40, 10, 50), (40, 80, 50, 90), (80, 120, 90, 130)]),  # leaves after a key prefix
     (False, [(0, 120, 5, 130)]),  # one rectangle over all rows
 ])
-@pytest.mark.parametrize("fresh", [True, False])
-def test_torch_fused_exact_path_equals_the_numpy_tiles(causal, ranges, fresh, reference, monkeypatch):
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_torch_fused_exact_path_equals_the_numpy_tiles(causal, ranges, overwrite, reference, backend_options):
     """Exact pieces that fold run through PyTorch's CPU flash kernel: the same numbers (float64) as
-    the NumPy tiles, forward (fresh or merged into earlier rows) and backward with the final out."""
+    the NumPy tiles, forward (overwriting or merged into earlier rows) and backward with the final out."""
     from hyperattn.protocol import Segments
-    from hyperattn_reference import _fused
+    from hyperattn_reference import torch_exact
 
     segments = Segments.from_ranges(ranges)
     q, k, v = make_inputs((2, 3, 120, 16), kv_heads=3, n_k=130, v_dim=16, seed=5)
     rng = np.random.default_rng(0)
     results = {}
     for use_torch in (True, False):
-        monkeypatch.setattr(_fused, "USE_TORCH", use_torch)
+        backend_options("reference", use_torch_exact=use_torch)
         out = np.zeros((2, 3, 120, 16))
         lse = np.full((2, 3, 120), -np.inf)
-        if not fresh:  # rows already holding an earlier piece's part (some untouched)
+        if not overwrite:  # rows already holding an earlier piece's part (some untouched)
             lse[:, :, ::2] = rng.standard_normal((2, 3, 60))
             out[:, :, ::2] = rng.standard_normal((2, 3, 60, 16))
             rng = np.random.default_rng(0)
-        reference.exact_forward(q, k, v, segments, causal, 0.3, out, lse, fresh=fresh)
+        reference.exact_forward(q, k, v, segments, causal, 0.3, out, lse, overwrite=overwrite)
         dout = np.random.default_rng(1).standard_normal(out.shape)
         delta = (dout * out).sum(-1)
         grads = [np.zeros(x.shape) for x in (q, k, v)]
         reference.exact_backward(q, k, v, lse, dout, delta, segments, causal, 0.3, *grads, out=out)
         results[use_torch] = (out, lse, *grads)
         if use_torch:
-            assert _fused._fold(segments, causal, q, k, v) is not None  # the fused path did run
+            assert torch_exact._fold(segments, causal, q, k, v) is not None  # the fused path did run
     for got, want in zip(results[True], results[False]):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hyperattn
-from conftest import make_inputs
+from helpers import make_inputs
 
 
 def _qkv(**kwargs):
@@ -95,7 +95,7 @@ def test_missing_backend_says_how_to_install_it():
 
 def test_explicit_backend_that_cannot_run_the_inputs_never_falls_back():
     q, k, v = (torch.from_numpy(x).to("meta") for x in _qkv())
-    with pytest.raises(ValueError, match=r"backend 'reference' cannot run these inputs .*CPU only, inputs are on meta"):
+    with pytest.raises(ValueError, match=r"backend 'reference' cannot run these inputs .*inputs on meta are not supported \(devices: \('cpu',\)\)"):
         hyperattn.attention(q, k, v, backend="reference")
 
 
@@ -118,7 +118,7 @@ def test_module_checks_input_dim():
 def test_torch_fast_path_agrees_with_the_full_checks():
     """Plain torch tensors take a short validation path: the same Problem as the full checks when
     valid, and no verdict (the full checks then raise) otherwise."""
-    from hyperattn.api import _valid_torch_problem, _validate_slowly
+    from hyperattn.validate import _valid_torch_problem, _validate_fully
 
     def qkv(q_shape, k_shape, v_shape, dtype=torch.float32, grad=False):
         return [torch.zeros(s, dtype=dtype).requires_grad_(grad) for s in (q_shape, k_shape, v_shape)]
@@ -129,10 +129,10 @@ def test_torch_fast_path_agrees_with_the_full_checks():
         ([x.transpose(1, 2) for x in qkv((1, 8, 2, 4), (1, 8, 2, 4), (1, 8, 2, 4))], False),
     ]
     for arrays, causal in valid:
-        assert _valid_torch_problem(*arrays, causal) == _validate_slowly(*arrays, causal=causal)
+        assert _valid_torch_problem(*arrays, causal) == _validate_fully(*arrays, causal=causal)
     with torch.no_grad():
         arrays = qkv((1, 1, 4, 4), (1, 1, 4, 4), (1, 1, 4, 4), grad=True)
-        assert _valid_torch_problem(*arrays, False) == _validate_slowly(*arrays, causal=False)
+        assert _valid_torch_problem(*arrays, False) == _validate_fully(*arrays, causal=False)
         assert not _valid_torch_problem(*arrays, False).requires_grad
     invalid = [
         (qkv((1, 1, 9, 4), (1, 1, 8, 4), (1, 1, 8, 4)), True),  # causal with Nq > Nk

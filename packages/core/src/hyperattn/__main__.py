@@ -24,11 +24,14 @@ def info(console: Console) -> int:
     for name in ("numpy", "torch", "triton", "cupy-cuda13x", "numba", "array-api-compat"):
         versions.add_row(name, _version(name))
     console.print(versions)
-    backends = Table(title="backends (backend='auto' takes the first available that can run the inputs)")
-    for column in ("name", "available", "version / reason", "install"):
+    backends = Table(title="backends (backend='auto' takes the first that can run the inputs here)")
+    for column in ("name", "installed", "runs here", "version / reason", "install"):
         backends.add_column(column)
     for row in available_backends():
-        backends.add_row(row.name, "yes" if row.available else "no", row.version or row.reason, row.install_hint)
+        cannot = row.backend.unavailable_reason() if row.available else None
+        detail = row.reason if not row.available else row.version if cannot is None else f"{row.version}; {cannot}"
+        backends.add_row(row.name, "yes" if row.available else "no", "yes" if row.runs_here else "no", detail,
+                         row.install_hint)
     console.print(backends)
     return 0
 
@@ -39,7 +42,8 @@ def demo(console: Console, args) -> int:
     from rich.progress import Progress
 
     import hyperattn
-    from hyperattn.api import resolve_backend, validate_inputs
+    from hyperattn.dispatch import resolve_backend
+    from hyperattn.validate import validate_inputs
 
     q, k, v = clustered_inputs(args.heads, args.seq_len, args.dim)
     try:

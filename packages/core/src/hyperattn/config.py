@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 #: Codes are sorted together with a 31-bit row label in one int64 key, so at most 32 bits.
 MAX_LSH_NUM_PROJS = 32
@@ -29,12 +32,16 @@ class HyperAttentionConfig:
     sample_size:    uniformly sampled keys per batch, KV head and rectangle (>= 0; 0 = none).
     lsh_num_projs:  random hyperplanes of the sortLSH, i.e. bits of the bucket code (1..32).
     min_seq_len:    pieces with fewer query rows than this are computed exactly (>= 1).
+    exact_crossover: also compute exactly the calls that the backend's exact attention runs
+                    faster (its options' ``exact_below``); False: only ``min_seq_len`` decides,
+                    so the approximation runs at any length above it.
     """
 
     block_size: int = 256
     sample_size: int = 256
     lsh_num_projs: int = 7
     min_seq_len: int = 4096
+    exact_crossover: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_size", check_int("block_size", self.block_size, minimum=1))
@@ -45,3 +52,27 @@ class HyperAttentionConfig:
             check_int("lsh_num_projs", self.lsh_num_projs, minimum=1, maximum=MAX_LSH_NUM_PROJS),
         )
         object.__setattr__(self, "min_seq_len", check_int("min_seq_len", self.min_seq_len, minimum=1))
+        object.__setattr__(self, "exact_crossover", check_bool("exact_crossover", self.exact_crossover))
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool (a NumPy bool too), or raise naming ``name`` and the value."""
+    if type(value) is bool:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True) -> HyperAttentionConfig:
+    """The validated config, made once per distinct plain parameters (short calls are host-bound)."""
+    params = (block_size, sample_size, lsh_num_projs, min_seq_len)
+    if all(type(x) is int for x in params) and type(exact_crossover) is bool:
+        return _cached_config(*params, exact_crossover)
+    return HyperAttentionConfig(*params, exact_crossover)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_config(block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
+                   exact_crossover: bool) -> HyperAttentionConfig:
+    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)

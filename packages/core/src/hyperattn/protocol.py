@@ -10,15 +10,21 @@ Conventions, for every kernel:
   compute dtype; query head h reads KV head ``h // (Hq // Hk)`` (GQA, never expanded).
   out [B, Hq, Nq, Dv] and lse [B, Hq, Nq] are the accumulators (float32, float64 for float64
   inputs); an untouched row has ``lse = -inf`` and its out is never read, only written.  (A plan
-  of one piece gets an uninitialised out in q's dtype: each row is written once, never merged.)  lse is the natural log of the
-  (weighted) softmax normaliser of the *scaled* scores.
+  of one piece gets an uninitialised out in q's dtype: each row is written once, never merged.)
+  lse is the natural log of the (weighted) softmax normaliser of the *scaled* scores.
+
+A backend subclasses :class:`Backend`, declares what it can run in a :class:`Capabilities` record
+(dispatch turns every mismatch into a reason) and its tunable settings in a :class:`BackendOptions`
+subclass, which ``hyperattn.configure`` replaces.  Besides this module a backend may import
+``hyperattn.kernel_utils`` (helpers for kernel authors), nothing else of the core.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -105,18 +111,6 @@ class Tiling(NamedTuple):
         return x[:, :, self.k_start:self.k_end].reshape(x.shape[0], x.shape[1] * self.count, self.keys, x.shape[3])
 
 
-def segment_labels(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """int64 [n]: the start of each position's segment, or the position itself outside every segment.
-
-    Non-decreasing, so a stable sort by ``(label << 32) + code`` reorders rows only inside their
-    segments, leaves other rows in place, and ``position - label`` is the rank in the segment.
-    """
-    labels = np.arange(n, dtype=np.int64)
-    for start, end in zip(starts.tolist(), ends.tolist()):
-        labels[start:end] = start
-    return labels
-
-
 def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):
     """First sorted query rank of key block ``block`` (vectorised, exact integer arithmetic).
 
@@ -165,46 +159,121 @@ class SparseStructure:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """The validated description of one call's inputs (what dispatch decides on)."""
+
+    array_type: str  # "numpy", "torch", "cupy"
+    device: str  # "cpu", "cuda:0", ...
+    dtype: str  # "float16", "bfloat16", "float32", "float64"
+    batch: int
+    q_heads: int
+    kv_heads: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    v_head_dim: int
+    requires_grad: bool
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        return (self.head_dim, self.v_head_dim)
+
+    @property
+    def device_type(self) -> str:
+        """The device without its index: "cpu", "cuda"."""
+        return self.device.split(":")[0]
+
+
+@dataclass(frozen=True)
 class Capabilities:
-    """What a backend can run; dispatch turns a mismatch into a reason."""
+    """What a backend can run; dispatch (``hyperattn.dispatch``) turns a mismatch into a reason."""
 
     array_types: tuple[str, ...]  # e.g. ("numpy", "torch")
-    devices: tuple[str, ...]  # e.g. ("cpu",), ("cuda",)
+    devices: tuple[str, ...]  # device types, e.g. ("cpu",), ("cuda",)
     dtypes: tuple[str, ...]  # e.g. ("float16", "bfloat16", "float32", "float64")
-    min_head_dim: int = 1
+    #: The widest head dim (of q/k and of v) the kernels take.
     max_head_dim: int = 1 << 16
     supports_backward: bool = True
     #: Larger runs first under backend="auto".
     priority: int = 0
-    #: (keys, rows): below these sizes this backend's exact attention is faster than its
-    #: HyperAttention, so the plan computes non-causal calls with fewer keys, and causal calls with
-    #: fewer query rows, exactly (more accurate and faster; ``min_seq_len`` still applies above).
-    exact_below: tuple[int, int] = (0, 0)
     #: The dtype of the running output between a plan's pieces: "accumulator" (float32, float64
     #: for float64 inputs) or "input" (q's dtype: half the memory and traffic of a float32 buffer
     #: for fp16/bf16; each piece's kernel merges in float32 and rounds once when it stores).
     running_out_dtype: str = "accumulator"
-    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.running_out_dtype not in ("accumulator", "input"):
+            raise ValueError(f"running_out_dtype must be 'accumulator' or 'input', got {self.running_out_dtype!r}")
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """The kernels a backend provides.  See the module docstring for shapes and conventions."""
+@dataclass(frozen=True)
+class BackendOptions:
+    """Settings every backend has; a backend subclasses this for its own (launch tables, ...).
+
+    Set with ``hyperattn.configure(name, **changes)``, which replaces the backend's ``options``
+    (a new frozen record, never mutated in place): backends read them on every call.
+    """
+
+    #: (keys, rows): non-causal calls with fewer keys, and causal calls with fewer query rows,
+    #: run exactly, because this backend's exact attention is faster there (``min_seq_len`` still
+    #: applies above).  Honoured when the call's ``exact_crossover`` is True (the default).
+    exact_below: tuple[int, int] = (0, 0)
+    #: Bytes of accumulator-dtype gradients (dq, dk, dv) one backward pass holds at most: a larger
+    #: call runs its backward in chunks of KV heads (with their query heads).
+    backward_chunk_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        below = self.exact_below
+        if not (isinstance(below, tuple) and len(below) == 2 and all(_is_count(x) for x in below)):
+            raise ValueError(f"exact_below must be a tuple (keys, rows) of two ints >= 0, got {below!r}")
+        if not (_is_count(self.backward_chunk_bytes) and self.backward_chunk_bytes >= 1):
+            raise ValueError(f"backward_chunk_bytes must be an int >= 1, got {self.backward_chunk_bytes!r}")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+class Backend(abc.ABC):
+    """The kernels a backend provides.  See the module docstring for shapes and conventions.
+
+    Every kernel takes ``overwrite``: this is the call's first piece, so the outputs hold nothing
+    yet (they are uninitialised) on its rows and keys, and the kernel writes there instead of
+    merging (forward) or adding (backward).
+    """
 
     name: str
     capabilities: Capabilities
+    #: Read on every call; replaced (never mutated) by ``hyperattn.configure``.
+    options: BackendOptions
 
-    def version(self) -> str: ...
+    @abc.abstractmethod
+    def version(self) -> str:
+        """The backend's version and those of the libraries it runs on."""
 
-    def unsupported_reason(self, array_type: str, device: str, dtype: str, head_dims) -> str | None:
-        """Why this backend cannot run such inputs, or None if it can."""
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all (no GPU, ...), or None if it can."""
+        return None
 
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        """Why it cannot run ``problem`` beyond what :class:`Capabilities` says, or None."""
+        return None
+
+    # -- arrays ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def to_native(self, x) -> Array:
         """The input as this backend's native array in its compute dtype (may copy)."""
 
-    def from_native(self, y: Array, like) -> Any:
-        """``y`` as an array of ``like``'s type, device and dtype."""
+    @abc.abstractmethod
+    def from_native(self, y: Array, like, dtype: str | None = None) -> Any:
+        """``y`` as an array of ``like``'s type and device, in ``like``'s dtype or ``dtype``."""
 
+    @abc.abstractmethod
+    def from_host(self, values: np.ndarray, like: Array) -> Array:
+        """Host NumPy ``values`` as a native array on ``like``'s device (projections, samples)."""
+
+    # -- structure ------------------------------------------------------------------------------
+    @abc.abstractmethod
     def lsh_codes(self, x: Array, projections: Array) -> Array:
         """Gray-code rank of the sign pattern of ``x @ projections``: integer [B, H, N] (int64, or
         int32 when the codes fit).
@@ -213,6 +282,7 @@ class Backend(Protocol):
         in the reflected Gray-code sequence, ``c ^ (c >> 1) ^ (c >> 2) ^ ...``.
         """
 
+    @abc.abstractmethod
     def segment_sort(
         self, codes: Array, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64
     ) -> tuple[Array, Array]:
@@ -220,43 +290,52 @@ class Backend(Protocol):
         (int64, or int32 where positions fit).
 
         Every code is below ``2**code_bits`` (a backend may use narrower sort keys).
-
         Rows outside every range keep ``order[p] == p`` and ``rank[p] == 0``.
         """
 
+    # -- attention ------------------------------------------------------------------------------
+    @abc.abstractmethod
     def exact_forward(self, q, k, v, segments: Segments, causal: bool, scale: float, out, lse, *,
-                      fresh: bool = False) -> None:
-        """Exact attention of each segment, merged into ``(out, lse)``.
+                      overwrite: bool = False) -> None:
+        """Exact attention of each segment, merged into ``(out, lse)``."""
 
-        ``fresh``: this is the call's first piece, so every row still has ``lse = -inf`` (a backend
-        may write instead of merging without looking).
-        """
-
+    @abc.abstractmethod
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale: float, out, lse, *,
-                       fresh: bool = False) -> None:
+                       overwrite: bool = False) -> None:
         """Block diagonal plus weighted samples of each segment, merged into ``(out, lse)``."""
 
+    @abc.abstractmethod
     def exact_backward(
         self, q, k, v, lse, dout, delta, segments: Segments, causal: bool, scale: float, dq, dk, dv, out=None, *,
-        fresh: bool = False,
+        overwrite: bool = False,
     ) -> None:
         """Add this piece's gradients, using the *final* lse and ``delta = rowsum(dout * out) - dlse``.
 
         ``out`` (the final output) is given only when there is no lse gradient, so that
         ``delta == rowsum(dout * out)``: fused kernels that recompute delta from ``out`` may run then.
-        ``fresh``: this is the call's first piece and dq, dk, dv are *uninitialised* on the rows and
-        keys of its segments: the backend writes every element there (zero where it adds nothing)
-        instead of adding.  The core zeroes whatever the first piece does not reach.
+        With ``overwrite`` the backend writes every element of dq, dk, dv on the rows and keys of its
+        segments (zero where it adds nothing); the core zeroes whatever the first piece does not reach.
         """
 
+    @abc.abstractmethod
     def sparse_backward(
         self, q, k, v, lse, dout, delta, structure: SparseStructure, scale: float, dq, dk, dv, *,
-        fresh: bool = False,
+        overwrite: bool = False,
     ) -> None:
         """Add this piece's gradients (duplicate samples accumulate), as ``exact_backward``."""
 
-    # Optional, looked up with getattr:
-    #   fused_attention(q, k, v, *, causal, scale) -> out or None: a whole exact call through one
-    #       fused differentiable kernel (see api.fused_exact);
-    #   row_dot(a, b) -> [B, H, N] in the accumulator dtype: ``sum(a * b, -1)`` of two [B, H, N, Dv]
-    #       arrays in q's or the accumulator dtype (the backward's delta) in one pass.
+    # -- optional kernels, with their defaults ----------------------------------------------------
+    def fused_attention(self, q, k, v, *, causal: bool, scale: float):
+        """A whole exact call through one fused, differentiable kernel (no log-sum-exp), on the
+        *caller's* arrays (not native ones), or None where the backend offers none for them."""
+        return None
+
+    def row_dot(self, a: Array, b: Array) -> Array:
+        """``sum(a * b, -1)`` in the accumulator dtype of two [B, H, N, Dv] arrays (the backward's
+        delta).  This default runs one head at a time: no accumulator-dtype copy of a or b."""
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(a)
+        dtype = xp.float64 if a.dtype == xp.float64 else xp.float32
+        return xp.stack([xp.sum(xp.astype(a[:, h], dtype) * xp.astype(b[:, h], dtype), axis=-1)
+                         for h in range(a.shape[1])], axis=1)

@@ -1,17 +1,19 @@
 """Backends: the first-party ones by module name, others through the ``hyperattn.backends``
 entry-point group.  Loaded lazily; a backend that fails to load is listed with the reason.
 
-A backend module (or entry point) exposes ``get_backend() -> Backend``.
+A backend module (or entry point) exposes ``get_backend() -> Backend``.  Each backend is made
+once per process; :func:`configure` replaces its options.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib.metadata import entry_points
 
-from .protocol import Backend
+from .protocol import Backend, BackendOptions
 
 ENTRY_POINT_GROUP = "hyperattn.backends"
 
@@ -44,9 +46,20 @@ class BackendStatus:
     version: str
     install_hint: str
     backend: Backend | None = None
+    #: The options the backend was made with (what ``configure(name, reset=True)`` restores).
+    default_options: BackendOptions | None = None
+
+    @property
+    def runs_here(self) -> bool:
+        """Installed and able to run on this machine (a GPU backend needs a GPU)."""
+        return self.available and self.backend.unavailable_reason() is None
 
     def __repr__(self) -> str:
-        state = f"available, version {self.version}" if self.available else f"unavailable: {self.reason}"
+        if not self.available:
+            state = f"unavailable: {self.reason}"
+        else:
+            cannot = self.backend.unavailable_reason()
+            state = f"version {self.version}" + ("" if cannot is None else f", cannot run here: {cannot}")
         return f"BackendStatus({self.name!r}, {state})"
 
 
@@ -86,9 +99,34 @@ def backend_status(name: str) -> BackendStatus:
         return BackendStatus(name, False, f"not installed ({error})", "", hint)
     except Exception as error:  # a broken install must not break the other backends
         return BackendStatus(name, False, f"failed to load: {type(error).__name__}: {error}", "", hint)
-    return BackendStatus(name, True, "", backend.version(), hint, backend)
+    return BackendStatus(name, True, "", backend.version(), hint, backend, backend.options)
 
 
 def available_backends() -> list[BackendStatus]:
     """Every known backend, available or not, with the reason and how to install it."""
     return [backend_status(name) for name in known_backend_names()]
+
+
+def configure(name: str, *, reset: bool = False, **changes) -> BackendOptions:
+    """Set options of backend ``name`` (fields of its ``options`` record) and return the options now
+    in force.  ``reset=True`` first restores the defaults; no changes just returns the options.
+
+    Takes effect on the next call, also after the backend has run: the backend reads its options
+    on every call.  Process-wide, like ``torch.backends`` flags; not thread-safe against calls in
+    flight on other threads.
+    """
+    status = backend_status(name) if name in known_backend_names() else None
+    if status is None:
+        raise ValueError(f"backend must be one of {known_backend_names()}, got {name!r}")
+    if not status.available:
+        raise ValueError(f"backend {name!r} is not available ({status.reason}); install it with: {status.install_hint}")
+    backend = status.backend
+    options = status.default_options if reset else backend.options
+    if changes:
+        valid = [f.name for f in dataclasses.fields(options)]
+        unknown = sorted(set(changes) - set(valid))
+        if unknown:
+            raise TypeError(f"backend {name!r} has no option(s) {unknown}; its options are {valid}")
+        options = dataclasses.replace(options, **changes)
+    backend.options = options
+    return options

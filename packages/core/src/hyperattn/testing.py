@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .algorithm import ExactPiece, Plan, draw_projections, plan_attention
-from .api import make_rng
+from .algorithm import CallSpec, ExactPiece, Plan
 from .config import HyperAttentionConfig
 from .protocol import Segments, SparseStructure, query_block_bounds
 
@@ -110,11 +109,11 @@ def dense_attention_from_plan(plan: Plan, q, k, v):
 
 
 def seeded_plan(backend, q, k, *, causal: bool, scale: float, config: HyperAttentionConfig, seed: int) -> Plan:
-    """The plan that ``attention(..., seed=seed)`` builds for these inputs (same draws, same order)."""
-    rng = make_rng(seed)
-    projections = draw_projections(rng, q.shape[-1], config.lsh_num_projs)
+    """The plan that ``attention(..., seed=seed)`` builds for these inputs (same draws, same order).
+
+    Its pieces are made as they are read: ``tuple(plan.pieces)`` makes them all."""
     qn, kn = backend.to_native(q), backend.to_native(k)
-    return plan_attention(backend, qn, kn, causal=causal, scale=scale, config=config, projections=projections, rng=rng)
+    return CallSpec(causal, scale, config, seed).plan(backend, qn, kn)
 
 
 def relative_error(actual, expected) -> float:

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from hyperattn._arrays import array_type
-from hyperattn.algorithm import zero_inside
-from hyperattn.protocol import Capabilities, Segments, SparseStructure, segment_labels
+import dataclasses
 
-from . import _fused, _kernels
+from hyperattn.kernel_utils import segment_labels, zero_inside
+from hyperattn.protocol import Backend, BackendOptions, Capabilities, Segments, SparseStructure
 
-_TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
+from . import numpy_kernels, torch_exact
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceOptions(BackendOptions):
+    """The reference backend's options (``hyperattn.configure("reference", ...)``)."""
+
+    #: Run the exact pieces that fold into one batched call through PyTorch's fused CPU
+    #: attention when torch is installed (else, and with False, the NumPy tiles).
+    use_torch_exact: bool = True
+
+
+def _is_torch_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
 def gray_rank(codes: np.ndarray) -> np.ndarray:
@@ -27,33 +39,28 @@ def gray_rank(codes: np.ndarray) -> np.ndarray:
     return rank
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
+    """NumPy + numba on the CPU; the oracle of the other backends.  fp16/bf16 computed in fp32."""
+
     name = "reference"
     capabilities = Capabilities(
         array_types=("numpy", "torch"),
         devices=("cpu",),
-        dtypes=_TORCH_DTYPES,
+        dtypes=("float16", "bfloat16", "float32", "float64"),
         priority=0,
-        notes="NumPy + numba on the CPU; the oracle of the other backends. fp16/bf16 computed in fp32.",
     )
+
+    def __init__(self, options: ReferenceOptions | None = None):
+        self.options = ReferenceOptions() if options is None else options
 
     def version(self) -> str:
         from . import __version__
 
-        return f"{__version__} (numpy {np.__version__}, numba {_kernels.numba.__version__})"
-
-    def unsupported_reason(self, array_type_name, device, dtype, head_dims):
-        if array_type_name not in self.capabilities.array_types:
-            return f"arrays of type {array_type_name} are not supported (NumPy arrays or CPU torch tensors)"
-        if not device.startswith("cpu"):
-            return f"runs on the CPU only, inputs are on {device}"
-        if dtype not in self.capabilities.dtypes:
-            return f"dtype {dtype} is not supported {self.capabilities.dtypes}"
-        return None
+        return f"{__version__} (numpy {np.__version__}, numba {numpy_kernels.numba.__version__})"
 
     # -- arrays ---------------------------------------------------------------------------------
     def to_native(self, x) -> np.ndarray:
-        if array_type(x) == "torch":
+        if _is_torch_tensor(x):
             import torch
 
             x = x.detach().cpu()  # CUDA tensors too: the tests compare GPU backends against it
@@ -62,12 +69,15 @@ class ReferenceBackend:
         return np.ascontiguousarray(x, dtype=compute)
 
     def from_native(self, y: np.ndarray, like, dtype: str | None = None):
-        if array_type(like) == "torch":
+        if _is_torch_tensor(like):
             import torch
 
             target = like.dtype if dtype is None else getattr(torch, dtype)
             return torch.from_numpy(np.ascontiguousarray(y)).to(device=like.device, dtype=target)
         return y.astype(like.dtype if dtype is None else dtype, copy=False)
+
+    def from_host(self, values: np.ndarray, like) -> np.ndarray:
+        return values
 
     # -- structure ------------------------------------------------------------------------------
     def lsh_codes(self, x: np.ndarray, projections: np.ndarray) -> np.ndarray:
@@ -87,24 +97,29 @@ class ReferenceBackend:
         return order, rank
 
     # -- kernels --------------------------------------------------------------------------------
-    def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, fresh=False):
-        if not _fused.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse, fresh):
-            _kernels.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse)
+    def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, overwrite=False):
+        use_torch = self.options.use_torch_exact
+        if not (use_torch and torch_exact.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse,
+                                                   overwrite)):
+            numpy_kernels.exact_forward(q, k, v, segments, bool(causal), float(scale), out, lse)
 
-    def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, fresh=False):
-        _kernels.sparse_forward(q, k, v, structure, float(scale), out, lse)
+    def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, overwrite=False):
+        numpy_kernels.sparse_forward(q, k, v, structure, float(scale), out, lse)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None, *,
-                       fresh=False):
-        if fresh:  # these kernels add: start from zeros
+                       overwrite=False):
+        if overwrite:  # these kernels add: start from zeros
             _zero_segments(segments, dq, dk, dv)
-        if not _fused.exact_backward(q, k, v, out, lse, dout, segments, bool(causal), float(scale), dq, dk, dv):
-            _kernels.exact_backward(q, k, v, lse, dout, delta, segments, bool(causal), float(scale), dq, dk, dv)
+        use_torch = self.options.use_torch_exact
+        if not (use_torch and torch_exact.exact_backward(q, k, v, out, lse, dout, segments, bool(causal), float(scale),
+                                                    dq, dk, dv)):
+            numpy_kernels.exact_backward(q, k, v, lse, dout, delta, segments, bool(causal), float(scale), dq, dk, dv)
 
-    def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *, fresh=False):
-        if fresh:
+    def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *,
+                        overwrite=False):
+        if overwrite:
             _zero_segments(structure.segments, dq, dk, dv)
-        _kernels.sparse_backward(q, k, v, lse, dout, delta, structure, float(scale), dq, dk, dv)
+        numpy_kernels.sparse_backward(q, k, v, lse, dout, delta, structure, float(scale), dq, dk, dv)
 
 
 def _zero_segments(segments: Segments, dq, dk, dv) -> None:

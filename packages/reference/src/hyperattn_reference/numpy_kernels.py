@@ -7,10 +7,9 @@ all blocks of a segment at once (padded to the largest query block, padding mask
 query rows against all its visible keys for exact attention.  Scores per tile are bounded by
 ``TILE_SCORES`` so memory stays small at any length.
 
-Why not numba throughout: numba's scalar ``exp`` and small BLAS calls per block measured 8 ns per
-score (sparse) and 19 ns (exact) at N = 32768 on this project's 2-core CPU; NumPy's vectorised
-``exp`` on whole tiles is several times faster.  numba keeps the loops that index rows one by
-one (the log-sum-exp merge into scattered rows).
+Why not numba throughout: numba's scalar ``exp`` and small BLAS calls per block are several times
+slower than NumPy's vectorised ``exp`` on whole tiles (docs/performance.md).  numba keeps the
+loops that index rows one by one (the log-sum-exp merge into scattered rows).
 """
 
 from __future__ import annotations

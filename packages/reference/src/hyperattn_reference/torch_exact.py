@@ -2,25 +2,21 @@
 
 PyTorch's CPU flash-attention kernel returns the log-sum-exp (natural log) and has a backward that
 takes O and lse, so it runs the exact pieces that fold into one batched call
-(``Segments.equal_tiling``: a whole rectangle, or the causal leaves) about 2.9x faster than the
-NumPy tiles (a causal 8 x 4096 leaf set at H=8, D=64 on the 2-core CPU: 0.62 s against 1.78 s).
+(``Segments.equal_tiling``: a whole rectangle, or the causal leaves) several times faster than
+the NumPy tiles (docs/performance.md).
 It takes float32 and float64 and is accurate to rounding (checked against the dense float64
-oracle like every other path).  Set ``USE_TORCH = False`` to run the NumPy tiles only.
+oracle like every other path).  The option ``use_torch_exact=False`` runs the NumPy tiles only.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hyperattn.algorithm import merge_partial
+from hyperattn.kernel_utils import merge_partial
 from hyperattn.protocol import Segments
-
-USE_TORCH = True
 
 
 def _torch():
-    if not USE_TORCH:
-        return None
     try:
         import torch
     except ImportError:
@@ -41,7 +37,7 @@ def _fold(segments: Segments, causal: bool, q, k, v):
     return [torch.from_numpy(np.ascontiguousarray(x)) for x in arrays], tiling
 
 
-def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse, fresh: bool) -> bool:
+def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse, overwrite: bool) -> bool:
     """Merge exact attention of the segments into (out, lse); False when they do not fold."""
     folded = _fold(segments, causal, q, k, v)
     if folded is None:
@@ -49,7 +45,7 @@ def exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, 
     (tq, tk, tv), _ = folded
     o, row_lse = _torch().ops.aten._scaled_dot_product_flash_attention_for_cpu(tq, tk, tv, 0.0, causal, scale=scale)
     o, row_lse = o.numpy().reshape(out.shape), row_lse.numpy().reshape(lse.shape)
-    if fresh:
+    if overwrite:
         out[...] = o
         lse[...] = row_lse
     else:

@@ -1,0 +1,86 @@
+"""The autograd bridge: a plan's forward, and the backward of the same plan.
+
+``PlannedAttention.apply`` takes tensors and plain values only (the backend by name, the
+parameters, an int seed), so that it can be wrapped in a ``torch.library`` operator: everything
+random is decided by the seed, and the backward reuses the forward's plan (same samples), so the
+gradients are exact gradients of the function that was computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..algorithm import CallSpec, forward_call, lse_dtype, run_backward
+from ..config import HyperAttentionConfig, make_config
+from ..registry import backend_status
+
+
+class PlannedAttention(torch.autograd.Function):
+    """Forward runs a plan's pieces; backward runs each piece's backward with the final out, lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, projections, backend: str, causal: bool, scale: float, block_size: int,
+                sample_size: int, lsh_num_projs: int, min_seq_len: int, exact_crossover: bool, exact: bool,
+                seed: int):
+        impl = backend_status(backend).backend
+        config = None if exact else make_config(block_size, sample_size, lsh_num_projs, min_seq_len,
+                                             exact_crossover)
+        spec = CallSpec(causal, scale, config, seed, host_projections(projections))
+        result = forward_call(impl, q, k, v, spec)
+        out = impl.from_native(result.out, q)
+        lse = impl.from_native(result.lse, q, dtype=lse_dtype(str(q.dtype).removeprefix("torch.")))
+        # the backward reads the returned out (q's dtype, as FlashAttention does): less memory
+        ctx.backend, ctx.plan, ctx.native = impl, result.plan, result.native
+        ctx.like = (q, k, v)  # kept for dtype/device of the gradients only
+        # outputs only through save_for_backward (which also catches in-place changes before the
+        # backward): an output kept on ctx (the native lse is the returned lse) would hold its own
+        # graph node in a reference cycle, and the call's plan until Python's gc
+        lse_n = result.lse
+        del result
+        if isinstance(lse_n, torch.Tensor):
+            ctx.save_for_backward(out, lse_n)
+            ctx.host_lse = None
+        else:  # another array type (NumPy): part of no graph
+            ctx.save_for_backward(out)
+            ctx.host_lse = lse_n
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        backend, plan = ctx.backend, ctx.plan
+        qn, kn, vn = ctx.native
+        out, *saved_lse = ctx.saved_tensors
+        lse_n = saved_lse[0] if saved_lse else ctx.host_lse
+        q, k, v = ctx.like
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dout_n = backend.to_native(dout)
+        dlse_n = None if dlse is None else backend.to_native(dlse)
+        dq, dk, dv = run_backward(backend, plan, qn, kn, vn, backend.to_native(out), lse_n, dout_n, dlse_n,
+                                  grad_dtype=qn.dtype)
+        # one gradient at a time: each accumulator is freed as soon as it is converted
+        grads = [dq, dk, dv]
+        del dq, dk, dv
+        for i, like in enumerate((q, k, v)):
+            grads[i] = backend.from_native(grads[i], like)
+        return (*grads, *([None] * 11))
+
+
+def host_projections(projections):
+    """The projections as a plan takes them: None (drawn from the seed), float64 NumPy [D, r], or
+    for a tensor a function giving that (called only when the plan has a sparse piece: it may
+    copy from a GPU)."""
+    if projections is None or isinstance(projections, np.ndarray):
+        return projections
+    return lambda: projections.detach().cpu().numpy().astype(np.float64)
+
+
+def planned_attention(q, k, v, *, backend: str, causal: bool, scale: float, config: HyperAttentionConfig | None,
+                      seed: int, projections=None):
+    """Differentiable (out, lse) of torch tensors through ``backend``'s kernels (``config`` None:
+    exact attention; ``projections``: None or a tensor [D, r])."""
+    params = (0, 0, 1, 1, True) if config is None else (
+        config.block_size, config.sample_size, config.lsh_num_projs, config.min_seq_len, config.exact_crossover)
+    return PlannedAttention.apply(q, k, v, projections, backend, causal, scale, *params, config is None, seed)
