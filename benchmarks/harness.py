@@ -213,7 +213,8 @@ def pairs_of_method(method, q, k, *, causal, params, backend) -> float:
     n_q, n_k = q.shape[2], k.shape[2]
     if method == "sdpa":
         return n_q * n_k - (n_q * (n_q - 1) / 2 if causal else 0)
-    from hyperattn.api import resolve_backend, validate_inputs
+    from hyperattn.dispatch import resolve_backend
+    from hyperattn.validate import validate_inputs
 
     impl = resolve_backend(backend, validate_inputs(q, k, k, causal=causal))
     plan = seeded_plan(

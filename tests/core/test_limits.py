@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hyperattn
-from conftest import make_inputs
+from helpers import make_inputs
 from hyperattn import testing
 
 

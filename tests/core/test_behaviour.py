@@ -138,6 +138,24 @@ def test_available_backends_and_info_command(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert "reference" in printed and "hyperattn" in printed
+    assert rows["reference"].runs_here
+
+
+def test_info_says_a_gpu_backend_cannot_run_without_a_gpu():
+    """Outside the test suite's Triton interpreter, `python -m hyperattn info` on a machine without a
+    GPU lists the Triton backend as installed but unable to run here, with the reason."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["COLUMNS"] = "250"  # one table row per line
+    result = subprocess.run([sys.executable, "-m", "hyperattn", "info"], env=env, capture_output=True, text=True,
+                            timeout=120, check=True)
+    triton_row = next(line for line in result.stdout.splitlines() if "triton" in line and "pip install" in line)
+    assert "│ yes" in triton_row and "│ no" in triton_row and "no CUDA GPU" in triton_row, result.stdout
 
 
 @pytest.fixture

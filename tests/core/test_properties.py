@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
-from conftest import make_inputs
+from helpers import make_inputs
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 
