@@ -40,10 +40,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """asv against the installed packages: `nox -s bench -- --quick` for a fast pass."""
+    """asv against the packages installed in this session (asv.existing.conf.json):
+    `nox -s bench -- --quick` for a fast pass.  To compare commits, each built in its own
+    environment, run asv with asv.conf.json: `asv continuous main HEAD`."""
     install_project(session, "asv==0.6.6", "matplotlib")
     session.run("asv", "machine", "--yes")
-    session.run("asv", "run", "--python=same", "--environment", "existing", *session.posargs)
+    session.run("asv", "--config", "asv.existing.conf.json", "run", "--python=same", *session.posargs)
 
 
 @nox.session

@@ -142,9 +142,8 @@ def _gpu_sample(step, run: int, warm: int = 0) -> float:
 
 #: Methods are interleaved only while every one's step is shorter than this.  A long step at full
 #: power (SDPA at N=131072: 0.15-1 s) lowers the clock for the next method's samples: an H200 ran
-#: HyperAttention at 1838 MHz interleaved with SDPA against 1918 MHz alone, 2-5% slower
-#: (benchmarks/results/experiments_2026-11-28d/timing_methods_h200_bbd5d2c.txt), which no loop of
-#: one method sees.  Such methods are timed one after the other: all but a method's first sample
+#: HyperAttention at a lower clock interleaved with SDPA than alone (docs/performance.md, "Timing method"),
+#: which no loop of one method sees.  Such methods are timed one after the other: all but a method's first sample
 #: then follow its own steps.
 INTERLEAVE_BELOW_SECONDS = 0.05
 

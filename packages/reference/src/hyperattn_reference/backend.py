@@ -82,7 +82,7 @@ class ReferenceBackend(Backend):
     # -- structure ------------------------------------------------------------------------------
     def lsh_codes(self, x: np.ndarray, projections: np.ndarray) -> np.ndarray:
         bits = (x @ projections.astype(x.dtype)) > 0  # [B, H, N, r]
-        # sum of bit j * 2**j as one float64 matmul (exact below 2**53; 8x faster than int shifts)
+        # sum of bit j * 2**j as one float64 matmul (exact below 2**53; faster than integer shifts)
         powers = np.exp2(np.arange(bits.shape[-1], dtype=np.float64))
         codes = (bits.astype(np.float64) @ powers).astype(np.int64)
         return gray_rank(codes)
