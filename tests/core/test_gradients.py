@@ -105,7 +105,6 @@ def test_no_grad_inputs_give_plain_outputs():
 def test_backward_in_chunks_of_heads_equals_one_pass(case, with_lse, backend_options):
     """Long calls run their backward a few KV heads (and their query heads) at a time, converting
     each chunk into the final gradients: the same gradients as one pass (GQA, causal, lse grad)."""
-    from hyperattn import algorithm
 
     def grads():
         q, k, v = _tensors(case, seed=2)

@@ -4,7 +4,7 @@ through :func:`hyperattn.pipeline.run`."""
 from __future__ import annotations
 
 from . import pipeline, registry
-from .config import make_config
+from .config import HyperAttentionConfig, make_config
 from .protocol import BackendOptions
 
 
@@ -39,7 +39,10 @@ def attention(
     only ``min_seq_len`` decides: the approximation at any length above it (to measure it, or to
     compare backends with one seed).
     """
-    config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
+    if pipeline.compiling():  # traced by torch.compile: the config is checked when the operator runs
+        config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
+    else:
+        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
     return pipeline.run(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                         return_lse=return_lse)
 

@@ -8,12 +8,12 @@ gradients are exact gradients of the function that was computed.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..algorithm import CallSpec, forward_call, lse_dtype, run_backward
-from ..config import HyperAttentionConfig, make_config
+from ..config import make_config
 from ..registry import backend_status
+from .arguments import config_arguments, host_projections
 
 
 class PlannedAttention(torch.autograd.Function):
@@ -68,19 +68,8 @@ class PlannedAttention(torch.autograd.Function):
         return (*grads, *([None] * 11))
 
 
-def host_projections(projections):
-    """The projections as a plan takes them: None (drawn from the seed), float64 NumPy [D, r], or
-    for a tensor a function giving that (called only when the plan has a sparse piece: it may
-    copy from a GPU)."""
-    if projections is None or isinstance(projections, np.ndarray):
-        return projections
-    return lambda: projections.detach().cpu().numpy().astype(np.float64)
-
-
-def planned_attention(q, k, v, *, backend: str, causal: bool, scale: float, config: HyperAttentionConfig | None,
-                      seed: int, projections=None):
-    """Differentiable (out, lse) of torch tensors through ``backend``'s kernels (``config`` None:
-    exact attention; ``projections``: None or a tensor [D, r])."""
-    params = (0, 0, 1, 1, True) if config is None else (
-        config.block_size, config.sample_size, config.lsh_num_projs, config.min_seq_len, config.exact_crossover)
-    return PlannedAttention.apply(q, k, v, projections, backend, causal, scale, *params, config is None, seed)
+def planned_attention(q, k, v, request, projections=None):
+    """Differentiable (out, lse) of torch tensors for a prepared ``request`` (``projections``: None
+    or a tensor [D, r])."""
+    return PlannedAttention.apply(q, k, v, projections, request.backend.name, request.causal, request.scale,
+                                  *config_arguments(request.config), request.seed)

@@ -14,8 +14,10 @@ class HyperAttention(torch.nn.Module):
     """Drop-in for the authors' module: same constructor and forward signature.
 
     The LSH projections are drawn once (reproducibly with ``seed``) and kept as the buffer
-    ``lsh_projections`` [input_dim, lsh_num_projs]; samples are drawn fresh on every call, from a
-    seed that the module's own generator (itself seeded by ``seed``) draws for the call.
+    ``lsh_projections`` [input_dim, lsh_num_projs]; samples are drawn fresh on every call, from the
+    call's seed: ``seed`` (or a random base) mixed with the count of calls so far (the CPU
+    tensor ``calls``).  So two modules made with one seed draw the same sequence, eager or compiled
+    (the count is a tensor: ``torch.compile`` neither bakes it in nor recompiles for it).
     """
 
     def __init__(
@@ -34,9 +36,14 @@ class HyperAttention(torch.nn.Module):
             raise ValueError(f"input_dim must be an int >= 1 (the head dim D), got {input_dim!r}")
         self.input_dim = input_dim
         self.backend = backend
-        self._rng = make_rng(seed)
-        projections = draw_projections(self._rng, input_dim, lsh_num_projs)
+        rng = make_rng(seed)
+        projections = draw_projections(rng, input_dim, lsh_num_projs)
         self.register_buffer("lsh_projections", torch.from_numpy(projections))
+        base = int(rng.integers(2**62))  # from the projections' generator: one seed decides both
+        # plain CPU tensors, not buffers: ``module.to("cuda")`` must not move them (reading a GPU
+        # count back would synchronise every call)
+        self.base_seed = torch.tensor(base, dtype=torch.int64)
+        self.calls = torch.zeros((), dtype=torch.int64)
 
     # the original module's attribute names
     @property
@@ -64,8 +71,19 @@ class HyperAttention(torch.nn.Module):
 
     def forward(self, query, key, value, scale=None, causal=False, return_lse=False):
         """query [B, Hq, Nq, D], key [B, Hk, Nk, D], value [B, Hk, Nk, Dv] -> out (, lse)."""
-        # one int per call from the module's generator decides the call's samples
-        seed = int(self._rng.integers(2**63))
+        seed = call_seed(self.base_seed, self.calls)
+        self.calls += 1
+        if not pipeline.compiling():
+            seed = int(seed)
         return pipeline.run(query, key, value, causal=causal, scale=scale, backend=self.backend, config=self.config,
                             seed=seed, return_lse=return_lse, projections=self.lsh_projections,
                             head_dim=self.input_dim)
+
+
+#: An odd 63-bit multiplier (Knuth's MMIX LCG): consecutive calls get well-spread seeds.
+_SEED_STEP = 6364136223846793005
+
+
+def call_seed(base: torch.Tensor, calls: torch.Tensor) -> torch.Tensor:
+    """The seed of call number ``calls`` of a module whose base seed is ``base`` (int64 tensors)."""
+    return (base + calls * _SEED_STEP) & (2**63 - 1)

@@ -1,0 +1,28 @@
+"""A call's plan inputs as the plain values the autograd bridge and the operators take."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import HyperAttentionConfig
+
+#: Stand-ins for the parameters of an exact call (no config): never read.
+_EXACT_PARAMS = (1, 0, 1, 1, True)
+
+
+def config_arguments(config: HyperAttentionConfig | None) -> tuple:
+    """(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, exact): a config as the
+    plain values the operators take."""
+    if config is None:
+        return (*_EXACT_PARAMS, True)
+    return (config.block_size, config.sample_size, config.lsh_num_projs, config.min_seq_len, config.exact_crossover,
+            False)
+
+
+def host_projections(projections):
+    """The projections as a plan takes them: None (drawn from the seed), float64 NumPy [D, r], or
+    for a tensor a function giving that (called only when the plan has a sparse piece: it may
+    copy from a GPU)."""
+    if projections is None or isinstance(projections, np.ndarray):
+        return projections
+    return lambda: projections.detach().cpu().numpy().astype(np.float64)

@@ -1,0 +1,108 @@
+"""``hyperattn::attention`` as a ``torch.library`` operator: what ``torch.compile`` sees.
+
+The operator takes tensors and plain values only.  Everything random is an input: the seed
+(an int64 tensor, so a new seed per call neither recompiles nor is baked into the graph) and the
+LSH projections (or None: drawn from the seed).  Its backward, ``hyperattn::attention_backward``,
+rebuilds the plan from the same inputs (hashing and sorting are deterministic, the samples come
+from the seed), so it differentiates exactly the function the forward computed.  Both check their
+inputs when they run (inside the compiled graph), with the same messages as eager calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..algorithm import forward_call, lse_dtype, run_backward
+from ..config import make_config
+from ..request import prepare
+from .arguments import config_arguments, host_projections
+
+
+def _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
+             exact_crossover, exact):
+    config = None if exact else make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
+    return prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=int(seed.item()),
+                   return_lse=True)
+
+
+@torch.library.custom_op("hyperattn::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
+                 projections: torch.Tensor | None, backend: str, causal: bool, scale: float, block_size: int,
+                 sample_size: int, lsh_num_projs: int, min_seq_len: int, exact_crossover: bool,
+                 exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32, float64 for float64 inputs)."""
+    request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
+                       exact_crossover, exact)
+    impl = request.backend
+    result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
+    out = impl.from_native(result.out, q)
+    lse = impl.from_native(result.lse, q, dtype=lse_dtype(request.problem.dtype))
+    return _fresh(out, q, k, v), _fresh(lse, q, k, v)
+
+
+@attention_op.register_fake
+def _(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
+      exact_crossover, exact):
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("hyperattn::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor,
+                          projections: torch.Tensor | None, backend: str, causal: bool, scale: float,
+                          block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
+                          exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse)."""
+    request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
+                       exact_crossover, exact)
+    impl = request.backend
+    qn, kn, vn = (impl.to_native(x) for x in (q, k, v))
+    plan = request.spec(host_projections(projections)).plan(impl, qn, kn)
+    grads = run_backward(impl, plan, qn, kn, vn, impl.to_native(out), impl.to_native(lse), impl.to_native(dout),
+                         None if dlse is None else impl.to_native(dlse), grad_dtype=qn.dtype)
+    return tuple(_fresh(impl.from_native(g, like), q, k, v) for g, like in zip(grads, (q, k, v)))
+
+
+@attention_backward_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, seed, projections, backend, causal, scale, block_size, sample_size,
+      lsh_num_projs, min_seq_len, exact_crossover, exact):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, projections, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, projections)
+    ctx.params = params
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, seed, projections = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, projections, *ctx.params)
+    return dq, dk, dv, None, None, *([None] * len(ctx.params))
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fresh(x, *inputs):
+    """``x``, copied if it shares memory with an input (an operator's outputs may not alias them)."""
+    storage = x.untyped_storage().data_ptr()
+    return x.clone() if any(t.untyped_storage().data_ptr() == storage for t in inputs) else x
+
+
+def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_lse, projections=None,
+                       head_dim=None):
+    """The call as ``torch.compile`` traces it: one ``hyperattn::attention`` node (checks run inside)."""
+    if head_dim is not None and q.shape[-1] != head_dim:
+        raise ValueError(f"query's head dim D must equal the module's input_dim={head_dim}, got {q.shape[-1]}")
+    if seed is None:  # drawn in the graph: a new one every run
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = attention_op(q, k, v, seed, projections, backend, bool(causal), float(scale),
+                            *config_arguments(config))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,104 @@
+"""torch.compile: HyperAttention as a ``torch.library`` operator, traced without graph breaks and
+equal to eager (forward and gradients), with its randomness an explicit input (CPU, reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hyperattn
+
+SPARSE = dict(block_size=32, sample_size=24, lsh_num_projs=4, min_seq_len=64, backend="reference")
+
+
+def _inputs(seed=0, n=300, grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 2, n, 16, dtype=torch.float64, generator=generator).requires_grad_(grad) for _ in range(3)]
+
+
+def _grads(fn, inputs):
+    out = fn(*inputs)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    grads = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    return out.detach(), grads
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_compiles_in_one_graph_and_matches_eager(causal):
+    def fn(q, k, v):
+        return hyperattn.attention(q, k, v, causal=causal, seed=5, **SPARSE)
+
+    inputs = _inputs()
+    eager_out, eager_grads = _grads(fn, inputs)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    out, grads = _grads(compiled, inputs)
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=1e-13)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    exact = hyperattn.exact_attention(*inputs, causal=causal)
+    assert (out - exact).abs().max() > 1e-6  # the approximation ran, not an exact fallback
+
+
+def test_seed_is_an_input_of_the_graph_not_a_constant():
+    """A new seed per call neither recompiles nor is baked in: each call equals eager with its seed."""
+    def fn(q, k, v, seed):
+        return hyperattn.attention(q, k, v, seed=seed, **SPARSE)
+
+    inputs = [x.detach() for x in _inputs()]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    outs = []
+    for seed in (1, 2, 3):
+        out = compiled(*inputs, torch.tensor(seed))
+        torch.testing.assert_close(out, fn(*inputs, seed), rtol=0, atol=1e-13)
+        outs.append(out)
+    assert not torch.equal(outs[0], outs[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_module_compiles_and_draws_the_same_sequence_as_eager():
+    eager = hyperattn.HyperAttention(16, seed=7, **SPARSE)
+    compiled_module = hyperattn.HyperAttention(16, seed=7, **SPARSE)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    inputs = _inputs(seed=1)
+    results = []
+    for _ in range(3):  # fresh samples per call, the same sequence in both
+        want, want_grads = _grads(lambda q, k, v: eager(q, k, v, causal=True), inputs)
+        got, got_grads = _grads(lambda q, k, v: compiled(q, k, v, causal=True), inputs)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+        results.append(got)
+    assert not torch.equal(results[0], results[1])
+    assert int(compiled_module.calls) == int(eager.calls) == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_bad_input_under_compile_names_the_argument():
+    def fn(q, k, v):
+        return hyperattn.attention(q, k, v, block_size=0, backend="reference")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=r"block_size must be an int >= 1, got 0"):
+        compiled(*_inputs(grad=False))
+
+
+def test_operators_pass_opcheck():
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the operators."""
+    from hyperattn.torch.op import attention_op
+
+    q, k, v = _inputs(n=150)
+    seed = torch.tensor(3)
+    for causal, exact in ((False, False), (True, False), (True, True)):
+        args = (q, k, v, seed, None, "reference", causal, 0.25, 32, 24, 4, 64, True, exact)
+        torch.library.opcheck(attention_op, args)
