@@ -1,70 +1,128 @@
-"""Sweep the Triton launch configurations at N=131072 (bf16, H=32, D=64 unless given).
+"""Sweep one attention kernel's launch configuration on the Triton backend (bf16, B=1, H=32).
 
-    python scripts/gpu_tune.py fwd [N]   # forward tiles: block_m, fwd_block_n, warps, fwd_stages
-    python scripts/gpu_tune.py bwd [N]   # dK/dV tiles: kv_block_n, kv_block_m, kv_warps, kv_stages
-    python scripts/gpu_tune.py {forward,dq,key} N 128   # 64 < D <= 128: backend.WIDE_HEAD_LAUNCHES
+Each grid point replaces that kernel's launch for the head-dim tier of ``--dim`` in the backend's
+launch table (``hyperattn.configure("triton", launches=...)``) and times either whole calls
+(``--measure call``: forward calls for "forward", forward+backward steps for "dq" and "dkdv",
+causal and not) or the sparse kernels alone on one fixed plan (``--measure kernel``).
+
+    python scripts/gpu_tune.py --show                                  # print the launch table
+    python scripts/gpu_tune.py forward [--n 131072] [--dim 64] [--measure call|kernel]
+    python scripts/gpu_tune.py dkdv --dim 128 --block_m 16 32 64 --block_n 64 128
 """
 
+from __future__ import annotations
+
+import argparse
 import itertools
-import sys
+import math
 
 import torch
 import triton
 
 import hyperattn
-from hyperattn_triton import backend
+from hyperattn_triton.launches import Launch, launch_for
+from hyperattn_triton.options import TritonOptions
 
-what = sys.argv[1] if len(sys.argv) > 1 else "fwd"
-n = int(sys.argv[2]) if len(sys.argv) > 2 else 131072
-dim = int(sys.argv[3]) if len(sys.argv) > 3 else 64
-q, k, v = (torch.randn(1, 32, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-
-
-def forward(causal):
-    with torch.no_grad():
-        return triton.testing.do_bench(lambda: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"),
-                                       return_mode="median")
+#: The values swept per kernel and field unless given on the command line.
+GRIDS = {
+    "forward": dict(block_m=(64, 128, 256), block_n=(32, 64, 128), stages=(3, 5), warps=(4, 8), maxnreg=(None, 168, 128)),
+    "dq": dict(block_m=(64, 128, 256), block_n=(32, 64, 128), stages=(2, 3, 4), warps=(4, 8), maxnreg=(None,)),
+    "dkdv": dict(block_m=(16, 32, 64), block_n=(64, 128, 256), stages=(2, 3), warps=(4, 8), maxnreg=(None,)),
+}
+FIELDS = ("block_m", "block_n", "stages", "warps", "maxnreg")
 
 
-def forward_backward(causal):
-    def step():
-        hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton").sum().backward()
-    return triton.testing.do_bench(step, return_mode="median")
+def call_measures(kernel: str, q, k, v):
+    """(label, fn) timing whole calls that run ``kernel``."""
+    def forward(causal):
+        with torch.no_grad():
+            return triton.testing.do_bench(lambda: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"),
+                                           return_mode="median")
+
+    def forward_backward(causal):
+        def step():
+            hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton").sum().backward()
+        return triton.testing.do_bench(step, return_mode="median")
+
+    if kernel == "forward":
+        return [("fwd", lambda: forward(False)), ("fwd causal", lambda: forward(True))]
+    return [("fwd+bwd", lambda: forward_backward(False)), ("fwd+bwd causal", lambda: forward_backward(True))]
 
 
-def report(keys, values, measures):
-    row = []
-    for label, fn, causal in measures:
-        try:
-            row.append(f"{label} {fn(causal):7.2f} ms")
-        except Exception as error:  # out of shared memory etc.
-            row.append(f"{label} {type(error).__name__}")
-    print(" ".join(f"{key}={value:<3}" for key, value in zip(keys, values)), "|", " | ".join(row), flush=True)
+def kernel_measures(kernel: str, q, k, v):
+    """(label, fn) timing the sparse kernels alone on the one sparse piece of a non-causal plan."""
+    from hyperattn import testing
+    from hyperattn.algorithm import SparsePiece
+    from hyperattn.config import HyperAttentionConfig
+    from hyperattn.registry import backend_status
+
+    backend = backend_status("triton").backend
+    scale = q.shape[-1] ** -0.5
+    plan = testing.seeded_plan(backend, q, k, causal=False, scale=scale, config=HyperAttentionConfig(), seed=0)
+    (piece,) = list(plan.pieces)
+    assert isinstance(piece, SparsePiece), "the plan must be one sparse piece (N above the crossover)"
+    st = piece.structure
+    q, k, v = (x.detach() for x in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.full(q.shape[:3], -math.inf, device=q.device)
+    backend.sparse_forward(q, k, v, st, scale, out, lse, overwrite=True)
+    dout = torch.randn_like(q)
+    delta = backend.row_dot(dout, out)
+    grads = [torch.zeros(x.shape, device=q.device) for x in (q, k, v)]
+
+    def fwd():
+        backend.sparse_forward(q, k, v, st, scale, out, lse, overwrite=True)
+
+    def bwd():
+        backend.sparse_backward(q, k, v, lse, dout, delta, st, scale, *grads)
+
+    fn = fwd if kernel == "forward" else bwd
+    label = "fwd" if kernel == "forward" else "bwd"
+    return [(label, lambda: triton.testing.do_bench(fn, return_mode="median", warmup=5, rep=30))]
 
 
-if what in backend.WIDE_HEAD_LAUNCHES:  # one launch of the 64 < D <= 128 tier
-    assert 64 < dim <= 128, "the wide-head launches serve 64 < D <= 128"
-    forward_only = what == "forward"
-    rows = (64, 128) if what != "key" else (16, 32, 64)
-    columns = (32, 64) if what != "key" else (64, 128)
-    keys = ("block_m", "block_n", "stages", "warps")  # Launch's field order
-    measures = ((("fwd", forward, False), ("fwd causal", forward, True)) if forward_only else
-                (("fwd+bwd", forward_backward, False), ("fwd+bwd causal", forward_backward, True)))
-    default = backend.WIDE_HEAD_LAUNCHES[what]
-    for values in itertools.product(rows, columns, (2, 3), (4, 8)):
-        backend.WIDE_HEAD_LAUNCHES[what] = backend.Launch(*values)
-        report(keys, values, measures)
-    backend.WIDE_HEAD_LAUNCHES[what] = default
-    sys.exit()
-if what == "fwd":
-    keys, grid = ("block_m", "fwd_block_n", "warps", "fwd_stages"), itertools.product((64, 128), (32, 64, 128), (4, 8), (3, 5))
-    measures = (("fwd", forward, False), ("fwd causal", forward, True))
-else:
-    keys, grid = ("kv_block_n", "kv_block_m", "kv_warps", "kv_stages"), itertools.product((64, 128), (32, 64), (4, 8), (2, 3))
-    measures = (("fwd+bwd", forward_backward, False), ("fwd+bwd causal", forward_backward, True))
-default = dict(backend.TUNING)
-for values in grid:
-    backend.TUNING.update(default)
-    backend.TUNING.update(zip(keys, values))
-    report(keys, values, measures)
-backend.TUNING.update(default)
+def sweep(kernel: str, dim: int, grid: dict, measures) -> None:
+    table = hyperattn.configure("triton").launches
+    print(f"{kernel} D<={dim} tier now: {launch_for(table, kernel, dim)}", flush=True)
+    try:
+        for values in itertools.product(*(grid[name] for name in FIELDS)):
+            launch = Launch(*values)
+            hyperattn.configure("triton", launches=table.with_launch(kernel, dim, launch))
+            row = []
+            for label, fn in measures:
+                try:
+                    row.append(f"{label} {fn():8.3f} ms")
+                except Exception as error:  # out of shared memory etc.
+                    row.append(f"{label} {type(error).__name__}")
+            print(" ".join(f"{name}={value!s:<4}" for name, value in zip(FIELDS, values)), "|", " | ".join(row),
+                  flush=True)
+    finally:
+        hyperattn.configure("triton", launches=table)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Sweep one Triton attention kernel's launch configuration "
+                                                 "(whole calls or the sparse kernels alone), or print the launch table.")
+    parser.add_argument("kernel", nargs="?", choices=tuple(GRIDS), help="the kernel whose launch is swept")
+    parser.add_argument("--show", action="store_true", help="print the default launch table and exit")
+    parser.add_argument("--n", type=int, default=131072, help="sequence length")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=64, help="head dim: its tier's launch is swept")
+    parser.add_argument("--measure", choices=("call", "kernel"), default="call")
+    for name in FIELDS:
+        parser.add_argument(f"--{name}", nargs="+", default=None, metavar="V",
+                            type=lambda s: None if s.lower() == "none" else int(s), help=f"{name} values to sweep")
+    args = parser.parse_args(argv)
+    if args.show or args.kernel is None:
+        print("\n".join(TritonOptions().launches.lines()))
+        return 0
+    grid = {name: tuple(getattr(args, name) or GRIDS[args.kernel][name]) for name in FIELDS}
+    q, k, v = (torch.randn(1, args.heads, args.n, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    measures = (call_measures if args.measure == "call" else kernel_measures)(args.kernel, q, k, v)
+    sweep(args.kernel, args.dim, grid, measures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

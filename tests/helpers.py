@@ -16,3 +16,85 @@ def make_inputs(shape, *, seed=0, dtype=np.float64, kv_heads=None, n_k=None, v_d
     k = rng.standard_normal((batch, kv_heads, n_k, dim)).astype(dtype)
     v = rng.standard_normal((batch, kv_heads, n_k, v_dim)).astype(dtype)
     return q, k, v
+
+
+# -- one plan on two backends (the Triton tests) ------------------------------------------------
+#: A small configuration: several blocks, samples and causal levels on interpreter-sized inputs.
+SMALL = dict(block_size=16, sample_size=10, lsh_num_projs=3, min_seq_len=20)
+
+
+def plan_on(plan, device):
+    """The same plan with its index arrays as torch tensors on ``device``."""
+    import dataclasses
+
+    import torch
+
+    from hyperattn.algorithm import Plan, SparsePiece
+
+    pieces = []
+    for piece in plan.pieces:
+        if isinstance(piece, SparsePiece):
+            st = piece.structure
+            moved = {
+                name: None if getattr(st, name) is None else torch.from_numpy(np.asarray(getattr(st, name))).to(device)
+                for name in ("q_order", "k_order", "k_rank", "samples")
+            }
+            piece = SparsePiece(dataclasses.replace(st, **moved))
+        pieces.append(piece)
+    return Plan(tuple(pieces), plan.scale)
+
+
+def run_both(q, k, v, *, causal, params, seed=0, backward=True, other="triton"):
+    """Forward (and backward) of one reference-built plan on the reference and on backend ``other``.
+
+    Returns ({name: (out, lse, dq, dk, dv)} as float64 NumPy arrays, the plan).
+    """
+    import torch
+
+    from hyperattn import testing
+    from hyperattn.algorithm import run_backward, run_forward
+    from hyperattn.config import HyperAttentionConfig
+    from hyperattn.registry import backend_status
+
+    reference, backend = backend_status("reference").backend, backend_status(other).backend
+    plan = testing.seeded_plan(reference, q, k, causal=causal, scale=q.shape[-1] ** -0.5,
+                               config=HyperAttentionConfig(**params), seed=seed)
+    results = {}
+    d_out = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed))
+    for name, this, this_plan in (("reference", reference, plan), (other, backend, plan_on(plan, q.device))):
+        qn, kn, vn = (this.to_native(x) for x in (q, k, v))
+        out, lse = run_forward(this, this_plan, qn, kn, vn)
+        grads = ()
+        if backward:
+            dout = this.to_native(d_out.to(device=q.device, dtype=torch.float32))
+            grads = run_backward(this, this_plan, qn, kn, vn, out, lse, dout)
+        results[name] = tuple(testing.to_numpy64(x) for x in (out, lse, *grads))
+    return results, plan
+
+
+def error_or_absolute(got, want) -> float:
+    """Relative error, measured against 1 where the expected value is ~0 (e.g. dq of a single key)."""
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1.0))
+
+
+class Poisoned:
+    """An array namespace whose ``empty`` returns NaN-filled arrays (uninitialised memory at its worst)."""
+
+    def __init__(self, xp):
+        self._xp = xp
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+    def empty(self, shape, dtype=None, device=None):
+        return self._xp.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def poison_allocations(monkeypatch) -> None:
+    """Make every buffer the core's forward and backward allocate uninitialised NaN-filled."""
+    import importlib
+
+    for name in ("hyperattn.algorithm.forward", "hyperattn.algorithm.backward"):
+        module = importlib.import_module(name)
+        real = module.array_namespace
+        monkeypatch.setattr(module, "array_namespace", lambda *arrays, real=real: Poisoned(real(*arrays)))

@@ -252,35 +252,6 @@ def test_is_exact_call_agrees_with_the_causal_split(n, min_seq_len):
     assert is_exact_call(n, n, True, config, backend_status("reference").backend) == (not levels)
 
 
-def test_pinned_ring_never_hands_out_bytes_of_a_copy_in_flight():
-    """The ring's bookkeeping with copies that never finish on their own (a GPU far behind the
-    host): every area it hands out is free of unfinished copies, over many laps."""
-    from hyperattn_triton.staging import PinnedRing as _PinnedRing
-
-    class Event:  # a copy in flight until someone waits for it
-        def __init__(self):
-            self.done = False
-
-        def query(self):
-            return self.done
-
-        def synchronize(self):
-            self.done = True
-
-    ring = _PinnedRing()
-    ring.SIZE, ring.ALIGN = 4096, 64
-    rng = np.random.default_rng(0)
-    for _ in range(2000):
-        start, end = ring._reserve(int(rng.integers(0, 900)))
-        assert 0 <= start <= end <= ring.SIZE
-        busy = [(s, e) for s, e, event in ring.pending if not event.done and s < end and start < e]
-        assert not busy, (start, end, busy)
-        event = Event()
-        event.done = rng.random() < 0.3  # some copies finish early
-        ring.pending.append((start, end, event))
-    assert len(ring.pending) < 200  # the queue is trimmed as areas are reused
-
-
 def test_merge_partial_is_the_same_for_numpy_and_torch():
     """One log-sum-exp merge serves both backends' fused exact paths: untouched rows (lse = -inf,
     garbage out) take the partial, others the weighted mean; NumPy and torch agree."""

@@ -6,9 +6,9 @@ float32 (a documented copy) and the outputs cast back.
 
 from __future__ import annotations
 
-import numpy as np
-
 import dataclasses
+
+import numpy as np
 
 from hyperattn.kernel_utils import segment_labels, zero_inside
 from hyperattn.protocol import Backend, BackendOptions, Capabilities, Segments, SparseStructure

@@ -1,0 +1,78 @@
+"""The attention kernels' launches: one forward, or one dQ and one dK/dV launch per key-tile table,
+over device tile tables (see ``tiles.py`` and ``kernels/attention.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .indices import IndexTensors
+from .kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel
+from .kernels.common import LOG2E
+from .launches import Launch, padded_dim
+
+
+def needs_int64_offsets(*tensors) -> bool:
+    """True when an element offset inside one (batch, head) slice of a tensor may reach 2**31:
+    the kernels then index in int64 (else int32, which needs fewer registers)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(x.shape[2:], x.stride()[2:])) >= 2**31 - 1 for x in tensors)
+
+
+def launch_meta(q, v, launch: Launch, permuted: bool, *tensors) -> dict:
+    """The compile-time arguments and launch options shared by the attention kernels."""
+    return dict(
+        HEAD_DIM=q.shape[3], D_PAD=padded_dim(q.shape[3]), V_DIM=v.shape[3], DV_PAD=padded_dim(v.shape[3]),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_stages=launch.stages, num_warps=launch.warps,
+        PERMUTED=permuted, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INT64_OFFSETS=needs_int64_offsets(q, v, *tensors),
+        **({} if launch.maxnreg is None else {"maxnreg": launch.maxnreg}),
+    )
+
+
+def forward(q, k, v, tiles, ix: IndexTensors, permuted: bool, scale: float, out, lse, causal: bool, overwrite: bool,
+            launch: Launch) -> None:
+    """One forward launch over the query tiles ``tiles``, merged into (or, ``overwrite``, written to)
+    ``(out, lse)``."""
+    if len(tiles) == 0:
+        return
+    meta = launch_meta(q, v, launch, permuted, k, out, lse)
+    attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
+        q, k, v, out, lse, tiles,
+        ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *ix.order_strides, *ix.sample_strides,
+        q.shape[1], q.shape[1] // k.shape[1], scale * LOG2E.value, ix.sample_size,
+        CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
+    )
+
+
+def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, permuted: bool, query_blocks, scale: float,
+             dq, dk, dv, causal: bool, overwrite: bool, dq_launch: Launch, dkdv_launch: Launch) -> None:
+    """dQ over the query tiles, then dK/dV over each ``(key tiles, are they sample slots)`` table of
+    ``k_tiles``; ``overwrite``: the dQ and the first key table's kernels write instead of adding
+    (sample slots, later in the same stream, always add).  ``query_blocks()`` gives the sorted
+    queries' key blocks, which the sample slots' kernel reads."""
+    delta = delta.contiguous() if delta.stride() != lse.stride() else delta
+    group = q.shape[1] // k.shape[1]
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+    scale_log2 = scale * LOG2E.value
+    if len(q_tiles):
+        meta = launch_meta(q, v, dq_launch, permuted, k, dout, dq, lse)
+        attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
+            q, k, v, dout, lse, delta, dq, q_tiles,
+            ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
+            *common, *dq.stride(), *ix.order_strides, *ix.sample_strides,
+            q.shape[1], group, scale, scale_log2, ix.sample_size,
+            CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
+        )
+    meta = launch_meta(q, v, dkdv_launch, permuted, k, dout, dk, dv, lse)
+    for tiles, samples in k_tiles:
+        if len(tiles) == 0:
+            continue
+        q_blocks = query_blocks() if samples else ix.samples  # unused unless samples
+        attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
+            q, k, v, dout, lse, delta, dk, dv, tiles,
+            ix.q_order, ix.k_order, q_blocks, ix.samples, ix.sample_blocks, ix.log_w,
+            *common, *dk.stride(), *dv.stride(), *ix.order_strides, *ix.sample_strides,
+            k.shape[1], group, scale, scale_log2,
+            CAUSAL=causal and not samples, SAMPLES=samples, OVERWRITE=overwrite and not samples, **meta,
+        )

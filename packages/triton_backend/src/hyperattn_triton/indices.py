@@ -1,0 +1,80 @@
+"""A sparse structure's index tensors as the attention kernels read them (int32, with strides),
+made once per structure: its forward and backward share them."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from hyperattn.protocol import SparseStructure
+
+from .kernels.utility import sample_blocks_kernel
+from .launches import LaunchTable, launch_for
+from .staging import DeviceTables
+from .tiles import log_sample_weights, query_blocks
+
+
+@dataclass
+class IndexTensors:
+    """The kernels' index arguments: LSH orders, samples and their key blocks, log sample weights
+    (one-element dummies for exact pieces, which read none of them)."""
+
+    q_order: torch.Tensor
+    k_order: torch.Tensor
+    samples: torch.Tensor
+    sample_blocks: torch.Tensor
+    log_w: torch.Tensor
+    order_strides: tuple
+    sample_strides: tuple
+    sample_size: int
+    #: int32 [Nq]: the key block of each sorted query position (made when the dK/dV kernel of the
+    #: sample slots first needs it)
+    q_blocks: torch.Tensor | None = None
+
+
+class StructureIndices:
+    """IndexTensors per structure, kept while the structure lives."""
+
+    def __init__(self, tables: DeviceTables):
+        self._tables = tables
+        self._cache = weakref.WeakKeyDictionary()  # SparseStructure -> IndexTensors
+
+    def get(self, q, structure: SparseStructure | None, launches: LaunchTable) -> IndexTensors:
+        if structure is None:
+            return self._make(q, None, launches)
+        cached = self._cache.get(structure)
+        if cached is None:
+            cached = self._cache[structure] = self._make(q, structure, launches)
+        return cached
+
+    def query_blocks(self, q, structure: SparseStructure, launches: LaunchTable):
+        """int32 [Nq] on the device: see ``tiles.query_blocks`` (kept with the structure's indices)."""
+        indices = self.get(q, structure, launches)
+        if indices.q_blocks is None:
+            indices.q_blocks = self._tables.get(query_blocks, q, structure, q.shape[2])
+        return indices.q_blocks
+
+    def _make(self, q, structure, launches: LaunchTable) -> IndexTensors:
+        device = q.device
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        if structure is None:
+            log_w = torch.zeros(1, dtype=torch.float32, device=device)
+            return IndexTensors(dummy, dummy, dummy, dummy, log_w, (0, 0, 0, 0), (0, 0, 0), 0)
+        q_order = structure.q_order.to(torch.int32)
+        k_order = structure.k_order.to(torch.int32)
+        samples = sample_blocks = dummy
+        sample_strides = (0, 0, 0)
+        if structure.samples is not None:
+            samples = structure.samples.to(torch.int32).contiguous()  # the kernels read both with its strides
+            batch, kv_heads, segments, m = samples.shape
+            sample_blocks = torch.empty(samples.shape, dtype=torch.int32, device=device)
+            launch = launch_for(launches, "sample_blocks", q.shape[3])
+            sample_blocks_kernel[(batch * kv_heads,)](
+                samples, structure.k_rank, sample_blocks, segments * m, kv_heads, *samples.stride()[:2],
+                *structure.k_rank.stride(), structure.block_size, BLOCK=launch.block, num_warps=launch.warps)
+            sample_strides = samples.stride()[:3]
+        log_w = self._tables.get(log_sample_weights, q, structure)
+        return IndexTensors(q_order, k_order, samples, sample_blocks, log_w,
+                            (*q_order.stride()[:2], *k_order.stride()[:2]), sample_strides, structure.sample_size)

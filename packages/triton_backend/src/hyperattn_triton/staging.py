@@ -1,0 +1,167 @@
+"""Host-to-device staging and the device-side caches a backend instance owns.
+
+* :class:`PinnedRing` stages small host-to-GPU copies through a pinned ring buffer (no blocking);
+  :func:`host_to_device` copies a NumPy array next to a torch tensor through one.
+* :class:`DeviceTables` keeps device copies of host tables (tile tables, sort tables), built and
+  copied once per distinct arguments.
+* :class:`DerivedTensors` keeps tensors derived from a tensor while it lives and is unchanged
+  (the prepared projections, the codes' presort).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+import torch
+import torch.utils.weak
+
+from hyperattn.protocol import Segments, SparseStructure
+
+
+class PinnedRing:
+    """A pinned host buffer used as a ring of staging areas for small host-to-GPU copies.
+
+    A copy from pageable memory can wait for the GPU's queued work, and pinning each array costs
+    host time; so small arrays are copied into this buffer and sent from there without blocking.
+    Each copy records a CUDA event; an area is reused only after the event of the copy that used
+    it last has completed, so the host never overwrites bytes still in flight.  Areas are handed
+    out in order, so the copies in flight form a queue sorted by age *and* by position within a
+    lap: a new area can only overlap the oldest ones, and each copy looks at the front only (the
+    queue grows to thousands of entries when the GPU runs far behind the host).
+    """
+
+    SIZE = 16 << 20
+    ALIGN = 256
+
+    def __init__(self, size: int | None = None):
+        if size is not None:
+            self.SIZE = size
+        self.buffer = None  # allocated on the first copy
+        self.cursor = 0
+        self.pending = collections.deque()  # (start, end, event) of copies in flight, oldest first
+        self.lock = threading.Lock()
+
+    def copy(self, values: np.ndarray, device):
+        """``values`` (C-contiguous) as a tensor on the CUDA ``device``, without blocking."""
+        if values.nbytes > self.SIZE // 4:  # large: a one-off pinned copy
+            return torch.from_numpy(values).pin_memory().to(device, non_blocking=True)
+        with self.lock:
+            return self._staged_copy(values, device)
+
+    def _staged_copy(self, values: np.ndarray, device):
+        if self.buffer is None:
+            self.buffer = torch.empty(self.SIZE, dtype=torch.uint8, pin_memory=True)
+        start, end = self._reserve(values.nbytes)
+        staged = self.buffer[start:end]
+        staged.numpy()[:] = values.reshape(-1).view(np.uint8)
+        result = torch.empty(values.shape, dtype=_torch_dtype(values.dtype), device=device)
+        result.view(-1).view(torch.uint8).copy_(staged, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((start, end, event))
+        return result
+
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """The next free area [start, end) of nbytes, once no copy in flight uses it."""
+        start = self.cursor
+        if start + nbytes > self.SIZE:  # wrap: the skipped tail's copies go first (queue order)
+            self._wait_for(start, self.SIZE)
+            start = 0
+        end = start + nbytes
+        self._wait_for(start, end)
+        self.cursor = -(-end // self.ALIGN) * self.ALIGN
+        return start, end
+
+    def _wait_for(self, start: int, end: int) -> None:
+        """Wait for (and forget) the copies in flight that used bytes of [start, end)."""
+        pending = self.pending
+        while pending:
+            s, e, event = pending[0]
+            if s == e:  # an empty copy guards no bytes
+                pass
+            elif s < end and start < e:
+                event.synchronize()
+            elif not event.query():  # the oldest copy still runs and does not overlap: none does
+                return
+            pending.popleft()
+
+
+def _torch_dtype(dtype: np.dtype):
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def host_to_device(values: np.ndarray, like, ring: PinnedRing):
+    """``values`` (host NumPy) as a torch tensor on ``like``'s device: through ``ring`` on a GPU."""
+    values = np.ascontiguousarray(values)
+    if like.device.type == "cuda":
+        return ring.copy(values, like.device)
+    return torch.from_numpy(values).to(like.device)
+
+
+def _table_key(arg):
+    """What a table depends on, hashable: segment bounds by value, structures by their segments and sizes."""
+    if isinstance(arg, Segments):
+        return tuple(a.tobytes() for a in (arg.q_start, arg.q_end, arg.k_start, arg.k_end))
+    if isinstance(arg, SparseStructure):
+        return _table_key(arg.segments), arg.block_size, arg.sample_size
+    if isinstance(arg, np.ndarray):
+        return arg.dtype.str, arg.shape, arg.tobytes()
+    return arg
+
+
+class DeviceTables:
+    """Device copies of host tables, least recently used first out beyond ``capacity()`` entries.
+
+    ``stage(values, like)`` copies a host array next to ``like``; ``capacity`` is read at every
+    insertion (the backend's options may change).
+    """
+
+    def __init__(self, stage, capacity):
+        self._stage = stage
+        self._capacity = capacity
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def get(self, build, like, *args):
+        """``build(*args)`` (a host table, a tuple of them, or None) on ``like``'s device, built and
+        copied once per distinct arguments (compared by value: segments by their bounds, structures
+        by their segments and sizes, arrays by their contents)."""
+        key = (build.__qualname__, str(like.device), *(_table_key(a) for a in args))
+        if key in self._tables:
+            self._tables.move_to_end(key)
+            return self._tables[key]
+        host = build(*args)
+        if isinstance(host, tuple):
+            tables = tuple(self._stage(t, like) for t in host)
+        else:
+            tables = None if host is None else self._stage(host, like)
+        self._tables[key] = tables
+        while len(self._tables) > self._capacity():
+            self._tables.popitem(last=False)
+        return tables
+
+
+class DerivedTensors:
+    """Tensors derived from a tensor (by ``key``), kept while it lives and made again after an
+    in-place change of it (``Tensor._version``): a call's q and k share their prepared projections,
+    a causal call's levels one presort of the codes."""
+
+    def __init__(self):
+        self._entries = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> (its version, {key: derived})
+
+    def __contains__(self, tensor) -> bool:
+        return tensor in self._entries
+
+    def get(self, tensor, key, make):
+        """``make()`` for (``tensor``, ``key``), made once per version of ``tensor``."""
+        version, derived = self._entries.get(tensor, (None, None))
+        if version != tensor._version:
+            derived = {}
+            self._entries[tensor] = (tensor._version, derived)
+        if key not in derived:
+            derived[key] = make()
+        return derived[key]

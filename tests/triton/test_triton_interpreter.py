@@ -1,0 +1,554 @@
+"""The Triton backend against the reference, on the same plan (same permutations and samples).
+
+Without a GPU the kernels run in Triton's interpreter on small CPU shapes (fp32/fp16: the
+interpreter's bf16 dot is broken); on a GPU machine these tests run on the GPU.  Options are set
+through ``hyperattn.configure`` (the ``backend_options`` fixture undoes it) or by constructing a
+backend with its own ``TritonOptions``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import hyperattn
+from helpers import SMALL, error_or_absolute, make_inputs, poison_allocations, run_both
+from hyperattn import testing
+from hyperattn.algorithm import ExactPiece, SparsePiece, run_forward
+from hyperattn.config import HyperAttentionConfig
+from hyperattn.registry import backend_status
+
+TRITON = backend_status("triton")
+pytestmark = pytest.mark.skipif(not TRITON.available, reason=f"triton backend: {TRITON.reason}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (B, Hq, Hk, Nq, Nk, D, Dv, causal)
+INTERPRETER_CASES = [
+    (1, 2, 1, 70, 70, 16, 8, False),
+    (1, 2, 1, 100, 130, 16, 16, True),
+    (2, 2, 2, 33, 33, 40, 24, True),
+    (1, 1, 1, 1, 1, 8, 8, True),
+    (1, 2, 2, 50, 17, 24, 32, False),
+]
+
+
+def inputs(case, dtype, seed):
+    batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal = case
+    q, k, v = (torch.from_numpy(x).to(DEVICE, dtype) for x in
+               make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=seed))
+    return q, k, v, causal
+
+
+def default_launches():
+    from hyperattn_triton.options import TritonOptions
+
+    return TritonOptions().launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", INTERPRETER_CASES)
+def test_same_plan_matches_reference(case, dtype):
+    q, k, v, causal = inputs(case, dtype, seed=case[3])
+    results, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-3
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert np.isfinite(got).all(), name
+        assert error_or_absolute(got, want) < tolerance, name
+
+
+def test_causal_forward_keeps_its_running_output_in_the_input_dtype():
+    """A causal plan's pieces merge into an fp16 running output (Capabilities.running_out_dtype is
+    "input": fp32 arithmetic, one rounding per piece) and still match the reference's fp32 one."""
+    from helpers import plan_on
+
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float16) for x in
+               make_inputs((1, 2, 100, 16), kv_heads=1, n_k=130, v_dim=16, seed=5))
+    reference = backend_status("reference").backend
+    plan = testing.seeded_plan(reference, q, k, causal=True, scale=0.25, config=HyperAttentionConfig(**SMALL), seed=0)
+    assert len(plan.pieces) > 2 and TRITON.backend.capabilities.running_out_dtype == "input"
+    out, lse = run_forward(TRITON.backend, plan_on(plan, q.device), *(TRITON.backend.to_native(x) for x in (q, k, v)))
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    want_out, want_lse = run_forward(reference, plan, *(reference.to_native(x) for x in (q, k, v)))
+    assert error_or_absolute(testing.to_numpy64(out), testing.to_numpy64(want_out)) < 3e-3
+    assert error_or_absolute(testing.to_numpy64(lse), testing.to_numpy64(want_lse)) < 1e-3
+
+
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[1], INTERPRETER_CASES[4], (1, 2, 1, 24, 1000, 16, 8, False)])
+def test_overwriting_pieces_write_everything_they_own(case, monkeypatch):
+    """Forward and backward allocate out, dq, dk, dv uninitialised and let the first piece write its
+    rows and keys: NaN-poisoned allocations must not reach any result (causal prefix keys, key
+    blocks without queries, Nq > Nk), on both backends."""
+    poison_allocations(monkeypatch)
+    q, k, v, causal = inputs(case, torch.float32, seed=5)
+    results, plan = run_both(q, k, v, causal=causal, params=SMALL)
+    assert any(isinstance(piece, SparsePiece) for piece in plan.pieces)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert np.isfinite(want).all() and np.isfinite(got).all(), name
+        assert error_or_absolute(got, want) < 1e-5, name
+
+
+def test_int64_offsets_give_the_same_result(monkeypatch):
+    """The int64 offsets taken when one head's offsets may pass 2**31 compute the same."""
+    from hyperattn_triton import attention
+
+    assert not attention.needs_int64_offsets(torch.empty(1, 2, 8, 4).transpose(1, 2))
+    assert attention.needs_int64_offsets(torch.empty_strided((1, 1, 2**20, 64), (0, 0, 2**12, 1), device="meta"))
+    q, k, v, causal = inputs(INTERPRETER_CASES[1], torch.float32, seed=3)
+    narrow, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    monkeypatch.setattr(attention, "needs_int64_offsets", lambda *tensors: True)
+    wide, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), wide["triton"], narrow["triton"]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_device_tables_are_built_once_per_distinct_arguments():
+    from hyperattn.protocol import Segments
+    from hyperattn_triton import tiles
+    from hyperattn_triton.backend import TritonBackend
+    from hyperattn_triton.options import TritonOptions
+
+    built = []
+
+    def build(segments, causal, block):
+        built.append(block)
+        return tiles.exact_tiles(segments, causal, block)
+
+    backend = TritonBackend(TritonOptions(device_tables_capacity=2))
+    like = torch.empty(0, device=DEVICE)
+    first = backend.device_tables.get(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 16)
+    again = backend.device_tables.get(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 16)  # equal, not the same
+    other = backend.device_tables.get(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 32)
+    assert again is first and other is not first and built == [16, 32]
+    np.testing.assert_array_equal(first.cpu().numpy(), tiles.exact_tiles(Segments.from_ranges([(0, 40, 0, 40)]), True, 16))
+    backend.device_tables.get(build, like, Segments.from_ranges([(0, 40, 0, 40)]), True, 64)
+    assert len(backend.device_tables) == 2  # the options' capacity: the least recently used left
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_whole_steps_then_a_partial_step(causal, backend_options):
+    """Blocks of 40 keys in steps of 16: two unmasked whole steps, then a masked step of 8 keys
+    (and the segment's last, shorter block), in fp32 and fp16."""
+    backend_options("triton", launches=default_launches().changed("forward", 64, block_n=16))
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+        q, k, v = (torch.from_numpy(x).to(DEVICE, dtype) for x in make_inputs((1, 2, 150, 16), n_k=150, seed=3))
+        results, _ = run_both(q, k, v, causal=causal, params=dict(SMALL, block_size=40, sample_size=24),
+                              backward=False)
+        for name, got, want in zip(("out", "lse"), results["triton"], results["reference"]):
+            assert np.isfinite(got).all() and error_or_absolute(got, want) < tolerance, (dtype, name)
+
+
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1]])
+def test_same_plan_matches_reference_with_small_tiles(case, backend_options):
+    """Many tiles per block, key tiles shorter than blocks, several row chunks adding into the samples."""
+    launches = default_launches()
+    for kernel in ("forward", "dq", "dkdv"):
+        launches = launches.changed(kernel, 64, block_m=16, block_n=16)
+    backend_options("triton", launches=launches, sample_row_chunk=24)
+    q, k, v, causal = inputs(case, torch.float32, seed=1)
+    results, _ = run_both(q, k, v, causal=causal, params=dict(SMALL, block_size=32, sample_size=40))
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert error_or_absolute(got, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: the interpreter's tl.dot is wrong
+def test_lsh_codes_match_reference(dtype):
+    """fp32 inputs go through multiply-and-reduce passes, fp16/bf16 ones through split matrix-unit
+    products: both match the reference's codes of the same (rounded) inputs up to rare sign flips."""
+    reference, triton_backend = backend_status("reference").backend, TRITON.backend
+    x = torch.randn(2, 3, 300, 24).to(dtype)
+    projections = np.random.default_rng(0).standard_normal((24, 5))
+    expected = reference.lsh_codes(x.float().numpy(), projections.astype(np.float32))
+    got = triton_backend.lsh_codes(x.to(DEVICE), torch.from_numpy(projections).to(DEVICE, torch.float32))
+    assert (got.cpu().numpy() == expected).mean() > 0.999  # fp32 sums in another order: rare sign flips
+
+
+def test_lsh_codes_follow_projections_changed_in_place():
+    """Prepared projections are cached per tensor (q and k share them), but not past an in-place change."""
+    x = torch.randn(1, 2, 64, 16, device=DEVICE, dtype=torch.float16)
+    projections = torch.randn(16, 4, device=DEVICE)
+    before = TRITON.backend.lsh_codes(x, projections)
+    projections.neg_()
+    after = TRITON.backend.lsh_codes(x, projections)
+    assert torch.equal(after, TRITON.backend.lsh_codes(x, projections.clone())) and not torch.equal(before, after)
+
+
+def test_split_projections_sum_to_fp32():
+    """The LSH kernel's projections for fp16/bf16 rows: terms in that dtype summing to the fp32
+    projections (zero-padded), and for fp32 rows the padded fp32 projections."""
+    from hyperattn_triton.lsh import split_projections
+
+    p = torch.randn(40, 7, dtype=torch.float64, device=DEVICE)
+    want = torch.zeros(64, 16, dtype=torch.float64)
+    want[:40, :7] = p.cpu().float().double()
+    for dtype in (torch.bfloat16, torch.float16):
+        parts = split_projections(p, dtype, 3, 64, 16)
+        assert parts.shape == (3, 64, 16) and parts.dtype == dtype
+        err = (parts.cpu().to(torch.float64).sum(0) - want).abs().max().item()
+        assert err <= 2e-7 * want.abs().max().item(), (dtype, err)
+    one = split_projections(p, torch.bfloat16, 1, 64, 16)
+    assert (one.cpu().double()[0] - want).abs().max() > 1e-4  # one term is not enough
+    padded = split_projections(p, torch.bfloat16, 0, 64, 16)
+    assert padded.dtype == torch.float32 and torch.equal(padded.cpu().double(), want)
+
+
+def test_segment_sort_matches_reference():
+    reference, triton_backend = backend_status("reference").backend, TRITON.backend
+    x = torch.randn(2, 3, 300, 24)
+    projections = np.random.default_rng(0).standard_normal((24, 5))
+    expected = reference.lsh_codes(x.numpy(), projections.astype(np.float32))
+    starts, ends = np.array([10, 200]), np.array([150, 300])
+    codes = torch.from_numpy(expected)
+    order, rank = triton_backend.segment_sort(codes.to(DEVICE), starts, ends)
+    expected_order, expected_rank = reference.segment_sort(expected, starts, ends)
+    np.testing.assert_array_equal(order.cpu().numpy(), expected_order)
+    np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank)
+    order, rank = triton_backend.segment_sort(codes.to(DEVICE), starts, ends, code_bits=5)  # int32 sort keys
+    np.testing.assert_array_equal(order.cpu().numpy(), expected_order)
+    np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank)
+
+
+def sort_backend(**options):
+    """A Triton backend of its own with these sort options."""
+    from hyperattn_triton.backend import TritonBackend
+    from hyperattn_triton.options import TritonOptions
+
+    return TritonBackend(TritonOptions(**options))
+
+
+def counting_sort(backend, codes, starts, ends, bits):
+    from hyperattn_triton import sorting
+
+    return sorting.counting_segment_sort(codes, starts, ends, bits, options=backend.options,
+                                         tables=backend.device_tables, presorted=backend.presorted_codes)
+
+
+@pytest.mark.parametrize("chunk", [16, 64] if INTERPRETED else [16, 1024])
+def test_counting_sort_matches_the_reference_sort(chunk):
+    """Random segments (gaps, empty and one-position ones, chunks across segment ends), code widths
+    1..8 bits and int32/int64 codes: the same stable order and rank as the reference."""
+    # segments of several prefix-sum steps and of several parts
+    backend = sort_backend(sort_chunk=chunk, sort_interpreter_chunk=chunk, sort_starts_chunks=2, sort_starts_part=3)
+    reference = backend_status("reference").backend
+    rng = np.random.default_rng(chunk)
+    for trial in range(4):
+        n, bits = int(rng.integers(1, 90)), int(rng.integers(1, 9))
+        codes = rng.integers(0, 1 << bits, size=(2, 2, n))
+        cuts = np.sort(rng.choice(n + 1, size=min(n + 1, 2 * int(rng.integers(0, 4))), replace=False))
+        starts, ends = cuts[0::2], cuts[1::2]
+        dtype = torch.int32 if trial % 2 else torch.int64
+        order, rank = counting_sort(backend, torch.from_numpy(codes).to(DEVICE, dtype), starts, ends, bits)
+        expected_order, expected_rank = reference.segment_sort(codes, starts, ends)
+        assert order.dtype == rank.dtype == torch.int32
+        np.testing.assert_array_equal(order.cpu().numpy(), expected_order, err_msg=f"{n=} {bits=} {starts=} {ends=}")
+        np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank, err_msg=f"{n=} {bits=} {starts=} {ends=}")
+
+
+@pytest.mark.parametrize("chunk", [16] if INTERPRETED else [16, 256])
+def test_causal_levels_sort_presorted_chunks_like_the_reference(chunk):
+    """The causal recursion's levels (segments cut at multiples of the chunk, with gaps) sort one
+    codes tensor several times from its presorted chunks: each level matches the reference, and a
+    level cut off the chunk grid takes the general path."""
+    from hyperattn_triton import sorting
+
+    backend = sort_backend(sort_chunk=chunk, sort_interpreter_chunk=chunk)
+    reference = backend_status("reference").backend
+    n, bits = 8 * chunk + 5, 3
+    codes = np.random.default_rng(chunk).integers(0, 1 << bits, size=(2, 3, n))
+    device_codes = torch.from_numpy(codes).to(DEVICE, torch.int32)
+    levels = [([4 * chunk], [n]), ([2 * chunk, 6 * chunk], [4 * chunk, n]), ([0, 4 * chunk], [2 * chunk, 6 * chunk]),
+              ([chunk, 3 * chunk + 1], [2 * chunk, 4 * chunk])]
+    for starts, ends in levels:
+        starts, ends = np.array(starts), np.array(ends)
+        assert sorting.aligned(starts, ends, n, chunk) == (starts[-1] % chunk == 0)
+        order, rank = counting_sort(backend, device_codes, starts, ends, bits)
+        expected_order, expected_rank = reference.segment_sort(codes, starts, ends)
+        np.testing.assert_array_equal(order.cpu().numpy(), expected_order, err_msg=f"{starts=} {ends=}")
+        np.testing.assert_array_equal(rank.cpu().numpy(), expected_rank, err_msg=f"{starts=} {ends=}")
+    assert device_codes in backend.presorted_codes
+    device_codes[..., :chunk] = torch.from_numpy(codes[..., :chunk][..., ::-1].copy())  # in place: presorted again
+    codes[..., :chunk] = codes[..., :chunk][..., ::-1].copy()
+    starts, ends = np.array([0, 4 * chunk]), np.array([2 * chunk, 6 * chunk])
+    order, _ = counting_sort(backend, device_codes, starts, ends, bits)
+    np.testing.assert_array_equal(order.cpu().numpy(), reference.segment_sort(codes, starts, ends)[0])
+    assert not sorting.aligned(np.array([0]), np.array([n]), n, chunk)  # the one whole range: no presort
+
+
+def test_a_training_step_leaves_no_tensor_in_reference_cycles():
+    """After forward and backward every tensor of the call is freed by reference counting: one in
+    a cycle (once the returned lse, kept on the autograd context, held its own graph node and so
+    the whole plan) waits for Python's gc."""
+    import gc
+
+    q, k, v = (torch.randn(1, 2, 256, 16, device=DEVICE, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    params = dict(block_size=32, sample_size=32, min_seq_len=64, lsh_num_projs=3)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        out, lse = hyperattn.attention(q, k, v, causal=True, backend="triton", seed=0, return_lse=True, **params)
+        (out.sum() + lse.sum()).backward()
+        del out, lse
+        gc.collect()
+        cycled = [x for x in gc.garbage if isinstance(x, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert q.grad is not None and cycled == []
+
+
+def test_counting_sort_declines_what_it_cannot_sort():
+    codes = torch.zeros(1, 1, 10, dtype=torch.int64, device=DEVICE)
+    backend = TRITON.backend
+    assert counting_sort(backend, codes, np.array([0]), np.array([10]), bits=9) is None  # too wide
+    assert counting_sort(backend, codes, np.array([0, 4]), np.array([6, 10]), bits=3) is None  # overlap
+    order, _ = backend.segment_sort(codes, np.array([0]), np.array([10]), code_bits=12)  # torch sort then
+    np.testing.assert_array_equal(order.cpu().numpy()[0, 0], np.arange(10))
+
+
+def test_row_dot_is_the_fp32_row_sum_of_products():
+    a = torch.randn(2, 3, 70, 24, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(2, 3, 70, 24, device=DEVICE, dtype=torch.float32).transpose(1, 2).contiguous().transpose(1, 2)
+    got = TRITON.backend.row_dot(a, b)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 70)
+    torch.testing.assert_close(got, (a.double() * b.double()).sum(-1).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_into_widens_rows_of_strided_views(dtype, add):
+    """The exact pieces' half-precision results go into fp32 accumulators through cast_into: a
+    copy (or an add) through both views' strides, padded head dim included."""
+    from hyperattn_triton import exact
+    from hyperattn_triton.kernels.utility import cast_rows_kernel
+
+    src = torch.randn(2, 5, 3, 40, device=DEVICE).to(dtype).transpose(1, 2)  # [2, 3, 5, 40], strided
+    dst = torch.randn(2, 3, 5, 48, device=DEVICE)[..., :40]  # fp32, rows padded to 48
+    want = dst + src.float() if add else src.float()
+    if DEVICE == "cpu":  # cast_into copies with torch there: run the kernel itself (interpreter)
+        cast_rows_kernel[(2, 6)](src, dst, 5, 3, *src.stride(), *dst.stride(), DIM=40, D_PAD=64, BLOCK=4, ADD=add)
+    else:
+        exact.cast_into(dst, src, add, TRITON.backend.options)
+    torch.testing.assert_close(dst, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs_give_the_same_result_as_contiguous_ones(causal):
+    """[B, N, H, D] tensors transposed to [B, H, N, D] (as attention layers make them), and a
+    sliced head dim, are read through their strides: same output and gradients as contiguous
+    copies, no copy needed."""
+    base = [torch.randn(1, 90, 2, 20, device=DEVICE) for _ in range(3)]
+    strided = [x.transpose(1, 2)[..., :16].requires_grad_() for x in base]
+    contiguous = [x.detach().contiguous().requires_grad_() for x in strided]
+    assert not strided[0].is_contiguous()
+    results = []
+    for q, k, v in (strided, contiguous):
+        out, lse = hyperattn.attention(q, k, v, causal=causal, seed=7, backend="triton", return_lse=True, **SMALL)
+        (out.square().sum() + lse.sum()).backward()
+        results.append([out, lse, q.grad, k.grad, v.grad])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_api_end_to_end_with_a_seed(backend_options):
+    backend_options("triton", exact_below=(0, 0))  # the reference's crossover: the same plan on a GPU too
+    q, k, v = (torch.from_numpy(x).to(DEVICE).requires_grad_() for x in make_inputs((1, 2, 90, 16), kv_heads=1, seed=3, dtype=np.float32))
+    out = hyperattn.attention(q, k, v, causal=True, seed=4, backend="triton", **SMALL)
+    assert out.device.type == DEVICE and out.dtype == torch.float32
+    expected = hyperattn.attention(*(x.detach().cpu() for x in (q, k, v)), causal=True, seed=4, backend="reference", **SMALL)
+    assert testing.relative_error(out, expected) < 1e-3  # same seed; rare LSH sign flips allowed
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_explicit_triton_refuses_what_it_cannot_run():
+    q, k, v = (torch.from_numpy(x) for x in make_inputs((1, 1, 8, 8), dtype=np.float64))
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run .*dtype float64 is not supported"):
+        hyperattn.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run .*arrays of type numpy are not supported"):
+        hyperattn.attention(q.numpy().astype(np.float32), k.numpy().astype(np.float32), v.numpy().astype(np.float32), backend="triton")
+
+
+def test_configured_crossover_takes_effect_after_the_backend_ran(backend_options):
+    """``hyperattn.configure("triton", exact_below=...)`` on a backend that has already run: the
+    next call's plan and kernels follow it (exact below the crossover, approximate again without)."""
+    backend = TRITON.backend
+    q, k, v = (torch.from_numpy(x).to(DEVICE, torch.float32) for x in make_inputs((1, 2, 64, 16), seed=2))
+    config = HyperAttentionConfig(**SMALL)
+    calls = {"exact_forward": 0, "sparse_forward": 0}
+
+    def counted(name):
+        real = getattr(backend, name)
+
+        def count(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return count
+
+    def run():
+        for name in calls:
+            calls[name] = 0
+        with pytest.MonkeyPatch.context() as patch:
+            for name in calls:
+                patch.setattr(backend, name, counted(name))
+            out = hyperattn.attention(q, k, v, backend="triton", seed=0, **SMALL)
+        plan = testing.seeded_plan(backend, q, k, causal=False, scale=0.25, config=config, seed=0)
+        return out, dict(calls), list(plan.pieces)
+
+    backend_options("triton", exact_below=(0, 0))
+    approximate, before, pieces = run()
+    assert before["sparse_forward"] == 1 and any(isinstance(p, SparsePiece) for p in pieces)
+    backend_options("triton", exact_below=(1 << 20, 1 << 20))
+    exact, after, pieces = run()
+    assert after["sparse_forward"] == 0 and all(isinstance(p, ExactPiece) for p in pieces)
+    if INTERPRETED:  # no SDPA shortcut under the interpreter: the plan's one exact piece
+        assert after["exact_forward"] == 1
+    want = hyperattn.exact_attention(q, k, v)
+    assert testing.relative_error(exact, want) < 1e-5 < testing.relative_error(approximate, want)
+    backend_options("triton", exact_below=(0, 0))
+    assert run()[1]["sparse_forward"] == 1
+
+
+def test_options_are_validated_and_name_the_field():
+    from hyperattn_triton.options import TritonOptions
+
+    for changes, field in ((dict(sort_chunk=48), "sort_chunk"), (dict(sdpa_order=("cudnn", "fast")), "sdpa_order"),
+                           (dict(fused_kernels=()), "fused_kernels"), (dict(sample_row_chunk=0), "sample_row_chunk"),
+                           (dict(launches={}), "launches")):
+        with pytest.raises((ValueError, TypeError), match=rf"TritonOptions\.{field}: expected .*, got"):
+            TritonOptions(**changes)
+    with pytest.raises(TypeError, match=r"has no option\(s\) \['sort_chunks'\]"):
+        hyperattn.configure("triton", sort_chunks=16)
+
+
+def test_launch_table_keeps_every_tuned_launch():
+    """The default table as it was tuned (no retuning hides in a refactoring), and how it is read."""
+    from hyperattn_triton.launches import Launch, RowLaunch, launch_for
+
+    table = default_launches()
+    assert launch_for(table, "forward", 64, 64) == Launch(128, 32, 5, 4, maxnreg=168)
+    assert launch_for(table, "dq", 16, 64) == Launch(128, 64, 3, 4)
+    assert launch_for(table, "dkdv", 64, 8) == Launch(32, 128, 3, 4)
+    assert [launch_for(table, kernel, 128, 100) for kernel in ("forward", "dq", "dkdv")] == [
+        Launch(128, 32, 3, 4), Launch(64, 64, 3, 4), Launch(64, 128, 2, 8)]
+    assert {launch_for(table, kernel, 65, 256) for kernel in ("forward", "dq", "dkdv")} == {Launch(32, 32, 1, 4)}
+    assert launch_for(table, "lsh_split", 64) == RowLaunch(128, 2, terms=3)
+    assert launch_for(table, "lsh_reduce", 64) == RowLaunch(128, 2)
+    assert launch_for(table, "row_dot", 64) == launch_for(table, "cast_rows", 64) == RowLaunch(64, 4)
+    assert launch_for(table, "sample_blocks", 64) == RowLaunch(1024, 4)
+    with pytest.raises(ValueError, match="no launch for head dim 300"):
+        launch_for(table, "forward", 300, 8)
+    changed = table.changed("dkdv", 64, block_m=16)
+    assert launch_for(changed, "dkdv", 64) == Launch(16, 128, 3, 4) and launch_for(table, "dkdv", 64).block_m == 32
+    assert launch_for(changed, "dkdv", 128) == launch_for(table, "dkdv", 128)
+
+
+def test_fold_views_are_views_or_nothing():
+    """Causal leaves fold into the head axis as views; leaves after a key prefix with several heads
+    cannot (their key range is not one stride), and then nothing is folded rather than copied."""
+    from hyperattn.protocol import Segments
+    from hyperattn_triton.exact import fold_views
+
+    q = torch.randn(2, 3, 8, 4)
+    out = torch.zeros(2, 3, 8, 4)
+    kv = torch.randn(2, 3, 8, 4)
+    tiling = Segments.from_ranges([(0, 4, 0, 4), (4, 8, 4, 8)]).equal_tiling(8, causal=True)
+    qf, kf, vf, out_f = fold_views(tiling, q, kv, kv, query_side=(out,))
+    out_f += 1  # writes land in out
+    assert (out == 1).all() and torch.equal(kf[1, 3], kv[1, 1, 4:8]) and torch.equal(qf[0, 5], q[0, 2, 4:8])
+    longer = torch.randn(2, 3, 10, 4)
+    prefixed = Segments.from_ranges([(0, 4, 2, 6), (4, 8, 6, 10)]).equal_tiling(8, causal=True)
+    assert fold_views(prefixed, q, longer, longer) is None
+
+
+def test_first_fused_follows_the_order_and_falls_back(monkeypatch):
+    """cuDNN first while enabled, FlashAttention when cuDNN rejects the inputs or is off."""
+    from hyperattn_triton.exact import first_fused
+    from hyperattn_triton.options import TritonOptions
+
+    def rejected():
+        raise RuntimeError("cuDNN does not take these shapes")
+
+    default = TritonOptions().fused_kernels
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    assert first_fused(default, lambda: "cudnn", lambda: "flash") == "cudnn"
+    assert first_fused(default, rejected, lambda: "flash") == "flash"
+    flash_first = TritonOptions(fused_kernels=("flash", "cudnn")).fused_kernels
+    assert first_fused(flash_first, lambda: "cudnn", lambda: "flash") == "flash"
+    cudnn_only = TritonOptions(fused_kernels=("cudnn",)).fused_kernels
+    with pytest.raises(RuntimeError, match="no fused attention kernel"):
+        first_fused(cudnn_only, rejected, lambda: "flash")
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="no fused attention kernel"):
+        first_fused(cudnn_only, lambda: "cudnn", lambda: "flash")
+
+
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[1], (1, 4, 2, 70, 70, 16, 8, False)])
+def test_backward_in_chunks_of_heads_matches_one_pass(case, backend_options):
+    """The head-chunked backward (sliced inputs and structures, strided kernels) equals one pass."""
+    q, k, v, causal = inputs(case, torch.float32, seed=6)
+    whole, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    for name in ("reference", "triton"):
+        backend_options(name, backward_chunk_bytes=1)
+    chunked, _ = run_both(q, k, v, causal=causal, params=SMALL)
+    for backend in ("reference", "triton"):
+        for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), chunked[backend], whole[backend]):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f"{backend} {name}")
+
+
+def test_sdpa_in_order_changes_the_priority_for_one_call_only():
+    """cuDNN-first SDPA through two C calls: the same output as SDPA, PyTorch's priority restored
+    afterwards, also when SDPA raises."""
+    from hyperattn_triton.exact import sdpa_backends, sdpa_in_order
+    from hyperattn_triton.options import TritonOptions
+
+    order = TritonOptions().sdpa_order
+    before = torch._C._get_sdp_priority_order()
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order())
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        out = sdpa_in_order(q, k, v, True, 0.3, order)
+    torch.testing.assert_close(out, real(q, k, v, is_causal=True, scale=0.3), rtol=0, atol=0)
+    assert seen[0][:len(order)] == [int(b) for b in sdpa_backends(order)] and sorted(seen[0]) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(RuntimeError):
+        sdpa_in_order(q, k[:, :, :, :4], v, False, 0.3, order)
+    assert torch._C._get_sdp_priority_order() == before
+
+
+def test_pinned_ring_never_hands_out_bytes_of_a_copy_in_flight():
+    """The ring's bookkeeping with copies that never finish on their own (a GPU far behind the
+    host): every area it hands out is free of unfinished copies, over many laps."""
+    from hyperattn_triton.staging import PinnedRing
+
+    class Event:  # a copy in flight until someone waits for it
+        def __init__(self):
+            self.done = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    ring = PinnedRing()
+    ring.SIZE, ring.ALIGN = 4096, 64
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        start, end = ring._reserve(int(rng.integers(0, 900)))
+        assert 0 <= start <= end <= ring.SIZE
+        busy = [(s, e) for s, e, event in ring.pending if not event.done and s < end and start < e]
+        assert not busy, (start, end, busy)
+        event = Event()
+        event.done = rng.random() < 0.3  # some copies finish early
+        ring.pending.append((start, end, event))
+    assert len(ring.pending) < 200  # the queue is trimmed as areas are reused
