@@ -10,7 +10,8 @@ nox.options.default_venv_backend = "venv"  # not uv: uv would download a CUDA bu
 TORCH = "torch==2.13.0"  # always pinned: an unpinned torch pulls a multi-GB CUDA build
 TRITON = "triton==3.7.1"  # the version torch 2.13 pairs with
 PACKAGES = ["./packages/core", "./packages/reference", "./packages/triton_backend"]
-TEST_DEPS = ["pytest>=8", "hypothesis>=6", "asv==0.6.6"]  # asv: the suite is checked too
+# asv: the suite is checked too; transformers and matplotlib: the integration and benchmark tests
+TEST_DEPS = ["pytest>=8", "hypothesis>=6", "asv==0.6.6", "transformers>=5.17,<6", "matplotlib"]
 
 
 def install_project(session: nox.Session, *extra: str) -> None:
