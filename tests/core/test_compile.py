@@ -99,9 +99,42 @@ def test_operators_pass_opcheck():
 
     q, k, v = _inputs(n=150)
     seed = torch.tensor(3)
-    for causal, exact in ((False, False), (True, False), (True, True)):
-        args = (q, k, v, seed, None, "reference", causal, 0.25, 32, 24, 4, 64, True, exact)
+    padding = torch.ones(1, 1, 150, 150, dtype=torch.bool)
+    padding[..., :7] = False  # the first keys are padding: exact masked attention runs
+    for causal, exact, mask in ((False, False, None), (True, False, None), (True, True, None), (True, False, padding),
+                                (False, False, torch.ones(1, 1, 150, 150, dtype=torch.bool))):
+        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, exact)
         torch.library.opcheck(attention_op, args)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_mask_that_changes_the_result_gets_exact_masked_attention(causal):
+    """Inside the operator: a plain mask (causal pattern / all-True) is what HyperAttention computes
+    and is dropped; any other mask gets exact attention under it, with its gradients."""
+    from hyperattn import testing
+    from hyperattn.torch.masks import causal_pattern
+    from hyperattn.torch.op import compiled_attention
+
+    q, k, v = _inputs(n=120)
+    config = hyperattn.HyperAttentionConfig(32, 24, 4, 64)
+    plain = causal_pattern(120, 120, "cpu")[None, None] if causal else torch.ones(1, 1, 120, 120, dtype=torch.bool)
+    kwargs = dict(causal=causal, scale=None, backend="reference", config=config, seed=3, return_lse=False)
+    torch.testing.assert_close(compiled_attention(q, k, v, mask=plain, **kwargs),
+                               hyperattn.attention(q, k, v, causal=causal, seed=3, **SPARSE), rtol=0, atol=0)
+    keep = torch.rand(2, 1, 120, 120, generator=torch.Generator().manual_seed(0)) > 0.3
+    keep |= torch.eye(120, dtype=torch.bool)  # no row fully masked
+    q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))
+    out = compiled_attention(q2, k2, v2, mask=keep, **kwargs)
+    weights = (keep & plain).expand(2, 2, 120, 120).double()
+    want, _ = testing.weighted_softmax_attention(q2.detach(), k2.detach(), v2.detach(), weights.numpy(), 16**-0.5)
+    torch.testing.assert_close(out, torch.from_numpy(want), rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    dense = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    scores = torch.einsum("bhid,bhjd->bhij", *(torch.cat([x, x]) for x in dense[:2])) * 16**-0.5
+    scores = scores.masked_fill(~(keep & plain), -torch.inf)
+    torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), torch.cat([dense[2], dense[2]])).sum().backward()
+    for got, x in zip(grads, dense):
+        torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.gpu

@@ -382,3 +382,41 @@ def test_generate_from_a_long_prompt(family):
     decode = [c for c in calls if c.n_q == 1]
     assert len(decode) == 4 * 3 and all(c.path == "sdpa" for c in decode)
     assert {c.reason for c in decode if c.layer >= 2} == {"query shorter than min_seq_len"}
+
+
+# --- torch.compile -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_model_has_no_graph_break_and_matches_eager(family):
+    """torch.compile(model, fullgraph=True): the attention is one operator per layer, the mask is
+    looked at inside it; logits and gradients equal eager (plain batch: the approximation runs;
+    padded batch: exact masked attention, as eager falls back to SDPA)."""
+    torch._dynamo.reset()
+    model = make_model(family, layers=2)
+    ht.configure(model, **SMALL)
+    ids = tokens(2, LONG)
+    padding = torch.ones(2, LONG, dtype=torch.long)
+    padding[1, 200:] = 0
+    exact = logits(model, ids, "sdpa").logits
+    model.set_attn_implementation("hyper")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for mask in (None, padding):
+        want = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+        want.loss.backward()
+        want_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        got = compiled(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+        got.loss.backward()
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        for p, w in zip(model.parameters(), want_grads):
+            torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-5)
+        model.zero_grad(set_to_none=True)
+        if mask is None:
+            assert (got.logits - exact).abs().max() > 1e-4  # the approximation ran
+        else:
+            real = slice(0, 200)
+            torch.testing.assert_close(got.logits[1, real], logits(model, ids[1:, :200], "sdpa").logits[0],
+                                       rtol=1e-4, atol=1e-4)
+            model.set_attn_implementation("hyper")
+    torch._dynamo.reset()

@@ -223,12 +223,23 @@ def _record(module, path: str, reason: str, n_q: int, n_k: int) -> None:
 # --- the attention function ------------------------------------------------------------------
 
 
-def _hyper_call(q, k, v, *, causal: bool, scale: float | None, params: HyperParams):
-    """The one call into HyperAttention: q [B, Hq, Nq, D], k/v [B, Hk, Nk, D] -> [B, Hq, Nq, Dv]."""
-    return hyperattn.attention(q, k, v, causal=causal, scale=scale, backend=params.backend,
-                               block_size=params.block_size, sample_size=params.sample_size,
-                               lsh_num_projs=params.lsh_num_projs, min_seq_len=params.min_seq_len,
-                               exact_crossover=params.exact_crossover, seed=params.seed)
+def _hyper_call(q, k, v, *, causal: bool, scale: float | None, params: HyperParams, mask=None):
+    """The one call into HyperAttention: q [B, Hq, Nq, D], k/v [B, Hk, Nk, D] -> [B, Hq, Nq, Dv].
+
+    ``mask`` (under torch.compile only): the model's mask, looked at inside the operator when it
+    runs (dropped if plain causal, else exact masked attention), see ``hyperattn.torch.op``."""
+    if mask is None:
+        return hyperattn.attention(q, k, v, causal=causal, scale=scale, backend=params.backend,
+                                   block_size=params.block_size, sample_size=params.sample_size,
+                                   lsh_num_projs=params.lsh_num_projs, min_seq_len=params.min_seq_len,
+                                   exact_crossover=params.exact_crossover, seed=params.seed)
+    from hyperattn.config import HyperAttentionConfig
+    from hyperattn.torch.op import compiled_attention
+
+    config = HyperAttentionConfig(params.block_size, params.sample_size, params.lsh_num_projs, params.min_seq_len,
+                                  params.exact_crossover)
+    return compiled_attention(q, k, v, causal=causal, scale=scale, backend=params.backend, config=config,
+                              seed=params.seed, return_lse=False, mask=mask)
 
 
 def hyper_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -245,7 +256,9 @@ def hyper_attention_forward(module, query, key, value, attention_mask, dropout: 
         sliding_window = getattr(module, "sliding_window", None)
     n_q, n_k = query.shape[2], key.shape[2]
 
-    reason = _fallback_reason(params, query, key, attention_mask, dropout, causal, sliding_window, kwargs)
+    compiling = _compiling()
+    reason = _fallback_reason(params, query, key, attention_mask, dropout, causal, sliding_window, kwargs,
+                              look_at_data=not compiling)
     if reason is None and attention_mask is None and causal and n_k > n_q:
         # SDPA's convention for a None mask with more keys than queries (prefill into an empty
         # static cache): the keys past the queries are the cache's empty slots
@@ -254,12 +267,21 @@ def hyper_attention_forward(module, query, key, value, attention_mask, dropout: 
         _record(module, "sdpa", reason, n_q, n_k)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, sliding_window, kwargs)
     _record(module, "hyper", "", n_q, n_k)
-    out = _hyper_call(query, key, value, causal=causal, scale=scaling, params=params)
+    out = _hyper_call(query, key, value, causal=causal, scale=scaling, params=params,
+                      mask=attention_mask if compiling else None)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _fallback_reason(params, query, key, mask, dropout, causal, window, kwargs) -> str | None:
-    """Why this call cannot run HyperAttention (None: it can)."""
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def _fallback_reason(params, query, key, mask, dropout, causal, window, kwargs, look_at_data=True) -> str | None:
+    """Why this call cannot run HyperAttention (None: it can).  ``look_at_data=False`` (under
+    torch.compile) decides on shapes and settings only: the mask, which transformers then always
+    materialises and which then also encodes packed sequences, is looked at inside the operator."""
     n_q, n_k = query.shape[2], key.shape[2]
     if params is None:
         return "layer not patched"
@@ -271,6 +293,8 @@ def _fallback_reason(params, query, key, mask, dropout, causal, window, kwargs) 
         return "more queries than keys"
     if window is not None and n_k > window:
         return "sliding window"
+    if not look_at_data:
+        return None
     if _packed(kwargs):
         return "packed sequences"
     if mask is None:
@@ -293,33 +317,12 @@ def _packed(kwargs) -> bool:
     return False
 
 
-def _allowed(mask):
-    """Boolean 'may attend' of a boolean or additive float mask; None for other additive values."""
-    import torch
-
-    if mask.dtype == torch.bool:
-        return mask
-    allowed = mask == 0
-    if not bool((allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
-        return None  # a bias, not a mask
-    return allowed
-
-
 def _is_plain_mask(mask, n_q: int, n_k: int, causal: bool) -> bool:
-    """Whether a materialised mask is exactly what HyperAttention computes anyway: the bottom-right
-    causal pattern (causal) or all-True (non-causal), for every batch row and head."""
-    import torch
+    """Whether a materialised mask is exactly what HyperAttention computes anyway (see
+    :func:`hyperattn.torch.masks.is_plain_mask`)."""
+    from hyperattn.torch.masks import is_plain_mask
 
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (n_q, n_k):
-        return False
-    allowed = _allowed(mask)
-    if allowed is None:
-        return False
-    if not causal:
-        return bool(allowed.all())
-    rows = torch.arange(n_q, device=mask.device)[:, None] + (n_k - n_q)
-    pattern = torch.arange(n_k, device=mask.device)[None, :] <= rows
-    return bool((allowed == pattern).all())
+    return is_plain_mask(mask, n_q, n_k, causal)
 
 
 def _sdpa(module, query, key, value, mask, dropout, scaling, causal, window, kwargs):

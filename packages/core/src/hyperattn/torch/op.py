@@ -2,7 +2,10 @@
 
 The operator takes tensors and plain values only.  Everything random is an input: the seed
 (an int64 tensor, so a new seed per call neither recompiles nor is baked into the graph) and the
-LSH projections (or None: drawn from the seed).  Its backward, ``hyperattn::attention_backward``,
+LSH projections (or None: drawn from the seed).  An optional ``mask`` (the transformers
+integration passes the model's) is looked at when the operator runs: one that HyperAttention
+computes anyway (plain causal, or all-True) is dropped, any other gets exact masked attention
+(``masks.py``), so the traced graph has no data-dependent branch.  Its backward, ``hyperattn::attention_backward``,
 rebuilds the plan from the same inputs (hashing and sorting are deterministic, the samples come
 from the seed), so it differentiates exactly the function the forward computed.  Both check their
 inputs when they run (inside the compiled graph), with the same messages as eager calls.
@@ -16,6 +19,7 @@ from ..algorithm import forward_call, lse_dtype, run_backward
 from ..config import make_config
 from ..request import prepare
 from .arguments import config_arguments, host_projections
+from .masks import is_plain_mask, masked_exact_backward, masked_exact_forward
 
 
 def _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
@@ -27,12 +31,14 @@ def _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh
 
 @torch.library.custom_op("hyperattn::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
-                 projections: torch.Tensor | None, backend: str, causal: bool, scale: float, block_size: int,
-                 sample_size: int, lsh_num_projs: int, min_seq_len: int, exact_crossover: bool,
-                 exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 projections: torch.Tensor | None, mask: torch.Tensor | None, backend: str, causal: bool,
+                 scale: float, block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
+                 exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32, float64 for float64 inputs)."""
     request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
                        exact_crossover, exact)
+    if _needs_mask(mask, request):
+        return tuple(x.contiguous() for x in masked_exact_forward(q, k, v, mask, request.scale, request.causal))
     impl = request.backend
     result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
     out = impl.from_native(result.out, q)
@@ -41,8 +47,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.
 
 
 @attention_op.register_fake
-def _(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
-      exact_crossover, exact):
+def _(q, k, v, seed, projections, mask, backend, causal, scale, block_size, sample_size, lsh_num_projs,
+      min_seq_len, exact_crossover, exact):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
@@ -51,12 +57,16 @@ def _(q, k, v, seed, projections, backend, causal, scale, block_size, sample_siz
 @torch.library.custom_op("hyperattn::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor,
-                          projections: torch.Tensor | None, backend: str, causal: bool, scale: float,
+                          projections: torch.Tensor | None, mask: torch.Tensor | None, backend: str, causal: bool,
+                          scale: float,
                           block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
                           exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse)."""
     request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
                        exact_crossover, exact)
+    if _needs_mask(mask, request):
+        grads = masked_exact_backward(dout, dlse, q, k, v, mask, request.scale, request.causal)
+        return tuple(g.contiguous() for g in grads)
     impl = request.backend
     qn, kn, vn = (impl.to_native(x) for x in (q, k, v))
     plan = request.spec(host_projections(projections)).plan(impl, qn, kn)
@@ -66,36 +76,46 @@ def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torc
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, seed, projections, backend, causal, scale, block_size, sample_size,
+def _(dout, dlse, q, k, v, out, lse, seed, projections, mask, backend, causal, scale, block_size, sample_size,
       lsh_num_projs, min_seq_len, exact_crossover, exact):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
+
+
+def _needs_mask(mask, request) -> bool:
+    """Whether ``mask`` changes what the call computes (it is not the plain causal / all-True one)."""
+    problem = request.problem
+    return mask is not None and not is_plain_mask(mask, problem.n_q, problem.n_k, request.causal)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, projections, *params = inputs
+    q, k, v, seed, projections, mask, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, projections)
+    ctx.save_for_backward(q, k, v, out, lse, seed, projections, mask)
     ctx.params = params
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, seed, projections = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, projections, *ctx.params)
-    return dq, dk, dv, None, None, *([None] * len(ctx.params))
+    q, k, v, out, lse, seed, projections, mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, projections, mask, *ctx.params)
+    return dq, dk, dv, None, None, None, *([None] * len(ctx.params))
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fresh(x, *inputs):
-    """``x``, copied if it shares memory with an input (an operator's outputs may not alias them)."""
+    """``x`` contiguous (the layout the fake kernels promise), copied if it shares memory with an
+    input (an operator's outputs may not alias them)."""
     storage = x.untyped_storage().data_ptr()
-    return x.clone() if any(t.untyped_storage().data_ptr() == storage for t in inputs) else x
+    if any(t.untyped_storage().data_ptr() == storage for t in inputs):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x.contiguous()
 
 
 def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_lse, projections=None,
-                       head_dim=None):
-    """The call as ``torch.compile`` traces it: one ``hyperattn::attention`` node (checks run inside)."""
+                       head_dim=None, mask=None):
+    """The call as ``torch.compile`` traces it: one ``hyperattn::attention`` node (checks run inside;
+    ``mask``: see the module docstring)."""
     if head_dim is not None and q.shape[-1] != head_dim:
         raise ValueError(f"query's head dim D must equal the module's input_dim={head_dim}, got {q.shape[-1]}")
     if seed is None:  # drawn in the graph: a new one every run
@@ -103,6 +123,6 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
     elif not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = attention_op(q, k, v, seed, projections, backend, bool(causal), float(scale),
+    out, lse = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale),
                             *config_arguments(config))
     return (out, lse) if return_lse else out
