@@ -139,6 +139,7 @@ def test_available_backends_and_info_command(capsys):
     printed = capsys.readouterr().out
     assert "reference" in printed and "hyperattn" in printed
     assert rows["reference"].runs_here
+    assert "works: hyperattn.integrations.transformers.register()" in printed  # transformers is installed
 
 
 def test_info_says_a_gpu_backend_cannot_run_without_a_gpu():

@@ -21,9 +21,12 @@ def info(console: Console) -> int:
     from . import __version__, available_backends
 
     versions = Table(title=f"hyperattn {__version__}", show_header=False)
-    for name in ("numpy", "torch", "triton", "cupy-cuda13x", "numba", "array-api-compat"):
+    for name in ("numpy", "torch", "triton", "cupy-cuda13x", "numba", "array-api-compat", "transformers"):
         versions.add_row(name, _version(name))
     console.print(versions)
+    integrations = Table(title="integrations", show_header=False)
+    integrations.add_row("transformers", _transformers_status())
+    console.print(integrations)
     backends = Table(title="backends (backend='auto' takes the first that can run the inputs here)")
     for column in ("name", "installed", "runs here", "version / reason", "install"):
         backends.add_column(column)
@@ -34,6 +37,19 @@ def info(console: Console) -> int:
                          row.install_hint)
     console.print(backends)
     return 0
+
+
+def _transformers_status() -> str:
+    try:
+        from .integrations.transformers import unavailable_reason
+
+        reason = unavailable_reason()
+    except Exception as error:  # a broken install must not break `info`
+        reason = f"{type(error).__name__}: {error}"
+    if reason is None:
+        return ("works: hyperattn.integrations.transformers.register(), then "
+                "attn_implementation='hyper'")
+    return f"unavailable: {reason}"
 
 
 def demo(console: Console, args) -> int:

@@ -66,6 +66,21 @@ PARAM_NAMES = tuple(field.name for field in dataclasses.fields(HyperParams))
 # --- registration ----------------------------------------------------------------------------
 
 
+def unavailable_reason() -> str | None:
+    """Why the integration cannot work here (transformers missing, or without the attention and
+    mask interfaces it registers with), or None when it can."""
+    try:
+        import transformers
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401
+    except ImportError as error:
+        return f"transformers is not usable: {error}"
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        return f"needs transformers >= 5, found {transformers.__version__}"
+    return None
+
+
 def register(name: str = NAME) -> None:
     """Register the attention function and its mask function under ``name`` (idempotent)."""
     from transformers import AttentionInterface
@@ -368,5 +383,5 @@ def _sequence_ids(kwargs, n: int, device):
     return starts.long().cumsum(-1)
 
 
-__all__ = ["NAME", "DEFAULT_PARAMS", "HyperParams", "CallRecord", "attention_modules", "configure", "hyper_attention_forward",
+__all__ = ["NAME", "DEFAULT_PARAMS", "unavailable_reason", "HyperParams", "CallRecord", "attention_modules", "configure", "hyper_attention_forward",
            "hyper_mask", "is_registered", "layer_params", "record_calls", "register", "select_layers", "unregister"]
