@@ -62,6 +62,7 @@ def compile_all() -> None:
             (attention.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True, OVERWRITE=False)),
             (attention.attention_bwd_dq_kernel, bwd_types, dict(HAS_SAMPLES=True, OVERWRITE=dtype == "fp16")),
             (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True, OVERWRITE=False)),
+            (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True, OVERWRITE=False, SLOT_OUTPUT=True)),
             (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, OVERWRITE=True)),
             (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, OVERWRITE=False)),
         ):

@@ -46,11 +46,17 @@ def forward(q, k, v, tiles, ix: IndexTensors, permuted: bool, scale: float, out,
 
 
 def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, permuted: bool, query_blocks, scale: float,
-             dq, dk, dv, causal: bool, overwrite: bool, dq_launch: Launch, dkdv_launch: Launch) -> None:
+             dq, dk, dv, causal: bool, overwrite: bool, dq_launch: Launch, dkdv_launch: Launch,
+             deterministic: bool = False) -> None:
     """dQ over the query tiles, then dK/dV over each ``(key tiles, are they sample slots)`` table of
     ``k_tiles``; ``overwrite``: the dQ and the first key table's kernels write instead of adding
     (sample slots, later in the same stream, always add).  ``query_blocks()`` gives the sorted
-    queries' key blocks, which the sample slots' kernel reads."""
+    queries' key blocks, which the sample slots' kernel reads.
+
+    ``deterministic``: the sample slots' gradients are stored one row per slot (their tiles must
+    give each slot one program: one chunk of rows per segment) and added into dk, dv by
+    ``index_put_(accumulate=True)``, which PyTorch runs deterministically in deterministic mode,
+    instead of by atomics whose order varies between runs."""
     delta = delta.contiguous() if delta.stride() != lse.stride() else delta
     group = q.shape[1] // k.shape[1]
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
@@ -69,10 +75,31 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
         if len(tiles) == 0:
             continue
         q_blocks = query_blocks() if samples else ix.samples  # unused unless samples
+        slot_output = samples and deterministic
+        if slot_output:  # one row per (segment, slot), every one written by its one program
+            slots = ix.samples.shape[2] * ix.samples.shape[3]
+            dk_out = torch.empty(k.shape[0], k.shape[1], slots, k.shape[3], dtype=dk.dtype, device=dk.device)
+            dv_out = torch.empty(v.shape[0], v.shape[1], slots, v.shape[3], dtype=dv.dtype, device=dv.device)
+        else:
+            dk_out, dv_out = dk, dv
         attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
-            q, k, v, dout, lse, delta, dk, dv, tiles,
+            q, k, v, dout, lse, delta, dk_out, dv_out, tiles,
             ix.q_order, ix.k_order, q_blocks, ix.samples, ix.sample_blocks, ix.log_w,
-            *common, *dk.stride(), *dv.stride(), *ix.order_strides, *ix.sample_strides,
+            *common, *dk_out.stride(), *dv_out.stride(), *ix.order_strides, *ix.sample_strides,
             k.shape[1], group, scale, scale_log2,
-            CAUSAL=causal and not samples, SAMPLES=samples, OVERWRITE=overwrite and not samples, **meta,
+            CAUSAL=causal and not samples, SAMPLES=samples, OVERWRITE=overwrite and not samples,
+            SLOT_OUTPUT=slot_output, **meta,
         )
+        if slot_output:
+            add_slots(dk, dk_out, ix.samples)
+            add_slots(dv, dv_out, ix.samples)
+
+
+def add_slots(grad, slot_grads, samples) -> None:
+    """grad[b, h, samples[b, h, s, j]] += slot_grads[b, h, s * m + j], deterministically (PyTorch's
+    sorted accumulation in deterministic mode; duplicate draws add up)."""
+    batch, heads = samples.shape[:2]
+    keys = samples.reshape(batch, heads, -1).long()
+    b = torch.arange(batch, device=grad.device)[:, None, None]
+    h = torch.arange(heads, device=grad.device)[None, :, None]
+    grad.index_put_((b, h, keys), slot_grads, accumulate=True)

@@ -87,6 +87,8 @@ class TritonBackend(Backend):
         conventions differ (GQA, causal with Nq != Nk: SDPA aligns the mask top-left)."""
         if interpreting() or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
             return None
+        if torch.are_deterministic_algorithms_enabled():  # SDPA's fused backwards are not deterministic
+            return None
         return exact.sdpa_in_order(q, k, v, causal, scale, self.options.sdpa_order)
 
     def row_dot(self, a, b):
@@ -133,7 +135,11 @@ class TritonBackend(Backend):
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None, *,
                        overwrite=False):
         options, causal = self.options, bool(causal)
-        if exact.flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv, overwrite, options):
+        # deterministic mode: this backend's kernels (each program owns its rows and keys), not
+        # cuDNN's or FlashAttention's backward, whose results vary between runs
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if not deterministic and exact.flash_exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk,
+                                                            dv, overwrite, options):
             return
         dq_launch = launch_for(options.launches, "dq", q.shape[3], v.shape[3])
         dkdv_launch = launch_for(options.launches, "dkdv", q.shape[3], v.shape[3])
@@ -152,7 +158,9 @@ class TritonBackend(Backend):
         # overwrite: blocks without queries too, so that every key of the segments is written
         k_tiles = [(self.device_tables.get(sparse_key_tiles, q, structure, block_n, overwrite), False)]
         if structure.sample_size > 0:
-            slot_tiles = self.device_tables.get(sample_key_tiles, q, structure, block_n, options.sample_row_chunk)
+            # deterministic mode: one chunk of rows per segment, so that each slot has one program
+            row_chunk = q.shape[2] if torch.are_deterministic_algorithms_enabled() else options.sample_row_chunk
+            slot_tiles = self.device_tables.get(sample_key_tiles, q, structure, block_n, row_chunk)
             k_tiles.append((slot_tiles, True))
         self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False, overwrite,
                        dq_launch, dkdv_launch)
@@ -169,4 +177,5 @@ class TritonBackend(Backend):
         ix = self.structure_indices.get(q, structure, launches)
         attention.backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix, structure is not None,
                            lambda: self.structure_indices.query_blocks(q, structure, launches), scale, dq, dk, dv,
-                           causal, overwrite, dq_launch, dkdv_launch)
+                           causal, overwrite, dq_launch, dkdv_launch,
+                           deterministic=torch.are_deterministic_algorithms_enabled())

@@ -265,10 +265,14 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr, SLOT_OUTPUT: tl.constexpr = False,
 ):
     """dK, dV of a key tile (block keys, exact keys, or sample slots) over rows [q0, q1) of every
-    query head of its KV head; program axis 1 runs over batch x KV heads."""
+    query head of its KV head; program axis 1 runs over batch x KV heads.
+
+    ``SLOT_OUTPUT`` (sample slots, deterministic mode): DK and DV are [B, Hk, S * m, D] buffers of
+    one row per sample slot, stored without atomics (the caller gives each slot one program and
+    adds the slots into the keys' gradients in a fixed order)."""
     b, hk, _ = program_heads(num_kv_heads, 1)
     seg, blk, k0, k1, q0, q1, diag = _load_tile(Tiles, INT64_OFFSETS)
     if SAMPLES:
@@ -311,7 +315,13 @@ def attention_bwd_dkdv_kernel(
     dv_ptrs = DV + b * sdv_b + hk * sdv_h + keys[:, None] * sdv_n + offs_v[None, :] * sdv_d
     dk_mask = mask_n[:, None] & (offs_d[None, :] < HEAD_DIM)
     dv_mask = mask_n[:, None] & (offs_v[None, :] < V_DIM)
-    if SAMPLES:  # every chunk of rows adds into the same sample keys, and draws repeat
+    if SAMPLES and SLOT_OUTPUT:  # row seg * m + slot of the slot buffers (m = ss_s: contiguous samples)
+        slots = seg * ss_s + k0 + tl.arange(0, BLOCK_N)
+        dk_ptrs = DK + b * sdk_b + hk * sdk_h + slots[:, None] * sdk_n + offs_d[None, :] * sdk_d
+        dv_ptrs = DV + b * sdv_b + hk * sdv_h + slots[:, None] * sdv_n + offs_v[None, :] * sdv_d
+        tl.store(dk_ptrs, dk, mask=dk_mask)
+        tl.store(dv_ptrs, dv, mask=dv_mask)
+    elif SAMPLES:  # every chunk of rows adds into the same sample keys, and draws repeat
         tl.atomic_add(dk_ptrs, dk, mask=dk_mask)
         tl.atomic_add(dv_ptrs, dv, mask=dv_mask)
     else:  # this tile owns its keys within the launch (OVERWRITE: and no earlier piece wrote them)
