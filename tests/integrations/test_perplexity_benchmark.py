@@ -18,15 +18,6 @@ TINY = ["--preset", "cpu-tiny", "--quiet"]
 HYPER_TINY = ["--min_seq_len", "32", "--block_size", "16", "--sample_size", "16", "--lsh_num_projs", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine are ~100x slower with two OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def bench(monkeypatch):
     """(train, corpus, perplexity): the scripts as modules (benchmarks/ is not a package)."""

@@ -22,15 +22,6 @@ FAMILIES = ["llama", "qwen2", "mistral"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine are ~100x slower with two OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def registered():
     ht.register()
     yield
