@@ -15,7 +15,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 what=${1:-all}
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q tests/triton/test_triton_gpu.py -p no:cacheprovider -m gpu --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q tests -p no:cacheprovider -m gpu --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then

@@ -156,3 +156,24 @@ def test_gpu_triton_attention_compiles_and_matches_eager(causal):
     for got, want in zip(grads, eager_grads):  # sample slots add with atomics: rounding order differs
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_masked_fallback_in_chunks_of_rows_equals_one_chunk():
+    """The masked fallback bounds its scores' memory by running chunks of query rows: the same
+    output, lse and gradients (GQA, a per-row mask, lse gradient) as one chunk."""
+    from hyperattn.torch.masks import masked_exact_backward, masked_exact_forward
+
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 50, 8, dtype=torch.float64, generator=generator)
+    k, v = (torch.randn(2, 2, 60, 8, dtype=torch.float64, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 1, 50, 60, generator=generator) > 0.4
+    dout = torch.randn(2, 4, 50, 8, dtype=torch.float64, generator=generator)
+    dlse = torch.randn(2, 4, 50, dtype=torch.float64, generator=generator)
+    whole = masked_exact_forward(q, k, v, mask, 0.3, True)
+    chunked = masked_exact_forward(q, k, v, mask, 0.3, True, chunk_bytes=2 * 4 * 60 * 8 * 7)  # 7 rows a chunk
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    grads = masked_exact_backward(dout, dlse, q, k, v, mask, 0.3, True)
+    chunked_grads = masked_exact_backward(dout, dlse, q, k, v, mask, 0.3, True, chunk_bytes=2 * 4 * 60 * 8 * 7)
+    for got, want in zip(chunked_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -411,3 +411,17 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(family):
                                        rtol=1e-4, atol=1e-4)
             model.set_attn_implementation("hyper")
     torch._dynamo.reset()
+
+
+def test_compiled_partially_patched_model_with_a_cache_matches_eager():
+    """layers="last:1", the cache on and no attention mask (the usual prefill): the SDPA layers'
+    fallback reads no data under compile either, so the model still compiles in one graph."""
+    torch._dynamo.reset()
+    model = make_model("llama", layers=3)
+    ht.configure(model, layers="last:1", **SMALL)
+    ids = tokens(1, LONG)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

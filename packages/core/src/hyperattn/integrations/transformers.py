@@ -356,7 +356,9 @@ def _implied_mask(query, key, causal, window, kwargs):
 
     n_q, n_k, device = query.shape[2], key.shape[2], query.device
     windowed = window is not None and n_k > window
-    packed = n_q > 1 and n_q == n_k and _packed(kwargs)
+    # under torch.compile packing cannot be read off position_ids without a data-dependent branch;
+    # transformers then encodes it in the mask it materialises (and does not detect it with a cache)
+    packed = n_q > 1 and n_q == n_k and not _compiling() and _packed(kwargs)
     if not (windowed or packed):
         return None
     q_pos = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)

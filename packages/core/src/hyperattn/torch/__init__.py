@@ -1,4 +1,6 @@
-"""The torch side of hyperattn: the autograd bridge and the ``HyperAttention`` module.
+"""The torch side of hyperattn: the autograd bridge (``autograd.py``), the ``torch.library``
+operators that ``torch.compile`` sees (``op.py``, with ``masks.py`` for masked calls and
+``arguments.py`` for their plain-value inputs) and the ``HyperAttention`` module (``module.py``).
 
 Imported lazily (only when torch tensors need gradients, or the module is asked for), and never
 importing the API back.

@@ -92,10 +92,15 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed, projections, mask)
     ctx.params = params
+    # an unused lse gets no gradient (None, not zeros): the backward then may take the fused exact
+    # kernels, which need dlse == 0 and the final out
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, seed, projections, mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, projections, mask, *ctx.params)
     return dq, dk, dv, None, None, None, *([None] * len(ctx.params))
 
