@@ -212,6 +212,8 @@ def test_configure_names_what_is_wrong(backend_options):
         hyperattn.configure("reference", exact_bellow=(0, 0))
     with pytest.raises(ValueError, match=r"exact_below must be a tuple \(keys, rows\) of two ints >= 0, got \(1,\)"):
         hyperattn.configure("reference", exact_below=(1,))
+    with pytest.raises(TypeError, match=r"use_torch_exact must be a bool, got str 'false'"):
+        hyperattn.configure("reference", use_torch_exact="false")
     with pytest.raises(ValueError, match=r"backend must be one of .*, got 'nope'"):
         hyperattn.configure("nope")
     with pytest.raises(TypeError, match=r"exact_crossover must be a bool, got str 'no'"):

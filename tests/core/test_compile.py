@@ -110,7 +110,7 @@ def test_operators_pass_opcheck():
 @pytest.mark.parametrize("causal", [False, True])
 def test_a_mask_that_changes_the_result_gets_exact_masked_attention(causal):
     """Inside the operator: a plain mask (causal pattern / all-True) is what HyperAttention computes
-    and is dropped; any other mask gets exact attention under it, with its gradients."""
+    and is dropped; any other mask alone decides (as SDPA given a mask), exact, with its gradients."""
     from hyperattn import testing
     from hyperattn.torch.masks import causal_pattern
     from hyperattn.torch.op import compiled_attention
@@ -125,13 +125,13 @@ def test_a_mask_that_changes_the_result_gets_exact_masked_attention(causal):
     keep |= torch.eye(120, dtype=torch.bool)  # no row fully masked
     q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))
     out = compiled_attention(q2, k2, v2, mask=keep, **kwargs)
-    weights = (keep & plain).expand(2, 2, 120, 120).double()
+    weights = keep.expand(2, 2, 120, 120).double()
     want, _ = testing.weighted_softmax_attention(q2.detach(), k2.detach(), v2.detach(), weights.numpy(), 16**-0.5)
     torch.testing.assert_close(out, torch.from_numpy(want), rtol=1e-10, atol=1e-12)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     dense = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     scores = torch.einsum("bhid,bhjd->bhij", *(torch.cat([x, x]) for x in dense[:2])) * 16**-0.5
-    scores = scores.masked_fill(~(keep & plain), -torch.inf)
+    scores = scores.masked_fill(~keep, -torch.inf)
     torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), torch.cat([dense[2], dense[2]])).sum().backward()
     for got, x in zip(grads, dense):
         torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
@@ -177,3 +177,30 @@ def test_masked_fallback_in_chunks_of_rows_equals_one_chunk():
     chunked_grads = masked_exact_backward(dout, dlse, q, k, v, mask, 0.3, True, chunk_bytes=2 * 4 * 60 * 8 * 7)
     for got, want in zip(chunked_grads, grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_backward_keeps_the_forward_plan_when_the_crossover_changes(backend_options):
+    """The crossover is an option: changed between a compiled forward and its backward, the
+    backward still differentiates the forward's plan (as the eager bridge, which keeps it)."""
+    def fn(q, k, v):
+        return hyperattn.attention(q, k, v, causal=True, seed=2, **SPARSE)
+
+    inputs = _inputs()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for first, then in (((0, 0), (10**6, 10**6)), ((10**6, 10**6), (0, 0))):  # approximate, then exact; and back
+        backend_options("reference", exact_below=first)
+        want = fn(*inputs)
+        got = compiled(*inputs)
+        backend_options("reference", exact_below=then)
+        for out in (want, got):
+            (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        eager_grads = [x.grad.clone() for x in inputs]  # want's and got's gradients added up
+        for x in inputs:
+            x.grad = None
+        backend_options("reference", exact_below=first)
+        reference_out = fn(*inputs)
+        (reference_out * torch.linspace(-1, 1, reference_out.shape[-1], dtype=reference_out.dtype)).sum().backward()
+        for total, single in zip(eager_grads, [x.grad for x in inputs]):
+            torch.testing.assert_close(total, 2 * single, rtol=1e-10, atol=1e-12)
+        for x in inputs:
+            x.grad = None

@@ -24,6 +24,12 @@ class ReferenceOptions(BackendOptions):
     #: attention when torch is installed (else, and with False, the NumPy tiles).
     use_torch_exact: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.use_torch_exact, bool):
+            raise TypeError(f"use_torch_exact must be a bool, got {type(self.use_torch_exact).__name__} "
+                            f"{self.use_torch_exact!r}")
+
 
 def _is_torch_tensor(x) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")

@@ -70,7 +70,6 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             q.shape[1], group, scale, scale_log2, ix.sample_size,
             CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
         )
-    meta = launch_meta(q, v, dkdv_launch, permuted, k, dout, dk, dv, lse)
     for tiles, samples in k_tiles:
         if len(tiles) == 0:
             continue
@@ -82,6 +81,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             dv_out = torch.empty(v.shape[0], v.shape[1], slots, v.shape[3], dtype=dv.dtype, device=dv.device)
         else:
             dk_out, dv_out = dk, dv
+        meta = launch_meta(q, v, dkdv_launch, permuted, k, dout, dk_out, dv_out, lse)
         attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
             q, k, v, dout, lse, delta, dk_out, dv_out, tiles,
             ix.q_order, ix.k_order, q_blocks, ix.samples, ix.sample_blocks, ix.log_w,

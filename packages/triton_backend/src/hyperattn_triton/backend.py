@@ -87,7 +87,8 @@ class TritonBackend(Backend):
         conventions differ (GQA, causal with Nq != Nk: SDPA aligns the mask top-left)."""
         if interpreting() or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
             return None
-        if torch.are_deterministic_algorithms_enabled():  # SDPA's fused backwards are not deterministic
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if needs_grad and torch.are_deterministic_algorithms_enabled():  # SDPA's backwards are not deterministic
             return None
         return exact.sdpa_in_order(q, k, v, causal, scale, self.options.sdpa_order)
 

@@ -18,6 +18,7 @@ import torch
 from ..algorithm import forward_call, lse_dtype, run_backward
 from ..config import make_config
 from ..request import prepare
+from ..validate import check_flag
 from .arguments import config_arguments, host_projections
 from .masks import is_plain_mask, masked_exact_backward, masked_exact_forward
 
@@ -33,17 +34,23 @@ def _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
                  projections: torch.Tensor | None, mask: torch.Tensor | None, backend: str, causal: bool,
                  scale: float, block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-                 exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32, float64 for float64 inputs)."""
+                 exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32 (float64 for float64 inputs),
+    plan_exact: a CPU bool scalar, whether the plan was one exact piece).
+
+    ``plan_exact`` is what the backward needs to rebuild the same plan: the backend's crossover
+    (an option) may change between a forward and its backward."""
     request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
                        exact_crossover, exact)
-    if _needs_mask(mask, request):
-        return tuple(x.contiguous() for x in masked_exact_forward(q, k, v, mask, request.scale, request.causal))
+    plan_exact = torch.tensor(request.exact)
+    if _needs_mask(mask, request):  # the mask alone decides (as SDPA given a mask: no is_causal)
+        out, lse = masked_exact_forward(q, k, v, mask, request.scale, causal=False)
+        return out.contiguous(), lse.contiguous(), plan_exact
     impl = request.backend
     result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
     out = impl.from_native(result.out, q)
     lse = impl.from_native(result.lse, q, dtype=lse_dtype(request.problem.dtype))
-    return _fresh(out, q, k, v), _fresh(lse, q, k, v)
+    return _fresh(out, q, k, v), _fresh(lse, q, k, v), plan_exact
 
 
 @attention_op.register_fake
@@ -51,21 +58,25 @@ def _(q, k, v, seed, projections, mask, backend, causal, scale, block_size, samp
       min_seq_len, exact_crossover, exact):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return out, lse
+    return out, lse, torch.empty((), dtype=torch.bool, device="cpu")
 
 
 @torch.library.custom_op("hyperattn::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor,
-                          projections: torch.Tensor | None, mask: torch.Tensor | None, backend: str, causal: bool,
+                          plan_exact: torch.Tensor, projections: torch.Tensor | None, mask: torch.Tensor | None,
+                          backend: str, causal: bool,
                           scale: float,
                           block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
                           exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse)."""
+    """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse, plan_exact)."""
+    # the forward's plan again: exact if it was, else sparse whatever the crossover says now (with
+    # the crossover off only min_seq_len decides, and it did not make the forward exact)
+    exact = exact or bool(plan_exact)
     request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
-                       exact_crossover, exact)
+                       False, exact)
     if _needs_mask(mask, request):
-        grads = masked_exact_backward(dout, dlse, q, k, v, mask, request.scale, request.causal)
+        grads = masked_exact_backward(dout, dlse, q, k, v, mask, request.scale, causal=False)
         return tuple(g.contiguous() for g in grads)
     impl = request.backend
     qn, kn, vn = (impl.to_native(x) for x in (q, k, v))
@@ -76,8 +87,8 @@ def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torc
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, seed, projections, mask, backend, causal, scale, block_size, sample_size,
-      lsh_num_projs, min_seq_len, exact_crossover, exact):
+def _(dout, dlse, q, k, v, out, lse, seed, plan_exact, projections, mask, backend, causal, scale, block_size,
+      sample_size, lsh_num_projs, min_seq_len, exact_crossover, exact):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
@@ -89,19 +100,20 @@ def _needs_mask(mask, request) -> bool:
 
 def _setup_context(ctx, inputs, output):
     q, k, v, seed, projections, mask, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, projections, mask)
+    out, lse, plan_exact = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, plan_exact, projections, mask)
     ctx.params = params
     # an unused lse gets no gradient (None, not zeros): the backward then may take the fused exact
     # kernels, which need dlse == 0 and the final out
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, seed, projections, mask = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _plan_exact):
+    q, k, v, out, lse, seed, plan_exact, projections, mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, projections, mask, *ctx.params)
+    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, plan_exact, projections, mask,
+                                       *ctx.params)
     return dq, dk, dv, None, None, None, *([None] * len(ctx.params))
 
 
@@ -128,6 +140,7 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
     elif not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale),
-                            *config_arguments(config))
+    return_lse = check_flag("return_lse", return_lse)
+    out, lse, _ = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale),
+                               *config_arguments(config))
     return (out, lse) if return_lse else out
