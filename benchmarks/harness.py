@@ -72,7 +72,7 @@ def make_step(method, q, k, v, *, causal, mode, backend="auto", params=None):
         nonlocal grad
         # as a training step after zero_grad(set_to_none=True): the gradients are the backward's
         # own tensors, not added into the last step's (three elementwise adds of the inputs'
-        # size, 1.1 ms at N=131072 on an H200 for either method, are no part of attention)
+        # size are no part of attention)
         q.grad = k.grad = v.grad = None
         out = forward()
         if grad is None:
@@ -93,8 +93,8 @@ def synchronize(device: str) -> None:
 MIN_TOTAL_SECONDS = 0.2
 MAX_REPEATS = 200
 #: On the GPU each sample times this many seconds of back-to-back steps (at least one step), as a
-#: training or serving loop runs them: the host's Python overhead of one call (~40 us) then
-#: overlaps the GPU work of the previous one instead of being timed as idle GPU.
+#: training or serving loop runs them: the host's Python overhead of one call then overlaps the
+#: GPU work of the previous one instead of being timed as idle GPU.
 GPU_SAMPLE_SECONDS = 0.02
 #: Before each timed GPU sample, back-to-back untimed steps of the same method lasting about this
 #: long are queued (no sync in between): the timed steps then start with the host already ahead and

@@ -84,7 +84,7 @@ def run(args) -> dict:
         for method in ("sdpa", "hyper"):
             if on_gpu:
                 # free what earlier steps left in reference cycles (autograd graphs, closures): it
-                # would count in this method's peak (seen as ~3 GiB on both methods at N=131072)
+                # would count in this method's peak (docs/performance.md, "Timing method")
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
