@@ -278,3 +278,21 @@ def test_merge_partial_is_the_same_for_numpy_and_torch():
     np.testing.assert_allclose(out, expected, rtol=1e-12)
     np.testing.assert_allclose(lse, total, rtol=1e-12)
     np.testing.assert_allclose(as_torch[0].numpy(), expected, rtol=1e-6)
+
+
+def test_module_keeps_a_host_copy_of_its_projections_until_they_change():
+    """The module hands the plan a float64 CPU copy of its projections, made once per buffer and
+    version (no device-to-host copy per call), and follows an in-place change or a new buffer."""
+    layer = hyperattn.HyperAttention(input_dim=16, seed=3, **SPARSE)
+    first = layer.host_projections()
+    assert first.dtype == torch.float64 and first.device.type == "cpu"
+    assert layer.host_projections() is first  # cached
+    q, k, v = (torch.from_numpy(x) for x in make_inputs((1, 2, 300, 16), seed=4))
+    before = layer(q, k, v, causal=True)
+    with torch.no_grad():
+        layer.lsh_projections.neg_()
+    assert layer.host_projections() is not first
+    torch.testing.assert_close(layer.host_projections(), -first, rtol=0, atol=0)
+    layer.lsh_projections = layer.lsh_projections.float()  # a new buffer (as module.to(...) makes)
+    torch.testing.assert_close(layer.host_projections(), -first, rtol=0, atol=1e-6)
+    assert before.shape == (1, 2, 300, 16)

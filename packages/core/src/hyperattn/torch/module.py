@@ -44,6 +44,7 @@ class HyperAttention(torch.nn.Module):
         # count back would synchronise every call)
         self.base_seed = torch.tensor(base, dtype=torch.int64)
         self.calls = torch.zeros((), dtype=torch.int64)
+        self._host_projections = (None, None, None)  # (buffer, its version, float64 CPU copy)
 
     # the original module's attribute names
     @property
@@ -73,11 +74,23 @@ class HyperAttention(torch.nn.Module):
         """query [B, Hq, Nq, D], key [B, Hk, Nk, D], value [B, Hk, Nk, Dv] -> out (, lse)."""
         seed = call_seed(self.base_seed, self.calls)
         self.calls += 1
-        if not pipeline.compiling():
+        projections = self.lsh_projections
+        if not pipeline.compiling():  # under compile the operator takes the buffer as an input
             seed = int(seed)
+            projections = self.host_projections()
         return pipeline.run(query, key, value, causal=causal, scale=scale, backend=self.backend, config=self.config,
-                            seed=seed, return_lse=return_lse, projections=self.lsh_projections,
-                            head_dim=self.input_dim)
+                            seed=seed, return_lse=return_lse, projections=projections, head_dim=self.input_dim)
+
+    def host_projections(self) -> torch.Tensor:
+        """The projections as a float64 CPU tensor, copied from the buffer once per buffer and
+        version (after ``module.to("cuda")`` or an in-place change): a copy from the GPU on every
+        call would synchronise with it."""
+        buffer, version, copy = self._host_projections
+        current = self.lsh_projections
+        if buffer is not current or version != current._version:
+            copy = current.detach().to("cpu", torch.float64, copy=True)
+            self._host_projections = (current, current._version, copy)
+        return copy
 
 
 #: An odd 63-bit multiplier (Knuth's MMIX LCG): consecutive calls get well-spread seeds.
