@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from .algorithm import forward_call, lse_dtype
+from .algorithm import forward_call
 from .config import HyperAttentionConfig
 from .request import prepare
+from .torch.arguments import host_projections  # NumPy only: torch is not imported
 
 
 def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None, seed, return_lse,
@@ -41,9 +42,8 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
 
         out, lse = planned_attention(q, k, v, request, projections)
     else:
-        result = forward_call(impl, q, k, v, request.spec(_host_projections(projections)))
-        out = impl.from_native(result.out, q)
-        lse = impl.from_native(result.lse, q, dtype=lse_dtype(request.problem.dtype)) if request.return_lse else None
+        result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
+        out, lse = result.outputs(impl, q, with_lse=request.return_lse)
     return (out, lse) if request.return_lse else out
 
 
@@ -52,10 +52,3 @@ def compiling() -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and torch.compiler.is_compiling()
 
-
-def _host_projections(projections):
-    if projections is None or not hasattr(projections, "detach"):
-        return projections
-    from .torch.autograd import host_projections
-
-    return host_projections(projections)

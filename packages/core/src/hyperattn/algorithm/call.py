@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._arrays import dtype_name
 from ..config import HyperAttentionConfig
 from ..protocol import Backend, Segments
 from .forward import run_forward
@@ -51,6 +52,13 @@ class ForwardResult:
     native: tuple
     out: object
     lse: object
+
+    def outputs(self, backend: Backend, like, with_lse: bool = True):
+        """(out, lse) as arrays of ``like``'s type and device: out in its dtype, lse in float32
+        (float64 for float64 inputs); lse None unless ``with_lse``."""
+        out = backend.from_native(self.out, like)
+        lse = backend.from_native(self.lse, like, dtype=lse_dtype(dtype_name(like))) if with_lse else None
+        return out, lse
 
 
 def forward_call(backend: Backend, q, k, v, spec: CallSpec) -> ForwardResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithm import CallSpec, forward_call, lse_dtype, run_backward
+from ..algorithm import CallSpec, forward_call, run_backward
 from ..config import make_config
 from ..registry import backend_status
 from .arguments import config_arguments, host_projections
@@ -28,8 +28,7 @@ class PlannedAttention(torch.autograd.Function):
                                              exact_crossover)
         spec = CallSpec(causal, scale, config, seed, host_projections(projections))
         result = forward_call(impl, q, k, v, spec)
-        out = impl.from_native(result.out, q)
-        lse = impl.from_native(result.lse, q, dtype=lse_dtype(str(q.dtype).removeprefix("torch.")))
+        out, lse = result.outputs(impl, q)
         # the backward reads the returned out (q's dtype, as FlashAttention does): less memory
         ctx.backend, ctx.plan, ctx.native = impl, result.plan, result.native
         ctx.like = (q, k, v)  # kept for dtype/device of the gradients only

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithm import forward_call, lse_dtype, run_backward
+from ..algorithm import forward_call, run_backward
 from ..config import make_config
 from ..request import prepare
 from ..validate import check_flag
@@ -48,8 +48,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.
         return out.contiguous(), lse.contiguous(), plan_exact
     impl = request.backend
     result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
-    out = impl.from_native(result.out, q)
-    lse = impl.from_native(result.lse, q, dtype=lse_dtype(request.problem.dtype))
+    out, lse = result.outputs(impl, q)
     return _fresh(out, q, k, v), _fresh(lse, q, k, v), plan_exact
 
 
