@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import hyperattn
-from hyperattn.algorithm import Plan, SparsePiece, draw_projections, run_forward, sparse_structure
+from hyperattn.algorithm import Plan, SparsePiece, run_forward, seed_projections, sparse_structure
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.protocol import Segments
 from hyperattn.registry import backend_status
@@ -69,13 +69,12 @@ def gray(c):
 
 def plan_variant(backend, q, k, config: HyperAttentionConfig, seed: int, original: bool) -> Plan:
     """The non-causal plan of ``attention(..., seed=seed)``, or the original code's variant of it."""
-    rng = np.random.default_rng(seed)
-    projections = draw_projections(rng, q.shape[-1], config.lsh_num_projs)
+    projections = seed_projections(seed, q.shape[-1], config.lsh_num_projs)
     q_codes, k_codes = (backend.lsh_codes(x, projections) for x in (q, k))
     if original:  # our codes are Gray ranks r = gray^-1(c); the original sorts by gray(c) = gray(gray(r))
         q_codes, k_codes = gray(gray(q_codes)), gray(gray(k_codes))
     segments = Segments.from_ranges([(0, q.shape[2], 0, k.shape[2])])
-    structure = sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng)
+    structure = sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed)
     if original:  # shift every key's block out of range: no sample is ever masked
         structure = dataclasses.replace(structure, k_rank=structure.k_rank + k.shape[2] + config.block_size)
     return Plan((SparsePiece(structure),), q.shape[-1] ** -0.5)

@@ -7,7 +7,9 @@ For each causal mode, forward / forward+backward and N it prints, in millisecond
 * ``gpu``: the summed time of the call's GPU kernels (torch profiler);
 * ``loop``: wall time per call in a loop of back-to-back calls (what a model sees);
 * ``single``: one call and a synchronisation, the GPU idle before it;
-* ``sdpa``: the loop time of exact attention (``F.scaled_dot_product_attention``, cuDNN/flash).
+* ``graph``: wall time per replay of the call captured in a CUDA graph, replays back to back;
+* ``sdpa``, ``sdpa_graph``: the loop and graph times of exact attention
+  (``F.scaled_dot_product_attention``, cuDNN/flash).
 
     python scripts/gpu_latency.py [N ...] [--heads 32] [--dim 64] [--json FILE]
 """
@@ -70,6 +72,29 @@ def host_and_single_ms(step, calls: int = 10) -> tuple[float, float]:
     return statistics.median(host) * 1e3, statistics.median(single) * 1e3
 
 
+def graph_ms(step, replays: int = 20) -> float:
+    """Capture ``step`` in a CUDA graph (after a warm-up on a side stream) and time its replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / replays * 1e3)
+    del graph
+    return min(times)
+
+
 def gpu_ms(step) -> float:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -88,11 +113,14 @@ def measure(n: int, heads: int, dim: int, causal: bool, mode: str) -> dict:
     row["host"], row["single"] = host_and_single_ms(step)
     row["gpu"] = gpu_ms(step)
     row["loop"] = min(loop_ms(step) for _ in range(3))
+    row["graph"] = graph_ms(step)
     exact = step_of(sdpa, q, k, v, causal, mode)
     for _ in range(3):
         exact()
     row["sdpa"] = min(loop_ms(exact) for _ in range(3))
+    row["sdpa_graph"] = graph_ms(exact)
     row["speedup"] = row["sdpa"] / row["loop"]
+    row["graph_speedup"] = row["sdpa_graph"] / row["graph"]
     return row
 
 
@@ -107,15 +135,16 @@ def main(argv=None) -> int:
     hyperattn.configure("triton", exact_below=(0, 0))
     rows = []
     try:
-        print(f"{'causal':6} {'mode':7} {'N':>7} {'host':>7} {'gpu':>7} {'loop':>7} {'single':>7} {'sdpa':>7} "
-              f"{'speedup':>7}", flush=True)
+        print(f"{'causal':6} {'mode':7} {'N':>7} {'host':>7} {'gpu':>7} {'loop':>7} {'single':>7} {'graph':>7} "
+              f"{'sdpa':>7} {'sdpa_g':>7} {'speedup':>7} {'graph_x':>7}", flush=True)
         for causal in (False, True):
             for mode in ("fwd", "fwd+bwd"):
                 for n in args.sizes:
                     r = measure(n, args.heads, args.dim, causal, mode)
                     rows.append(r)
                     print(f"{causal!s:6} {mode:7} {n:7d} {r['host']:7.3f} {r['gpu']:7.3f} {r['loop']:7.3f} "
-                          f"{r['single']:7.3f} {r['sdpa']:7.3f} {r['speedup']:6.2f}x", flush=True)
+                          f"{r['single']:7.3f} {r['graph']:7.3f} {r['sdpa']:7.3f} {r['sdpa_graph']:7.3f} "
+                          f"{r['speedup']:6.2f}x {r['graph_speedup']:6.2f}x", flush=True)
     finally:
         hyperattn.configure("triton", exact_below=previous.exact_below)
     if args.json:

@@ -63,11 +63,9 @@ def test_query_blocks_partition_the_sorted_queries(n_q, n_k, block_size):
 def test_drawn_samples_are_uniform_inside_their_segment(n_k):
     """Samples stay in their segment's key range, every key is drawn about equally often, and the
     index dtype is int32 until the keys need int64."""
-    from hyperattn.algorithm import draw_samples
-    from hyperattn.protocol import Segments
+    from hyperattn.sampling import sample_keys
 
-    segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000)])
-    drawn = draw_samples(np.random.default_rng(0), (1, 2), segments, 60000, n_k)
+    drawn = sample_keys(0, 3, (1, 2), np.array([0, 7]), np.array([7, 993]), 60000, n_k)
     assert drawn.shape == (1, 2, 2, 60000) and drawn.dtype == (np.int32 if n_k < 2**31 else np.int64)
     for s, (start, end) in enumerate([(0, 7), (7, 1000)]):
         counts = np.bincount(drawn[:, :, s].ravel() - start, minlength=end - start)

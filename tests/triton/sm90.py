@@ -86,6 +86,11 @@ def compile_all() -> None:
     for add in (False, True):
         compiles(_source(utility.cast_rows_kernel, {"Src": "*bf16", "Dst": "*fp32"},
                          dict(DIM=64, D_PAD=64, BLOCK=launch_for(options.launches, "cast_rows", 64).block, ADD=add)))
+    for out_type, in_memory in (("*i32", False), ("*i32", True), ("*i64", False)):
+        compiles(_source(utility.draw_samples_kernel,
+                         {"Out": out_type, "KStart": "*i64", "KLen": "*i64", "Seed": "*i64", "stream": "i32",
+                          "per_head": "i32", "m": "i32"},
+                         dict(SEED_IN_MEMORY=in_memory, BLOCK=launch_for(options.launches, "draw_samples", 64).block)))
     compiles(_source(utility.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"},
                      dict(DIM=64, D_PAD=64, BLOCK=launch_for(options.launches, "row_dot", 64).block)))
     for fn in (sort.chunk_histogram_kernel, sort.chunk_scatter_kernel, sort.bucket_starts_kernel,

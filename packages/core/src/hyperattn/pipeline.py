@@ -13,7 +13,7 @@ import sys
 from .algorithm import forward_call
 from .config import HyperAttentionConfig
 from .request import prepare
-from .torch.arguments import host_projections  # NumPy only: torch is not imported
+from .torch.arguments import plan_projections  # NumPy only: torch is not imported
 
 
 def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None, seed, return_lse,
@@ -31,7 +31,7 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
         return compiled_attention(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                                   return_lse=return_lse, projections=projections, head_dim=head_dim)
     request = prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
-                      return_lse=return_lse, head_dim=head_dim)
+                      return_lse=return_lse, head_dim=head_dim, projections=projections)
     impl = request.backend
     if request.exact and not request.return_lse:  # one fused differentiable kernel, where there is one
         out = impl.fused_attention(q, k, v, causal=request.causal, scale=request.scale)
@@ -42,7 +42,7 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
 
         out, lse = planned_attention(q, k, v, request, projections)
     else:
-        result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
+        result = forward_call(impl, q, k, v, request.spec(plan_projections(projections, q)))
         out, lse = result.outputs(impl, q, with_lse=request.return_lse)
     return (out, lse) if request.return_lse else out
 

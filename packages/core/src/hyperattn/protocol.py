@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import sampling
+
 Array = Any  # the backend's native array (numpy.ndarray, torch.Tensor, cupy.ndarray)
 
 
@@ -200,6 +202,8 @@ class Capabilities:
     #: for float64 inputs) or "input" (q's dtype: half the memory and traffic of a float32 buffer
     #: for fp16/bf16; each piece's kernel merges in float32 and rounds once when it stores).
     running_out_dtype: str = "accumulator"
+    #: ``draw_samples`` reads a seed from device memory (a 0-d int64 array on the inputs' device).
+    device_seed: bool = False
 
     def __post_init__(self) -> None:
         if self.running_out_dtype not in ("accumulator", "input"):
@@ -223,11 +227,21 @@ class BackendOptions:
     backward_chunk_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        below = self.exact_below
-        if not (isinstance(below, tuple) and len(below) == 2 and all(_is_count(x) for x in below)):
-            raise ValueError(f"exact_below must be a tuple (keys, rows) of two ints >= 0, got {below!r}")
+        check_exact_below("exact_below", self.exact_below)
         if not (_is_count(self.backward_chunk_bytes) and self.backward_chunk_bytes >= 1):
             raise ValueError(f"backward_chunk_bytes must be an int >= 1, got {self.backward_chunk_bytes!r}")
+
+
+    def exact_below_for(self, head_dim: int, backward: bool) -> tuple[int, int]:
+        """The (keys, rows) crossover of a call with heads of ``head_dim`` (the wider of q's and
+        v's), forward only or with a backward: ``exact_below`` here; a backend may keep a table."""
+        return self.exact_below
+
+
+def check_exact_below(name: str, below) -> None:
+    """A crossover is a tuple (keys, rows) of two ints >= 0, or a ValueError naming ``name``."""
+    if not (isinstance(below, tuple) and len(below) == 2 and all(_is_count(x) for x in below)):
+        raise ValueError(f"{name} must be a tuple (keys, rows) of two ints >= 0, got {below!r}")
 
 
 def _is_count(x) -> bool:
@@ -325,6 +339,22 @@ class Backend(abc.ABC):
         """Add this piece's gradients (duplicate samples accumulate), as ``exact_backward``."""
 
     # -- optional kernels, with their defaults ----------------------------------------------------
+    def host_constant(self, values: np.ndarray, like: Array) -> Array:
+        """``from_host`` for arrays that recur call after call (the projections of a seed): a
+        backend may keep their device copies.  This default copies every time."""
+        return self.from_host(values, like)
+
+    def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int,
+                     like: Array) -> Array:
+        """[B, Hk, S, m] integer key samples of sparse piece ``stream``: ``hyperattn.sampling``'s
+        function of ``seed`` (an int, or where the backend draws on its device an int64 0-d array
+        there, read when the kernel runs), exactly.  This default draws on the host."""
+        if not isinstance(seed, int):
+            raise TypeError(f"{self.name}: seed must be an int here (this backend draws samples on the host), "
+                            f"got {type(seed).__name__}")
+        drawn = sampling.sample_keys(seed, stream, heads, segments.k_start, segments.k_len, m, n_k)
+        return self.from_host(drawn, like)
+
     def fused_attention(self, q, k, v, *, causal: bool, scale: float):
         """A whole exact call through one fused, differentiable kernel (no log-sum-exp), on the
         *caller's* arrays (not native ones), or None where the backend offers none for them."""

@@ -107,6 +107,15 @@ def available_backends() -> list[BackendStatus]:
     return [backend_status(name) for name in known_backend_names()]
 
 
+#: Counts ``configure`` calls that set options: compiled calls read it, so that ``torch.compile``
+#: guards on it and traces again after a change (the crossover is decided when a call is traced).
+_options_generation = 0
+
+
+def options_generation() -> int:
+    return _options_generation
+
+
 def configure(name: str, *, reset: bool = False, **changes) -> BackendOptions:
     """Set options of backend ``name`` (fields of its ``options`` record) and return the options now
     in force.  ``reset=True`` first restores the defaults; no changes just returns the options.
@@ -128,5 +137,8 @@ def configure(name: str, *, reset: bool = False, **changes) -> BackendOptions:
         if unknown:
             raise TypeError(f"backend {name!r} has no option(s) {unknown}; its options are {valid}")
         options = dataclasses.replace(options, **changes)
+    if reset or changes:
+        global _options_generation
+        _options_generation += 1
     backend.options = options
     return options

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
+import dataclasses
 from dataclasses import dataclass
 
 from .algorithm import CallSpec, is_exact_call
 from .config import HyperAttentionConfig
 from .dispatch import resolve_backend
 from .protocol import Backend, Problem
-from .validate import check_flag, check_seed, resolve_scale, validate_inputs
+from .validate import check_flag, resolve_scale, resolve_seed, validate_inputs
 
 
 @dataclass(frozen=True)
@@ -21,27 +21,43 @@ class Request:
     causal: bool
     scale: float
     config: HyperAttentionConfig | None  # None: exact attention
-    seed: int
+    seed: object  # an int, or a device seed (see validate.resolve_seed)
     return_lse: bool
     #: The plan is one exact piece (``config`` None, too short, or below the backend's crossover).
     exact: bool
 
+    @property
+    def plan_config(self) -> HyperAttentionConfig | None:
+        """The config its plan takes: None if exact, else without the crossover, which this request
+        has applied already (the plan's pieces then do not depend on the options any more)."""
+        if self.exact:
+            return None
+        return dataclasses.replace(self.config, exact_crossover=False) if self.config.exact_crossover else self.config
+
     def spec(self, projections=None) -> CallSpec:
-        return CallSpec(self.causal, self.scale, self.config, self.seed, projections)
+        return CallSpec(self.causal, self.scale, self.plan_config, self.seed, projections)
 
 
 def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None, seed, return_lse,
-            head_dim: int | None = None) -> Request:
+            head_dim: int | None = None, projections=None) -> Request:
     """Check the arguments (raising with the argument, expected and actual value), choose the
-    backend, and decide whether the call is exact.  ``seed`` None draws a fresh int."""
+    backend, and decide whether the call is exact.  ``seed`` None draws a fresh int; a device
+    seed is read on the host by backends that draw samples there and needs ``projections`` for an
+    approximate call."""
     problem = validate_inputs(q, k, v, causal=causal)
     if head_dim is not None and problem.head_dim != head_dim:
         raise ValueError(f"query's head dim D must equal the module's input_dim={head_dim}, got {problem.head_dim}")
     scale = resolve_scale(scale, problem.head_dim)
     return_lse = check_flag("return_lse", return_lse)
-    check_seed(seed)
+    seed = resolve_seed(seed, problem.device)
     impl = resolve_backend(backend, problem)
     causal = bool(causal)
-    exact = config is None or is_exact_call(problem.n_q, problem.n_k, causal, config, impl)
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    exact = config is None or is_exact_call(problem.n_q, problem.n_k, causal, config, impl, max(problem.head_dims),
+                                            problem.requires_grad)
+    if not isinstance(seed, int):
+        if not impl.capabilities.device_seed:  # it draws on the host: read the value (it copies inputs there too)
+            seed = int(seed)
+        elif projections is None and not exact:
+            raise ValueError("projections must be given with a device seed (the LSH hyperplanes are drawn on the "
+                             "host from an int seed)")
     return Request(problem, impl, causal, scale, config, seed, return_lse, exact)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import secrets
 import sys
 
 import numpy as np
+from array_api_compat import is_torch_array
 
 from . import _arrays
 from .config import check_bool
@@ -114,8 +116,31 @@ def resolve_scale(scale, head_dim: int) -> float:
 
 
 def check_seed(seed) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    """An int seed must be in [0, 2**63) (what an int64 holds)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+
+
+def resolve_seed(seed, device: str):
+    """The seed a plan takes: None draws a fresh int; an int stays one; a 0-d int64 torch tensor
+    on the CPU gives its value, and one on the inputs' ``device`` stays a tensor (a *device seed*,
+    read only when the kernels run: no synchronisation, and a CUDA graph replay reads its value
+    then)."""
+    if seed is None:
+        return secrets.randbits(63)
+    if is_torch_array(seed):
+        if seed.shape != () or str(seed.dtype) != "torch.int64":
+            raise ValueError(f"a seed tensor must be a 0-d int64 tensor, got shape {tuple(seed.shape)} and dtype "
+                             f"{seed.dtype}")
+        if seed.device.type == "cpu":
+            seed = int(seed)
+        elif str(seed.device) != device:
+            raise ValueError(f"a device seed must be on the inputs' device {device}, got one on {seed.device}")
+        else:
+            return seed.detach()
+    check_seed(seed)
+    return int(seed)
 
 
 def make_rng(seed) -> np.random.Generator:

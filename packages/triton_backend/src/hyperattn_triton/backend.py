@@ -21,7 +21,7 @@ from hyperattn.protocol import Backend, Capabilities, Segments, SparseStructure
 
 from . import attention, exact, lsh, sorting
 from .indices import StructureIndices
-from .kernels.utility import row_dot_kernel
+from .kernels.utility import draw_samples_kernel, row_dot_kernel
 from .launches import HEAD_DIM_TIERS, launch_for, padded_dim
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables, PinnedRing, host_to_device
@@ -43,6 +43,7 @@ class TritonBackend(Backend):
         # the running output in fp16/bf16: half the reads and writes per causal recursion level of an
         # fp32 one, and no widening and narrowing copies of the whole output
         running_out_dtype="input",
+        device_seed=True,
     )
 
     def __init__(self, options: TritonOptions | None = None):
@@ -81,6 +82,28 @@ class TritonBackend(Backend):
         return host_to_device(values, like, self.pinned_ring)
 
     # -- optional kernels -----------------------------------------------------------------------
+    def host_constant(self, values: np.ndarray, like):
+        """One device copy per distinct ``values`` (kept in the device tables): the projections of
+        a seed are copied once, and a CUDA graph captured after the first call copies nothing."""
+        return self.device_tables.get(_as_is, like, np.ascontiguousarray(values))
+
+    def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int, like):
+        """One launch on the device (``kernels.utility.draw_samples_kernel``): an int seed is a
+        launch argument, a device seed (0-d int64 on ``like``'s device) is read when it runs."""
+        batch, kv_heads = heads
+        count = len(segments)
+        out = torch.empty(batch, kv_heads, count, m, dtype=torch.int32 if n_k < 2**31 else torch.int64,
+                          device=like.device)
+        k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
+        in_memory = isinstance(seed, torch.Tensor)
+        launch = launch_for(self.options.launches, "draw_samples", like.shape[3])
+        per_head = count * m
+        draw_samples_kernel[(triton.cdiv(per_head, launch.block), batch * kv_heads)](
+            out, k_start, k_len, 0 if in_memory else seed, seed if in_memory else k_start, stream, per_head, m,
+            SEED_IN_MEMORY=in_memory, BLOCK=launch.block, num_warps=launch.warps,
+        )
+        return out
+
     def fused_attention(self, q, k, v, *, causal: bool, scale: float):
         """A whole exact call through PyTorch SDPA (cuDNN or FlashAttention, with its own backward):
         as fast as SDPA itself wherever HyperAttention computes exactly.  None where SDPA's
@@ -180,3 +203,12 @@ class TritonBackend(Backend):
                            lambda: self.structure_indices.query_blocks(q, structure, launches), scale, dq, dk, dv,
                            causal, overwrite, dq_launch, dkdv_launch,
                            deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+def _as_is(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def _sample_bounds(segments: Segments) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (k_start, k_len) [S] of the segments: the draw kernel's tables."""
+    return segments.k_start.astype(np.int64), segments.k_len.astype(np.int64)

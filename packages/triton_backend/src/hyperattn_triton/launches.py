@@ -7,8 +7,8 @@ A table maps a kernel name to its launches for the tiers ``max(D, Dv) <= 64``, `
 * ``"dkdv"``: key tiles of ``block_n`` keys in steps of ``block_m`` rows (the dK/dV kernel);
 * ``"lsh_split"``, ``"lsh_reduce"``: the hashing kernel for fp16/bf16 rows (``terms`` split
   matrix-unit products; ``terms=0`` sends such rows through the reduce passes too) and for fp32 rows;
-* ``"row_dot"``, ``"cast_rows"``, ``"sample_blocks"``: rows (``block``) per program of the small
-  kernels.
+* ``"row_dot"``, ``"cast_rows"``, ``"draw_samples"``, ``"sample_blocks"``: rows (``block``) per
+  program of the small kernels.
 
 Why each launch is what it is, with the measurements and their commits: docs/performance.md.
 Use :func:`launch_for` to read a table and :meth:`LaunchTable.changed` to derive another (tables
@@ -26,6 +26,15 @@ import triton
 
 #: The head-dim tiers, in the order of a :class:`Tiers`'s launches.
 HEAD_DIM_TIERS = (64, 128, 256)
+TIER_NAMES = ("d64", "d128", "d256")
+
+
+def tier_name(head_dim: int) -> str:
+    """The tier that holds heads of ``head_dim`` ("d64", "d128", "d256"; the widest above)."""
+    for limit, name in zip(HEAD_DIM_TIERS, TIER_NAMES):
+        if head_dim <= limit:
+            return name
+    return TIER_NAMES[-1]
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,10 @@ class Tiers:
         raise ValueError(f"no tier holds head dim {head_dim}: the tiers end at {HEAD_DIM_TIERS[-1]}")
 
 
-KERNELS = ("forward", "dq", "dkdv", "lsh_split", "lsh_reduce", "row_dot", "cast_rows", "sample_blocks")
+KERNELS = ("forward", "dq", "dkdv", "lsh_split", "lsh_reduce", "row_dot", "cast_rows", "draw_samples",
+           "sample_blocks")
+#: The kernels whose launches are RowLaunch (rows per program), not tiles.
+ROW_KERNELS = ("lsh_split", "lsh_reduce", "row_dot", "cast_rows", "draw_samples", "sample_blocks")
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,7 @@ class LaunchTable:
         for name, tiers in kernels.items():
             if not isinstance(tiers, Tiers):
                 raise TypeError(f"LaunchTable: kernel {name!r} expected Tiers, got {type(tiers).__name__}")
-            kind = RowLaunch if name in ("lsh_split", "lsh_reduce", "row_dot", "cast_rows", "sample_blocks") else Launch
+            kind = RowLaunch if name in ROW_KERNELS else Launch
             for launch in (tiers.d64, tiers.d128, tiers.d256):
                 if not isinstance(launch, kind):
                     raise TypeError(f"LaunchTable: kernel {name!r} expected {kind.__name__} launches, got {launch!r}")
@@ -142,6 +154,7 @@ DEFAULT_LAUNCHES = LaunchTable({
     "lsh_reduce": Tiers.same(RowLaunch(block=128, warps=2)),
     "row_dot": Tiers.same(RowLaunch(block=64, warps=4)),
     "cast_rows": Tiers.same(RowLaunch(block=64, warps=4)),
+    "draw_samples": Tiers.same(RowLaunch(block=1024, warps=4)),
     "sample_blocks": Tiers.same(RowLaunch(block=1024, warps=4)),
 })
 

@@ -11,13 +11,23 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from hyperattn.protocol import BackendOptions
+from collections.abc import Mapping
+from types import MappingProxyType
 
-from .launches import DEFAULT_LAUNCHES, LaunchTable
+from hyperattn.protocol import BackendOptions, check_exact_below
 
-#: (keys, rows) below which exact attention (cuDNN) beats this backend's HyperAttention on a GPU:
-#: see scripts/gpu_crossover.py, which measures it.
-GPU_EXACT_BELOW = (16384, 40960)
+from .launches import DEFAULT_LAUNCHES, LaunchTable, tier_name
+
+#: (keys, rows) below which exact attention (cuDNN) beats this backend's HyperAttention on a GPU,
+#: by head-dim tier and mode ("fwd": no gradients recorded, "fwd+bwd": they are): measured by
+#: ``scripts/gpu_crossover.py --table`` (results and card in benchmarks/results/crossover_h200.txt).
+GPU_CROSSOVER = MappingProxyType({
+    ("d64", "fwd"): (16384, 40960), ("d64", "fwd+bwd"): (16384, 40960),
+    ("d128", "fwd"): (16384, 40960), ("d128", "fwd+bwd"): (16384, 40960),
+    ("d256", "fwd"): (16384, 40960), ("d256", "fwd+bwd"): (16384, 40960),
+})
+#: The interpreter has no fast exact attention to prefer: it approximates above min_seq_len.
+NO_CROSSOVER = MappingProxyType({key: (0, 0) for key in GPU_CROSSOVER})
 #: PyTorch SDPA's kernels by name (``torch.nn.attention.SDPBackend``).
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 #: PyTorch's fused kernels that return the log-sum-exp (used for exact pieces).
@@ -29,9 +39,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _default_exact_below() -> tuple[int, int]:
-    # the interpreter has no fast exact attention to prefer: it approximates above min_seq_len
-    return (0, 0) if interpreting() else GPU_EXACT_BELOW
+def _default_crossover():
+    return NO_CROSSOVER if interpreting() else GPU_CROSSOVER
 
 
 def _power_of_two(value) -> bool:
@@ -43,9 +52,12 @@ class TritonOptions(BackendOptions):
     """Options of :class:`hyperattn_triton.backend.TritonBackend` (see ``BackendOptions`` for
     ``exact_below`` and ``backward_chunk_bytes``)."""
 
-    #: (keys, rows): non-causal calls with fewer keys, causal calls with fewer rows run exactly
-    #: (GPU_EXACT_BELOW on a GPU, (0, 0) under the interpreter)
-    exact_below: tuple[int, int] = field(default_factory=_default_exact_below)
+    #: (keys, rows) for every call, overriding ``crossover`` (``(0, 0)`` switches it off); None:
+    #: ``crossover`` decides
+    exact_below: tuple[int, int] | None = None
+    #: (head-dim tier, "fwd" | "fwd+bwd") -> (keys, rows): non-causal calls with fewer keys and causal
+    #: calls with fewer rows run exactly (GPU_CROSSOVER on a GPU, NO_CROSSOVER under the interpreter)
+    crossover: Mapping = field(default_factory=_default_crossover)
     #: SDPA kernels for whole exact calls (``fused_attention``), tried in this order first, then the
     #: others in PyTorch's order; names from SDPA_KERNELS
     sdpa_order: tuple[str, ...] = SDPA_KERNELS
@@ -74,7 +86,15 @@ class TritonOptions(BackendOptions):
     launches: LaunchTable = DEFAULT_LAUNCHES
 
     def __post_init__(self):
-        super().__post_init__()  # exact_below, backward_chunk_bytes
+        if self.exact_below is not None:
+            check_exact_below("TritonOptions.exact_below", self.exact_below)
+        if not (isinstance(self.crossover, Mapping) and set(self.crossover) == set(GPU_CROSSOVER)):
+            raise ValueError(f"TritonOptions.crossover: expected a mapping with the keys {sorted(GPU_CROSSOVER)}, "
+                             f"got {self.crossover!r}")
+        for key, below in self.crossover.items():
+            check_exact_below(f"TritonOptions.crossover[{key}]", below)
+        if not (isinstance(self.backward_chunk_bytes, int) and self.backward_chunk_bytes >= 1):
+            raise ValueError(f"backward_chunk_bytes must be an int >= 1, got {self.backward_chunk_bytes!r}")
         _check_names("sdpa_order", self.sdpa_order, SDPA_KERNELS)
         _check_names("fused_kernels", self.fused_kernels, FUSED_KERNELS)
         for name in ("fused_backward_chunk_bytes", "sample_row_chunk", "sort_starts_part", "device_tables_capacity"):
@@ -85,6 +105,11 @@ class TritonOptions(BackendOptions):
                 raise ValueError(f"TritonOptions.{name}: expected a power of two, got {value!r}")
         if not isinstance(self.launches, LaunchTable):
             raise TypeError(f"TritonOptions.launches: expected a LaunchTable, got {type(self.launches).__name__}")
+
+    def exact_below_for(self, head_dim: int, backward: bool) -> tuple[int, int]:
+        if self.exact_below is not None:
+            return self.exact_below
+        return self.crossover[(tier_name(head_dim), "fwd+bwd" if backward else "fwd")]
 
     def changed(self, **changes) -> TritonOptions:
         """These options with ``changes`` (validated)."""

@@ -30,6 +30,9 @@ class PinnedRing:
     out in order, so the copies in flight form a queue sorted by age *and* by position within a
     lap: a new area can only overlap the oldest ones, and each copy looks at the front only (the
     queue grows to thousands of entries when the GPU runs far behind the host).
+
+    While a CUDA graph is being captured a copy gets a pinned buffer of its own, kept as long as
+    the ring: the graph's copy node reads it on every replay, so it must never be reused.
     """
 
     SIZE = 16 << 20
@@ -42,9 +45,14 @@ class PinnedRing:
         self.cursor = 0
         self.pending = collections.deque()  # (start, end, event) of copies in flight, oldest first
         self.lock = threading.Lock()
+        self.captured = []  # pinned buffers read by captured CUDA graphs
 
     def copy(self, values: np.ndarray, device):
         """``values`` (C-contiguous) as a tensor on the CUDA ``device``, without blocking."""
+        if torch.cuda.is_current_stream_capturing():
+            staged = torch.from_numpy(values).pin_memory()
+            self.captured.append(staged)
+            return staged.to(device, non_blocking=True)
         if values.nbytes > self.SIZE // 4:  # large: a one-off pinned copy
             return torch.from_numpy(values).pin_memory().to(device, non_blocking=True)
         with self.lock:

@@ -6,7 +6,7 @@ the whole is the sum of the pieces' gradients computed with the final ``out`` an
 """
 
 from .backward import backward_chunk_heads, run_backward
-from .call import CallSpec, ForwardResult, forward_call, lse_dtype
+from .call import CallSpec, ForwardResult, forward_call, lse_dtype, seed_projections
 from .forward import accumulator_dtype, run_forward
 from .plan import (
     ExactPiece,
@@ -15,7 +15,6 @@ from .plan import (
     SparsePiece,
     causal_split,
     draw_projections,
-    draw_samples,
     is_exact_call,
     plan_attention,
     sparse_structure,
@@ -23,6 +22,6 @@ from .plan import (
 
 __all__ = [
     "CallSpec", "ExactPiece", "ForwardResult", "Pieces", "Plan", "SparsePiece", "accumulator_dtype", "backward_chunk_heads", "causal_split",
-    "draw_projections", "draw_samples", "forward_call", "is_exact_call", "lse_dtype", "plan_attention", "run_backward", "run_forward",
-    "sparse_structure",
+    "draw_projections", "forward_call", "is_exact_call", "lse_dtype", "plan_attention", "run_backward", "run_forward",
+    "seed_projections", "sparse_structure",
 ]

@@ -18,16 +18,17 @@ from .plan import ExactPiece, Plan, draw_projections, plan_attention
 class CallSpec:
     """Everything besides q, k, v that decides a call's plan: plain values only.
 
-    ``config`` None means exact attention.  ``seed`` seeds the call's one NumPy generator: the LSH
-    projections are drawn from it first (unless ``projections`` [D, r] float64 is given, or a
-    function returning it), then the samples in piece order; so one seed gives every backend the
-    same plan.
+    ``config`` None means exact attention.  ``seed`` (an int, or a device seed: an int64 0-d array
+    on the inputs' device, read only by the kernels) decides the samples
+    (``hyperattn.sampling``); the LSH projections are drawn from an int seed's NumPy generator
+    unless ``projections`` is given (host float64 [D, r], a native array on the inputs' device, or
+    a function returning one).  So one seed gives every backend the same plan.
     """
 
     causal: bool
     scale: float
     config: HyperAttentionConfig | None
-    seed: int
+    seed: object
     projections: object = None
 
     def plan(self, backend: Backend, q, k) -> Plan:
@@ -35,13 +36,14 @@ class CallSpec:
         n_q, n_k = q.shape[2], k.shape[2]
         if self.config is None:
             return Plan((ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), self.causal),), self.scale)
-        rng = functools.cache(lambda: np.random.default_rng(self.seed))  # made only for a sparse piece
-        config = self.config
-        projections = self.projections
+        config, projections, seed = self.config, self.projections, self.seed
         if projections is None:
-            projections = lambda: draw_projections(rng(), q.shape[-1], config.lsh_num_projs)
+            if not isinstance(seed, int):
+                raise ValueError("projections must be given with a device seed (the LSH hyperplanes are drawn on the "
+                                 "host from an int seed)")
+            projections = functools.partial(seed_projections, seed, q.shape[-1], config.lsh_num_projs)
         return plan_attention(backend, q, k, causal=self.causal, scale=self.scale, config=config,
-                              projections=projections, rng=rng)
+                              projections=projections, seed=seed)
 
 
 @dataclass
@@ -59,6 +61,15 @@ class ForwardResult:
         out = backend.from_native(self.out, like)
         lse = backend.from_native(self.lse, like, dtype=lse_dtype(dtype_name(like))) if with_lse else None
         return out, lse
+
+
+@functools.lru_cache(maxsize=64)
+def seed_projections(seed: int, head_dim: int, num_projs: int) -> np.ndarray:
+    """The LSH projections of an int seed: float64 [D, r] from ``np.random.default_rng(seed)``,
+    kept for the seeds used last (read-only: they are shared)."""
+    projections = draw_projections(np.random.default_rng(seed), head_dim, num_projs)
+    projections.flags.writeable = False
+    return projections
 
 
 def forward_call(backend: Backend, q, k, v, spec: CallSpec) -> ForwardResult:

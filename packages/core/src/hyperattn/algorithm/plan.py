@@ -10,8 +10,9 @@ A *plan* splits one attention call into pieces whose (query, key) supports are d
   lower half would have fewer than ``min_seq_len`` rows is a leaf computed exactly (all leaves in
   one call).
 
-Random draws (projections, then samples in piece order) come from one NumPy generator, so a seed
-gives every backend identical structure.
+The LSH projections come from a NumPy generator seeded with the call's seed (unless given); the
+samples are a counter-based function of the seed and the piece (``hyperattn.sampling``), drawn by
+the backend, on its device where it can.  So a seed gives every backend identical structure.
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ def causal_split(n_q: int, min_seq_len: int) -> tuple[list[tuple[int, int]], lis
     return leaves, levels
 
 
-def is_exact_call(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig, backend: Backend) -> bool:
+def is_exact_call(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig, backend: Backend,
+                  head_dim: int = 64, backward: bool = False) -> bool:
     """True when the plan of such a call is one exact piece: too short for the approximation, or
     (with ``config.exact_crossover``) short enough that the backend's exact attention is faster
-    (``backend.options.exact_below``)."""
-    exact_keys, exact_rows = backend.options.exact_below if config.exact_crossover else (0, 0)
+    (``backend.options.exact_below_for(head_dim, backward)``: heads of ``head_dim``, the wider of
+    q's and v's; ``backward``: the call records gradients)."""
+    exact_keys, exact_rows = backend.options.exact_below_for(head_dim, backward) if config.exact_crossover else (0, 0)
     if not causal:
         return n_q < config.min_seq_len or n_k < exact_keys
     return n_q < 2 or n_q - n_q // 2 < config.min_seq_len or n_q < exact_rows  # no split (see causal_split)
@@ -116,16 +119,17 @@ def plan_attention(
     scale: float,
     config: HyperAttentionConfig,
     projections,
-    rng,
+    seed,
 ) -> Plan:
     """Decide the pieces of one call.  q, k native [B, H, N, D].
 
-    ``projections`` (float64 [D, r]) and ``rng`` may be given as functions returning them: they
-    are then called (projections first) only when the plan has a sparse piece.
+    ``projections``: float64 host [D, r] (NumPy), a native array on q's device (passed to the
+    kernels as it is, in any float dtype), or a function returning one: called only when the plan
+    has a sparse piece.  ``seed``: an int or a device seed (see ``Backend.draw_samples``).
     """
     n_q, n_k = q.shape[2], k.shape[2]
     exact, sparse_calls = None, []
-    if is_exact_call(n_q, n_k, causal, config, backend):  # one exact rectangle, the causal prefix included
+    if is_exact_call(n_q, n_k, causal, config, backend, q.shape[-1]):  # one exact rectangle, the causal prefix included
         exact = ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal)
     elif not causal:
         sparse_calls.append([(0, n_q, 0, n_k)])
@@ -144,21 +148,24 @@ def plan_attention(
         if not sparse_calls:
             return
         projs = projections() if callable(projections) else projections
-        generator = rng() if callable(rng) else rng
-        xp = array_namespace(q)
-        # cast on the host: one copy to the device, no conversion kernel there
-        proj = backend.from_host(np.asarray(projs, dtype=np.float64 if q.dtype == xp.float64 else np.float32), q)
+        if isinstance(projs, np.ndarray):
+            xp = array_namespace(q)
+            # cast on the host: one copy to the device (kept by backends that can), no conversion kernel
+            proj = backend.host_constant(np.asarray(projs, dtype=np.float64 if q.dtype == xp.float64 else np.float32),
+                                         q)
+        else:
+            proj = backend.to_native(projs)
         q_codes = backend.lsh_codes(q, proj)
         k_codes = backend.lsh_codes(k, proj)
-        for ranges in sparse_calls:
+        for stream, ranges in enumerate(sparse_calls):
             segments = Segments.from_ranges(ranges)
-            yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, generator))
+            yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream))
 
     return Plan(Pieces((exact is not None) + len(sparse_calls), make_pieces()), float(scale))
 
 
-def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> SparseStructure:
-    """Sort each segment by LSH code and draw its samples (from ``rng``, after the projections)."""
+def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0) -> SparseStructure:
+    """Sort each segment by LSH code and draw its samples (``backend.draw_samples``, stream ``stream``)."""
     bits = config.lsh_num_projs
     q_order, _ = backend.segment_sort(q_codes, segments.q_start, segments.q_end, code_bits=bits)
     k_order, k_rank = backend.segment_sort(k_codes, segments.k_start, segments.k_end, code_bits=bits)
@@ -166,26 +173,6 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, rng) -> 
     n_k = segments.k_len
     samples = None
     if m > 0:
-        batch, kv_heads = k.shape[0], k.shape[1]
-        samples = backend.from_host(draw_samples(rng, (batch, kv_heads), segments, m, k.shape[2]), k)
+        samples = backend.draw_samples(seed, stream, (k.shape[0], k.shape[1]), segments, m, k.shape[2], k)
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
-
-
-def draw_samples(rng, heads: tuple[int, int], segments: Segments, m: int, n_k: int) -> np.ndarray:
-    """[B, Hk, S, m] key indices drawn uniformly with replacement from each segment's key range:
-    int32 (int64 from ``n_k`` = 2**31), host NumPy.
-
-    Uniform floats scaled to each segment (about twice as fast as integers with per-segment
-    bounds), float32 ones while every segment has at most 2**24 keys: a float32 has 24 random
-    bits, so each key is hit by ``2**24 / span`` of them (exactly uniform for a power-of-two
-    span), at half the cost of float64 (host time, at every causal level)."""
-    spans = segments.k_len[None, None, :, None]
-    narrow = n_k < 2**31
-    small = int(segments.k_len.max(initial=0)) <= 2**24
-    dtype = np.float32 if small else np.float64
-    uniform = rng.random((*heads, len(segments), m), dtype=dtype)
-    drawn = (uniform * spans.astype(dtype)).astype(np.int32 if narrow else np.int64)
-    np.minimum(drawn, spans - 1, out=drawn, casting="unsafe")  # a float product may round up to span
-    drawn += segments.k_start[None, None, :, None].astype(drawn.dtype)
-    return drawn

@@ -19,10 +19,13 @@ def config_arguments(config: HyperAttentionConfig | None) -> tuple:
             False)
 
 
-def host_projections(projections):
-    """The projections as a plan takes them: None (drawn from the seed), float64 NumPy [D, r], or
-    for a tensor a function giving that (called only when the plan has a sparse piece: it may
-    copy from a GPU)."""
+def plan_projections(projections, like):
+    """The projections as a plan takes them: None (drawn from the seed), float64 NumPy [D, r], a
+    tensor on ``like``'s device as it is (the kernels read it there: no copy, no synchronisation),
+    or for a tensor elsewhere a function copying it to the host (called only when the plan has a
+    sparse piece)."""
     if projections is None or isinstance(projections, np.ndarray):
         return projections
+    if getattr(like, "device", None) == projections.device:
+        return projections.detach()
     return lambda: projections.detach().cpu().numpy().astype(np.float64)

@@ -13,7 +13,7 @@ import torch
 from ..algorithm import CallSpec, forward_call, run_backward
 from ..config import make_config
 from ..registry import backend_status
-from .arguments import config_arguments, host_projections
+from .arguments import config_arguments, plan_projections
 
 
 class PlannedAttention(torch.autograd.Function):
@@ -22,11 +22,11 @@ class PlannedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projections, backend: str, causal: bool, scale: float, block_size: int,
                 sample_size: int, lsh_num_projs: int, min_seq_len: int, exact_crossover: bool, exact: bool,
-                seed: int):
+                seed):
         impl = backend_status(backend).backend
         config = None if exact else make_config(block_size, sample_size, lsh_num_projs, min_seq_len,
                                              exact_crossover)
-        spec = CallSpec(causal, scale, config, seed, host_projections(projections))
+        spec = CallSpec(causal, scale, config, seed, plan_projections(projections, q))
         result = forward_call(impl, q, k, v, spec)
         out, lse = result.outputs(impl, q)
         # the backward reads the returned out (q's dtype, as FlashAttention does): less memory
@@ -71,4 +71,4 @@ def planned_attention(q, k, v, request, projections=None):
     """Differentiable (out, lse) of torch tensors for a prepared ``request`` (``projections``: None
     or a tensor [D, r])."""
     return PlannedAttention.apply(q, k, v, projections, request.backend.name, request.causal, request.scale,
-                                  *config_arguments(request.config), request.seed)
+                                  *config_arguments(request.plan_config), request.seed)

@@ -15,9 +15,12 @@ class HyperAttention(torch.nn.Module):
 
     The LSH projections are drawn once (reproducibly with ``seed``) and kept as the buffer
     ``lsh_projections`` [input_dim, lsh_num_projs]; samples are drawn fresh on every call, from the
-    call's seed: ``seed`` (or a random base) mixed with the count of calls so far (the CPU
-    tensor ``calls``).  So two modules made with one seed draw the same sequence, eager or compiled
-    (the count is a tensor: ``torch.compile`` neither bakes it in nor recompiles for it).
+    call's seed: ``seed`` (or a random base) mixed with the count of calls so far (the int64
+    buffer ``calls``, which moves with the module).  So two modules made with one seed draw the
+    same sequence, eager or compiled (the count is a tensor: ``torch.compile`` neither bakes it in
+    nor recompiles for it).  On a GPU the seed stays there (the kernels read it: no
+    synchronisation), so a CUDA graph that captured calls draws new samples on every replay, as
+    the count advances inside the graph.
     """
 
     def __init__(
@@ -40,11 +43,9 @@ class HyperAttention(torch.nn.Module):
         projections = draw_projections(rng, input_dim, lsh_num_projs)
         self.register_buffer("lsh_projections", torch.from_numpy(projections))
         base = int(rng.integers(2**62))  # from the projections' generator: one seed decides both
-        # plain CPU tensors, not buffers: ``module.to("cuda")`` must not move them (reading a GPU
-        # count back would synchronise every call)
-        self.base_seed = torch.tensor(base, dtype=torch.int64)
-        self.calls = torch.zeros((), dtype=torch.int64)
-        self._host_projections = (None, None, None)  # (buffer, its version, float64 CPU copy)
+        # not in the state dict: a checkpoint holds the projections, not a position in the draws
+        self.register_buffer("base_seed", torch.tensor(base, dtype=torch.int64), persistent=False)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64), persistent=False)
 
     # the original module's attribute names
     @property
@@ -74,23 +75,9 @@ class HyperAttention(torch.nn.Module):
         """query [B, Hq, Nq, D], key [B, Hk, Nk, D], value [B, Hk, Nk, Dv] -> out (, lse)."""
         seed = call_seed(self.base_seed, self.calls)
         self.calls += 1
-        projections = self.lsh_projections
-        if not pipeline.compiling():  # under compile the operator takes the buffer as an input
-            seed = int(seed)
-            projections = self.host_projections()
         return pipeline.run(query, key, value, causal=causal, scale=scale, backend=self.backend, config=self.config,
-                            seed=seed, return_lse=return_lse, projections=projections, head_dim=self.input_dim)
-
-    def host_projections(self) -> torch.Tensor:
-        """The projections as a float64 CPU tensor, copied from the buffer once per buffer and
-        version (after ``module.to("cuda")`` or an in-place change): a copy from the GPU on every
-        call would synchronise with it."""
-        buffer, version, copy = self._host_projections
-        current = self.lsh_projections
-        if buffer is not current or version != current._version:
-            copy = current.detach().to("cpu", torch.float64, copy=True)
-            self._host_projections = (current, current._version, copy)
-        return copy
+                            seed=seed, return_lse=return_lse, projections=self.lsh_projections,
+                            head_dim=self.input_dim)
 
 
 #: An odd 63-bit multiplier (Knuth's MMIX LCG): consecutive calls get well-spread seeds.

@@ -1,8 +1,11 @@
 """``hyperattn::attention`` as a ``torch.library`` operator: what ``torch.compile`` sees.
 
 The operator takes tensors and plain values only.  Everything random is an input: the seed
-(an int64 tensor, so a new seed per call neither recompiles nor is baked into the graph) and the
-LSH projections (or None: drawn from the seed).  An optional ``mask`` (the transformers
+(an int64 tensor, so a new seed per call neither recompiles nor is baked into the graph: on the
+CPU it is read when the operator runs, on the inputs' device by the kernels, which keeps a CUDA
+graph of the call free of host reads) and the LSH projections (or None: drawn from a CPU seed).
+Whether the plan is one exact piece (the backend's crossover) is decided when the call is traced
+and passed to both operators as ``exact``, so the backward rebuilds the forward's plan.  An optional ``mask`` (the transformers
 integration passes the model's) is looked at when the operator runs: one that HyperAttention
 computes anyway (plain causal, or all-True) is dropped, any other gets exact masked attention
 (``masks.py``), so the traced graph has no data-dependent branch.  Its backward, ``hyperattn::attention_backward``,
@@ -15,41 +18,40 @@ from __future__ import annotations
 
 import torch
 
+from .. import registry
 from ..algorithm import forward_call, run_backward
 from ..config import make_config
 from ..request import prepare
 from ..validate import check_flag
-from .arguments import config_arguments, host_projections
+from .arguments import config_arguments, plan_projections
 from .masks import is_plain_mask, masked_exact_backward, masked_exact_forward
 
 
-def _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
-             exact_crossover, exact):
+def _request(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs,
+             min_seq_len, exact_crossover, exact):
     config = None if exact else make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
-    return prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=int(seed.item()),
-                   return_lse=True)
+    return prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
+                   return_lse=True, projections=projections)
 
 
 @torch.library.custom_op("hyperattn::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
                  projections: torch.Tensor | None, mask: torch.Tensor | None, backend: str, causal: bool,
                  scale: float, block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-                 exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32 (float64 for float64 inputs),
-    plan_exact: a CPU bool scalar, whether the plan was one exact piece).
+                 exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32 (float64 for float64 inputs)).
 
-    ``plan_exact`` is what the backward needs to rebuild the same plan: the backend's crossover
-    (an option) may change between a forward and its backward."""
-    request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
-                       exact_crossover, exact)
-    plan_exact = torch.tensor(request.exact)
+    ``exact``: the plan is one exact piece (``compiled_attention`` passes the crossover's decision
+    here and ``exact_crossover=False``, so the backward makes the same plan)."""
+    request = _request(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs,
+                       min_seq_len, exact_crossover, exact)
     if _needs_mask(mask, request):  # the mask alone decides (as SDPA given a mask: no is_causal)
         out, lse = masked_exact_forward(q, k, v, mask, request.scale, causal=False)
-        return out.contiguous(), lse.contiguous(), plan_exact
+        return out.contiguous(), lse.contiguous()
     impl = request.backend
-    result = forward_call(impl, q, k, v, request.spec(host_projections(projections)))
+    result = forward_call(impl, q, k, v, request.spec(plan_projections(projections, q)))
     out, lse = result.outputs(impl, q)
-    return _fresh(out, q, k, v), _fresh(lse, q, k, v), plan_exact
+    return _fresh(out, q, k, v), _fresh(lse, q, k, v)
 
 
 @attention_op.register_fake
@@ -57,36 +59,33 @@ def _(q, k, v, seed, projections, mask, backend, causal, scale, block_size, samp
       min_seq_len, exact_crossover, exact):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return out, lse, torch.empty((), dtype=torch.bool, device="cpu")
+    return out, lse
 
 
 @torch.library.custom_op("hyperattn::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor,
-                          plan_exact: torch.Tensor, projections: torch.Tensor | None, mask: torch.Tensor | None,
+                          projections: torch.Tensor | None, mask: torch.Tensor | None,
                           backend: str, causal: bool,
                           scale: float,
                           block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
                           exact_crossover: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse, plan_exact)."""
-    # the forward's plan again: exact if it was, else sparse whatever the crossover says now (with
-    # the crossover off only min_seq_len decides, and it did not make the forward exact)
-    exact = exact or bool(plan_exact)
-    request = _request(q, k, v, seed, backend, causal, scale, block_size, sample_size, lsh_num_projs, min_seq_len,
-                       False, exact)
+    """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse)."""
+    request = _request(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs,
+                       min_seq_len, exact_crossover, exact)
     if _needs_mask(mask, request):
         grads = masked_exact_backward(dout, dlse, q, k, v, mask, request.scale, causal=False)
         return tuple(g.contiguous() for g in grads)
     impl = request.backend
     qn, kn, vn = (impl.to_native(x) for x in (q, k, v))
-    plan = request.spec(host_projections(projections)).plan(impl, qn, kn)
+    plan = request.spec(plan_projections(projections, q)).plan(impl, qn, kn)
     grads = run_backward(impl, plan, qn, kn, vn, impl.to_native(out), impl.to_native(lse), impl.to_native(dout),
                          None if dlse is None else impl.to_native(dlse), grad_dtype=qn.dtype)
     return tuple(_fresh(impl.from_native(g, like), q, k, v) for g, like in zip(grads, (q, k, v)))
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, seed, plan_exact, projections, mask, backend, causal, scale, block_size,
+def _(dout, dlse, q, k, v, out, lse, seed, projections, mask, backend, causal, scale, block_size,
       sample_size, lsh_num_projs, min_seq_len, exact_crossover, exact):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
@@ -99,20 +98,19 @@ def _needs_mask(mask, request) -> bool:
 
 def _setup_context(ctx, inputs, output):
     q, k, v, seed, projections, mask, *params = inputs
-    out, lse, plan_exact = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, plan_exact, projections, mask)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, projections, mask)
     ctx.params = params
     # an unused lse gets no gradient (None, not zeros): the backward then may take the fused exact
     # kernels, which need dlse == 0 and the final out
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse, _plan_exact):
-    q, k, v, out, lse, seed, plan_exact, projections, mask = ctx.saved_tensors
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, seed, projections, mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, plan_exact, projections, mask,
-                                       *ctx.params)
+    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, seed, projections, mask, *ctx.params)
     return dq, dk, dv, None, None, None, *([None] * len(ctx.params))
 
 
@@ -140,6 +138,38 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
         seed = torch.tensor(seed, dtype=torch.int64)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return_lse = check_flag("return_lse", return_lse)
-    out, lse, _ = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale),
-                               *config_arguments(config))
+    arguments = config_arguments(config)
+    if config is not None and config.exact_crossover:  # decided now: the forward and backward then agree
+        # reading the generation makes torch.compile guard on it: a configure() call retraces
+        exact = _crossover_decides_exact(backend, _problem_values(q, k, v), bool(causal), *arguments[:4],
+                                         registry._options_generation)
+        arguments = (*arguments[:4], False, exact)
+    out, lse = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale), *arguments)
     return (out, lse) if return_lse else out
+
+
+def _problem_values(q, k, v) -> tuple:
+    """What dispatch and the crossover read of the inputs, as plain values."""
+    return (str(q.device), str(q.dtype).removeprefix("torch."), *q.shape[:3], k.shape[1], k.shape[2], q.shape[3],
+            v.shape[3], q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+@torch.compiler.assume_constant_result
+def _crossover_decides_exact(backend: str, problem: tuple, causal: bool, block_size: int, sample_size: int,
+                             lsh_num_projs: int, min_seq_len: int, generation: int) -> bool:
+    """Whether the backend's exact crossover makes this call one exact piece: run once when the
+    call is traced (a constant of the graph; ``generation``, the registry's count of option
+    changes, is part of the key).  False where the inputs are invalid: the operator
+    then raises when it runs, with the eager call's message."""
+    from ..algorithm import is_exact_call
+    from ..dispatch import resolve_backend
+    from ..protocol import Problem
+
+    device, dtype, batch, q_heads, n_q, kv_heads, n_k, head_dim, v_head_dim, grad = problem
+    try:
+        impl = resolve_backend(backend, Problem("torch", device, dtype, batch, q_heads, kv_heads, n_q, n_k,
+                                                head_dim, v_head_dim, grad))
+        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, True)
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    return is_exact_call(n_q, n_k, causal, config, impl, max(head_dim, v_head_dim), grad)

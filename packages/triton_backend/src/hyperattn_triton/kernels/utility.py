@@ -1,12 +1,21 @@
 """Small row-wise kernels: the backward's delta (``row_dot_kernel``), the widening copy of the exact
-path's results (``cast_rows_kernel``) and each sample's key block (``sample_blocks_kernel``)."""
+path's results (``cast_rows_kernel``), the residual's samples (``draw_samples_kernel``) and each
+sample's key block (``sample_blocks_kernel``)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from hyperattn import sampling
+
 from .common import load_rows, program_heads
+
+# the counter hash's constants (kernels read module globals only as constexprs)
+GOLDEN = tl.constexpr(sampling.GOLDEN)
+MIX1 = tl.constexpr(sampling.MIX1)
+MIX2 = tl.constexpr(sampling.MIX2)
+STREAM = tl.constexpr(sampling.STREAM)
 
 
 @triton.jit
@@ -56,3 +65,31 @@ def sample_blocks_kernel(Samples, KRank, Blocks, count, kv_heads, ss_b, ss_h, sr
         keys = tl.load(Samples + b * ss_b + h * ss_h + offs, mask=mask, other=0).to(tl.int64)
         rank = tl.load(KRank + b * sr_b + h * sr_h + keys * sr_n, mask=mask, other=0)
         tl.store(Blocks + bh.to(tl.int64) * count + offs, (rank // block_size).to(tl.int32), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "stream"])
+def draw_samples_kernel(Out, KStart, KLen, seed, Seed, stream, per_head, m,
+                        SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[bh, s, j] (contiguous [B * Hk, S, m]) = ``hyperattn.sampling.sample_keys`` exactly:
+    SplitMix64 of the counter in uint64 arithmetic, then a multiply-shift into segment s's keys.
+    The seed is ``seed`` (an int baked into the launch) or, with ``SEED_IN_MEMORY``, read from
+    ``Seed`` when the kernel runs (a device seed: a CUDA graph replay reads its current value)."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_head
+    if SEED_IN_MEMORY:
+        key = tl.load(Seed).to(tl.uint64, bitcast=True)
+    else:
+        key = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+    key = key + stream.to(tl.uint64) * STREAM
+    index = (bh * per_head + offs).to(tl.uint64, bitcast=True)
+    z = key + (index + 1) * GOLDEN
+    z = (z ^ (z >> 30)) * MIX1
+    z = (z ^ (z >> 27)) * MIX2
+    z = z ^ (z >> 31)
+    bits = z >> 32
+    segment = offs // m
+    start = tl.load(KStart + segment, mask=mask, other=0).to(tl.int64)
+    span = tl.load(KLen + segment, mask=mask, other=0).to(tl.uint64)
+    drawn = ((bits * span) >> 32).to(tl.int64, bitcast=True) + start
+    tl.store(Out + bh * per_head + offs, drawn.to(Out.dtype.element_ty), mask=mask)
