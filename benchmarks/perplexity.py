@@ -18,7 +18,7 @@ benchmarks/lm/train.py).  A model with a 256-token vocabulary and no tokenizer f
 (bytes are the tokens); any other uses its folder's tokenizer.
 
 The figures are the approximation's own: where the backend's exact crossover would compute a call
-exactly (Triton: causal calls below 40960 rows, so all of 32k), the quality figures run with
+exactly (Triton at D = 64, forward: causal calls below 24576 rows), the quality figures run with
 ``exact_crossover=False``; the time with the crossover on is reported beside them.
 """
 
@@ -231,10 +231,12 @@ def crossover_rows(args, model) -> int | None:
         from hyperattn.validate import validate_inputs
 
         dtype = next(model.parameters()).dtype
-        probe = torch.zeros(1, 1, 8, 64, dtype=dtype, device=args.device)
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = torch.zeros(1, 1, 8, head_dim, dtype=dtype, device=args.device)
         name = args.backend if args.backend != "auto" else resolve_backend("auto", validate_inputs(
             probe, probe, probe, causal=True)).name
-        rows = hyperattn.configure(name).exact_below[1]
+        rows = hyperattn.configure(name).exact_below_for(head_dim, backward=False)[1]  # evaluation: forward only
     except Exception:  # an unknown backend fails later, in the run itself, with its own message
         return None
     return rows or None

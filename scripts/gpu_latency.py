@@ -148,8 +148,13 @@ def main(argv=None) -> int:
     finally:
         hyperattn.configure("triton", exact_below=previous.exact_below)
     if args.json:
+        import datetime
+        import sys
+
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"what": "scripts/gpu_latency.py", "card": torch.cuda.get_device_name(),
+                       "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                       "torch": torch.__version__, "units": "ms per call", "rows": rows}, f, indent=1)
     return 0
 
 

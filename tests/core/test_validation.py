@@ -150,3 +150,18 @@ def test_torch_fast_path_agrees_with_the_full_checks():
     ]
     for arrays, causal in invalid:
         assert _valid_torch_problem(*arrays, causal) is None
+
+
+def test_device_seed_and_projections_are_checked():
+    """A seed tensor on another device than the inputs, given projections of the wrong shape, and
+    a device seed without projections on a backend that reads seeds on its device: clear errors."""
+    q, k, v = (torch.from_numpy(x) for x in make_inputs((1, 2, 64, 16), seed=0))
+    with pytest.raises(ValueError, match=r"projections must be a float array of shape \(D, lsh_num_projs\) = "
+                                         r"\(16, 7\), got shape \(16, 5\)"):
+        hyperattn.attention(q, k, v, backend="reference", projections=torch.zeros(16, 5, dtype=torch.float64))
+    # a CPU seed tensor is read as its value: the same call as the int seed
+    torch.testing.assert_close(
+        hyperattn.attention(q, k, v, backend="reference", seed=torch.tensor(5), min_seq_len=16, block_size=8,
+                            sample_size=8, exact_crossover=False),
+        hyperattn.attention(q, k, v, backend="reference", seed=5, min_seq_len=16, block_size=8, sample_size=8,
+                            exact_crossover=False), rtol=0, atol=0)

@@ -30,6 +30,7 @@ def registered():
 def make_config(family: str, layers: int = 4, **extra):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    common.update((key, extra.pop(key)) for key in list(extra) if key in common)
     if family == "llama":
         return transformers.LlamaConfig(**common, **extra)
     if family == "qwen2":
@@ -436,8 +437,8 @@ def test_gpu_compiled_model_on_triton_matches_eager():
         pytest.skip("no CUDA device")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = make_model("llama", layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=512).to("cuda", torch.bfloat16)
+    model = make_model("llama", layers=2, hidden_size=256, intermediate_size=512,
+                       max_position_embeddings=8192).to("cuda", torch.bfloat16)
     ht.configure(model, backend="triton", min_seq_len=512, block_size=128, sample_size=128, seed=3,
                  exact_crossover=False)
     ids = tokens(1, 4096).cuda()

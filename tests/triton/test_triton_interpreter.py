@@ -583,3 +583,43 @@ def test_deterministic_mode_stores_slot_gradients_then_adds_them_in_order(case, 
     again, _ = run_both(q, k, v, causal=causal, params=SMALL)
     for got, want in zip(again["triton"], results["triton"]):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed_in_memory", [False, True])
+def test_drawn_samples_equal_the_specification(seed_in_memory):
+    """The draw kernel (interpreted) against ``hyperattn.sampling``, bit for bit: an int seed as a
+    launch argument and a seed read from memory, several streams, uneven segments."""
+    from hyperattn.protocol import Segments
+    from hyperattn.sampling import sample_keys
+
+    segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000), (20, 30, 1000, 4099)])
+    like = torch.empty(1, 1, 1, 32)
+    for seed, stream in [(0, 0), (12345, 2), (2**63 - 1, 1)]:
+        given = torch.tensor(seed) if seed_in_memory else seed
+        got = TRITON.backend.draw_samples(given, stream, (2, 3), segments, 70, 4099, like).numpy()
+        want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_planned_path_reads_no_tensor_on_the_host(monkeypatch):
+    """A causal call with gradients (exact leaves, sparse levels, samples, backward) reads no tensor's
+    value on the host: on a GPU each such read is a synchronisation, and it would break a CUDA graph.
+    (``Tensor.item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__`` and ``numpy`` are made to
+    raise after the warm-up call has filled the backend's caches.)"""
+    q, k, v = (torch.from_numpy(x).float().requires_grad_() for x in make_inputs((1, 2, 600, 32), seed=1))
+    params = dict(backend="triton", causal=True, seed=3, min_seq_len=128, block_size=32, sample_size=32,
+                  exact_crossover=False)
+    hyperattn.attention(q, k, v, **params).sum().backward()
+
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} read a tensor on the host")
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    out = hyperattn.attention(q, k, v, **params)
+    out.backward(torch.ones_like(out))
+    monkeypatch.undo()
+    assert torch.isfinite(q.grad).all()

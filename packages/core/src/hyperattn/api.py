@@ -21,21 +21,27 @@ def attention(
     lsh_num_projs: int = 7,
     min_seq_len: int = 4096,
     exact_crossover: bool = True,
-    seed: int | None = None,
+    seed=None,
     return_lse: bool = False,
+    projections=None,
 ):
     """HyperAttention of q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] -> out [B, Hq, Nq, Dv].
 
     With ``return_lse=True`` returns ``(out, lse)``, lse [B, Hq, Nq] float32 (float64 for float64
     inputs), natural log of the softmax normaliser of the scaled scores.  ``Hq % Hk == 0`` (GQA /
     MQA without copying K and V).  ``causal`` aligns the mask bottom-right and needs Nq <= Nk.
-    ``seed`` makes the call deterministic and identical on every backend; None draws fresh.
+    ``seed`` (an int) makes the call deterministic and identical on every backend; None draws
+    fresh.  A 0-d int64 tensor on the inputs' GPU is a *device seed*: only the kernels read it (no
+    synchronisation; a CUDA graph replay reads its value then); it needs ``projections``, the LSH
+    hyperplanes [D, lsh_num_projs] (a tensor or float64 NumPy array; drawn from an int seed when
+    not given).
 
     When the result is exact: a non-causal call with fewer than ``min_seq_len`` query rows, or a
     causal one whose recursion would not split (fewer than ``2 * min_seq_len`` rows), is computed
     exactly.  With ``exact_crossover=True`` (the default, the fast choice) so is a call short enough
     that the backend's exact attention is faster: fewer keys (non-causal) or query rows (causal)
-    than the backend's ``exact_below`` option (see :func:`configure`).  With ``exact_crossover=False``
+    than the backend's crossover (its options' ``exact_below_for(head_dim, backward)``, see
+    :func:`configure`).  With ``exact_crossover=False``
     only ``min_seq_len`` decides: the approximation at any length above it (to measure it, or to
     compare backends with one seed).
     """
@@ -44,7 +50,7 @@ def attention(
     else:
         config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
     return pipeline.run(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
-                        return_lse=return_lse)
+                        return_lse=return_lse, projections=projections)
 
 
 def exact_attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "auto",

@@ -9,7 +9,7 @@ from .algorithm import CallSpec, is_exact_call
 from .config import HyperAttentionConfig
 from .dispatch import resolve_backend
 from .protocol import Backend, Problem
-from .validate import check_flag, resolve_scale, resolve_seed, validate_inputs
+from .validate import check_flag, check_projections, resolve_scale, resolve_seed, validate_inputs
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | N
     scale = resolve_scale(scale, problem.head_dim)
     return_lse = check_flag("return_lse", return_lse)
     seed = resolve_seed(seed, problem.device)
+    if config is not None:
+        check_projections(projections, problem.head_dim, config.lsh_num_projs)
     impl = resolve_backend(backend, problem)
     causal = bool(causal)
     exact = config is None or is_exact_call(problem.n_q, problem.n_k, causal, config, impl, max(problem.head_dims),

@@ -122,6 +122,17 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
 
 
+def check_projections(projections, head_dim: int, num_projs: int) -> None:
+    """Given LSH projections must be a float array [head_dim, num_projs]."""
+    if projections is None:
+        return
+    shape = tuple(getattr(projections, "shape", ()))
+    dtype = str(getattr(projections, "dtype", type(projections).__name__))
+    if shape != (head_dim, num_projs) or "float" not in dtype:
+        raise ValueError(f"projections must be a float array of shape (D, lsh_num_projs) = ({head_dim}, {num_projs}), "
+                         f"got shape {shape} and dtype {dtype}")
+
+
 def resolve_seed(seed, device: str):
     """The seed a plan takes: None draws a fresh int; an int stays one; a 0-d int64 torch tensor
     on the CPU gives its value, and one on the inputs' ``device`` stays a tensor (a *device seed*,

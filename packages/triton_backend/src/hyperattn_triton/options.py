@@ -19,11 +19,12 @@ from .launches import DEFAULT_LAUNCHES, LaunchTable, tier_name
 
 #: (keys, rows) below which exact attention (cuDNN) beats this backend's HyperAttention on a GPU,
 #: by head-dim tier and mode ("fwd": no gradients recorded, "fwd+bwd": they are): measured by
-#: ``scripts/gpu_crossover.py --table`` (results and card in benchmarks/results/crossover_h200.txt).
+#: ``scripts/gpu_crossover.py`` (its output, with the card, in benchmarks/results/crossover_h200.txt).
 GPU_CROSSOVER = MappingProxyType({
-    ("d64", "fwd"): (16384, 40960), ("d64", "fwd+bwd"): (16384, 40960),
-    ("d128", "fwd"): (16384, 40960), ("d128", "fwd+bwd"): (16384, 40960),
-    ("d256", "fwd"): (16384, 40960), ("d256", "fwd+bwd"): (16384, 40960),
+    ("d64", "fwd"): (8192, 24576), ("d64", "fwd+bwd"): (8192, 12288),
+    ("d128", "fwd"): (12288, 16384), ("d128", "fwd+bwd"): (6144, 12288),
+    # not measured: the D = 128 tier's
+    ("d256", "fwd"): (12288, 16384), ("d256", "fwd+bwd"): (6144, 12288),
 })
 #: The interpreter has no fast exact attention to prefer: it approximates above min_seq_len.
 NO_CROSSOVER = MappingProxyType({key: (0, 0) for key in GPU_CROSSOVER})
