@@ -188,6 +188,42 @@ def measure_step(step, device: str, *, repeats: int, warmup: int = 1) -> float:
     return statistics.median(samples)
 
 
+def measure_single_call(step, device: str, *, repeats: int) -> float:
+    """Median seconds of one ``step`` from an idle device to its result (a sync before and after):
+    the latency of a lone call, host time included."""
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        begin = time.perf_counter()
+        step()
+        synchronize(device)
+        samples.append(time.perf_counter() - begin)
+    return statistics.median(samples)
+
+
+def measure_graph_replay(step, *, repeats: int) -> tuple[float | None, str | None]:
+    """(median seconds per replay of ``step`` captured in a CUDA graph, None) — back-to-back
+    replays between CUDA events, as measure_step times steps — or (None, why the capture failed).
+    The step is warmed up on a side stream first, as ``torch.cuda.graphs`` asks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as error:  # a step that cannot be captured is reported, not timed
+        torch.cuda.synchronize()
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    run, once = _steps_per_sample(graph.replay, "cuda", warmup=1)
+    seconds = statistics.median(_gpu_sample(graph.replay, run, _warm_steps(once))
+                                for _ in range(_sample_count(repeats, once * run)))
+    del graph
+    return seconds, None
+
+
 def attended_pairs(plan: Plan, n_q: int, n_k: int) -> float:
     """(query, key) score evaluations per query head that a plan needs (exact + sparse)."""
     total = 0.0

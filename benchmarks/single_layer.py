@@ -30,6 +30,8 @@ from harness import (
     make_inputs,
     make_step,
     measure_ceilings,
+    measure_graph_replay,
+    measure_single_call,
     measure_step,
     measure_steps_interleaved,
     pairs_of_method,
@@ -54,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--lsh_num_projs", type=int, default=7)
     parser.add_argument("--min_seq_len", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 10 GPU, 3 CPU)")
+    parser.add_argument("--latency", action="store_true",
+                        help="also time a single call from an idle device and, on a GPU, replays of the step "
+                             "captured in a CUDA graph (host time out of the picture)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     parser.add_argument("--tag", default=None, help="file name stem (default: single_layer_<device>_<mode>)")
     return parser.parse_args(argv)
@@ -107,6 +112,12 @@ def run(args) -> dict:
                 "peak_mem_gib": (torch.cuda.max_memory_allocated() - baseline) / 2**30 if on_gpu else None,
                 "baseline_mem_gib": baseline / 2**30,
             }
+            if args.latency:
+                row[method]["single_ms"] = measure_single_call(step, args.device, repeats=repeats) * 1e3
+                if on_gpu:
+                    graph_seconds, why = measure_graph_replay(step, repeats=repeats)
+                    row[method]["graph_ms"] = None if graph_seconds is None else graph_seconds * 1e3
+                    row[method]["graph_error"] = why
             steps[method] = step
             del q, k, v, step
         if on_gpu:  # samples of the two methods in turn: both see the same drift of the machine
@@ -117,6 +128,10 @@ def run(args) -> dict:
             row[method] = {"ms": taken * 1e3, "tflops": flops / taken / 1e12, "floor_ms": floor * 1e3,
                            "fraction_of_floor": floor / taken, **row[method]}
         row["speedup"] = row["sdpa"]["ms"] / row["hyper"]["ms"]
+        if args.latency:
+            row["single_speedup"] = row["sdpa"]["single_ms"] / row["hyper"]["single_ms"]
+            graphs = row["sdpa"].get("graph_ms"), row["hyper"].get("graph_ms")
+            row["graph_speedup"] = graphs[0] / graphs[1] if None not in graphs else None
         rows.append(row)
         print_row(row)
     return {
@@ -159,16 +174,25 @@ def report(result: dict, out: Path, tag: str) -> None:
     table = Table(title=f"{result['card']} — {result['config']['mode']}, causal={result['config']['causal']}, "
                   f"{result['config']['dtype']}, B={result['config']['batch']}, H={result['config']['heads']}, "
                   f"D={result['config']['dim']} ({result['date']}, {result['commit']})")
-    for column in ("N", "SDPA ms", "hyper ms", "speed-up", "hyper TFLOP/s", "hyper % of floor", "SDPA GiB", "hyper GiB"):
+    latency = "single_speedup" in result["rows"][0]
+    columns = ["N", "SDPA ms", "hyper ms", "speed-up", "hyper TFLOP/s", "hyper % of floor", "SDPA GiB", "hyper GiB"]
+    if latency:  # a lone call's latency, and replays of a captured CUDA graph
+        columns += ["SDPA single ms", "hyper single ms", "single speed-up", "SDPA graph ms", "hyper graph ms",
+                    "graph speed-up"]
+    for column in columns:
         table.add_column(column, justify="right")
+    two = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for row in result["rows"]:
         h, s = row["hyper"], row["sdpa"]
-        gib = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        table.add_row(
-            str(row["seq_len"]), f"{s['ms']:.2f}", f"{h['ms']:.2f}", f"{row['speedup']:.2f}×",
-            f"{h['tflops']:.2f}", f"{h['fraction_of_floor']:.1%}", gib(s["peak_mem_gib"]), gib(h["peak_mem_gib"]),
-        )
-    Console(width=160).print(table)
+        cells = [str(row["seq_len"]), f"{s['ms']:.2f}", f"{h['ms']:.2f}", f"{row['speedup']:.2f}×",
+                 f"{h['tflops']:.2f}", f"{h['fraction_of_floor']:.1%}", two(s["peak_mem_gib"]), two(h["peak_mem_gib"])]
+        if latency:
+            graph_speedup = row["graph_speedup"]
+            cells += [two(s["single_ms"]), two(h["single_ms"]), f"{row['single_speedup']:.2f}×",
+                      two(s.get("graph_ms")), two(h.get("graph_ms")),
+                      "-" if graph_speedup is None else f"{graph_speedup:.2f}×"]
+        table.add_row(*cells)
+    Console(width=220 if latency else 160).print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{tag}.png")

@@ -19,13 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import hyperattn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import measure_graph_replay  # noqa: E402  (benchmarks/ is not a package)
 
 SIZES = (4096, 8192, 16384, 32768, 65536)
 
@@ -72,27 +77,12 @@ def host_and_single_ms(step, calls: int = 10) -> tuple[float, float]:
     return statistics.median(host) * 1e3, statistics.median(single) * 1e3
 
 
-def graph_ms(step, replays: int = 20) -> float:
-    """Capture ``step`` in a CUDA graph (after a warm-up on a side stream) and time its replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / replays * 1e3)
-    del graph
-    return min(times)
+def graph_ms(step) -> float:
+    """Median ms per replay of ``step`` captured in a CUDA graph (``benchmarks/harness.py``)."""
+    seconds, why = measure_graph_replay(step, repeats=5)
+    if seconds is None:
+        raise RuntimeError(f"the step could not be captured in a CUDA graph: {why}")
+    return seconds * 1e3
 
 
 def gpu_ms(step) -> float:
@@ -149,7 +139,6 @@ def main(argv=None) -> int:
         hyperattn.configure("triton", exact_below=previous.exact_below)
     if args.json:
         import datetime
-        import sys
 
         with open(args.json, "w") as f:
             json.dump({"what": "scripts/gpu_latency.py", "card": torch.cuda.get_device_name(),

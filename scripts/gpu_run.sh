@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network, no nox/asv): install the packages in place, run the GPU tests,
 # then the single-layer benchmarks.  Results land in ${OUT:-benchmarks/results}.
-#   bash scripts/gpu_run.sh [tests|bench|all|asv]
+#   bash scripts/gpu_run.sh [tests|bench|latency|all|asv]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -23,6 +23,15 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     for causal in --no_causal ""; do
       python3 benchmarks/single_layer.py --backend triton --mode "$mode" $causal --out "$OUT" \
         --seq_lens 1024 2048 4096 8192 16384 32768 65536 131072 --heads 32 --dim 64 --dtype bfloat16 --repeats 5
+    done
+  done
+fi
+if [ "$what" = latency ] || [ "$what" = all ]; then  # a lone call and CUDA-graph replays, where host time matters
+  for mode in fwd fwd+bwd; do
+    for causal in --no_causal ""; do
+      python3 benchmarks/single_layer.py --backend triton --mode "$mode" $causal --out "$OUT" --latency \
+        --seq_lens 4096 8192 16384 32768 65536 --heads 32 --dim 64 --dtype bfloat16 --repeats 5 \
+        --tag "single_layer_gpu_latency_${mode/+/_}_$([ -z "$causal" ] && echo causal || echo noncausal)"
     done
   done
 fi

@@ -61,3 +61,21 @@ def test_methods_with_long_steps_are_timed_one_after_the_other(harness, monkeypa
     monkeypatch.setattr(harness, "_gpu_sample", lambda step, run, warm: order.append(step()) or 1.0)
     harness.measure_steps_interleaved({"a": lambda: "a", "b": lambda: "b"}, repeats=3)
     assert order == ["a"] * 10 + ["b"] * 10  # 10: b's short samples ask for more
+
+
+def test_single_layer_reports_single_call_latency_on_the_cpu(harness, tmp_path):
+    """``single_layer.py --latency`` on the CPU: a lone call's latency per method and its speed-up
+    beside the loop figures, no CUDA-graph figures (there is no GPU), and the JSON and table written."""
+    import json
+
+    import single_layer
+
+    single_layer.main(["--device", "cpu", "--dtype", "float32", "--backend", "reference", "--seq_lens", "512",
+                       "--heads", "2", "--dim", "16", "--min_seq_len", "128", "--block_size", "32",
+                       "--sample_size", "32", "--repeats", "1", "--latency", "--out", str(tmp_path), "--tag", "t"])
+    row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
+    for method in ("sdpa", "hyper"):
+        assert row[method]["single_ms"] > 0 and "graph_ms" not in row[method]
+    assert row["single_speedup"] == row["sdpa"]["single_ms"] / row["hyper"]["single_ms"]
+    assert row["graph_speedup"] is None
+    assert (tmp_path / "t.png").exists()
