@@ -204,3 +204,21 @@ def test_compiled_backward_keeps_the_forward_plan_when_the_crossover_changes(bac
             torch.testing.assert_close(total, 2 * single, rtol=1e-10, atol=1e-12)
         for x in inputs:
             x.grad = None
+
+
+def test_dynamic_shapes_compile_once_and_match_eager():
+    """torch.compile(dynamic=True): the crossover decision compares symbolic sizes (guards, no
+    specialisation), so two lengths on the same side of every threshold share one graph, and both
+    match eager, forward and gradients."""
+    def fn(q, k, v):
+        return hyperattn.attention(q, k, v, causal=True, seed=2, **SPARSE)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (300, 400):
+        inputs = _inputs(seed=n, n=n)
+        want, want_grads = _grads(fn, inputs)
+        got, got_grads = _grads(compiled, inputs)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -16,12 +16,13 @@ from .plan import (
     causal_split,
     draw_projections,
     is_exact_call,
+    is_exact_shape,
     plan_attention,
     sparse_structure,
 )
 
 __all__ = [
     "CallSpec", "ExactPiece", "ForwardResult", "Pieces", "Plan", "SparsePiece", "accumulator_dtype", "backward_chunk_heads", "causal_split",
-    "draw_projections", "forward_call", "is_exact_call", "lse_dtype", "plan_attention", "run_backward", "run_forward",
+    "draw_projections", "forward_call", "is_exact_call", "is_exact_shape", "lse_dtype", "plan_attention", "run_backward", "run_forward",
     "seed_projections", "sparse_structure",
 ]

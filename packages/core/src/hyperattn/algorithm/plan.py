@@ -104,10 +104,17 @@ def is_exact_call(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig
     (with ``config.exact_crossover``) short enough that the backend's exact attention is faster
     (``backend.options.exact_below_for(head_dim, backward)``: heads of ``head_dim``, the wider of
     q's and v's; ``backward``: the call records gradients)."""
-    exact_keys, exact_rows = backend.options.exact_below_for(head_dim, backward) if config.exact_crossover else (0, 0)
+    below = backend.options.exact_below_for(head_dim, backward) if config.exact_crossover else (0, 0)
+    return is_exact_shape(n_q, n_k, causal, config.min_seq_len, below)
+
+
+def is_exact_shape(n_q, n_k, causal: bool, min_seq_len: int, exact_below: tuple[int, int]) -> bool:
+    """``is_exact_call`` given the crossover ``exact_below`` = (keys, rows): plain comparisons, so
+    that symbolic sizes under ``torch.compile`` become guards."""
+    exact_keys, exact_rows = exact_below
     if not causal:
-        return n_q < config.min_seq_len or n_k < exact_keys
-    return n_q < 2 or n_q - n_q // 2 < config.min_seq_len or n_q < exact_rows  # no split (see causal_split)
+        return n_q < min_seq_len or n_k < exact_keys
+    return n_q < 2 or n_q - n_q // 2 < min_seq_len or n_q < exact_rows  # no split (see causal_split)
 
 
 def plan_attention(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import registry
-from ..algorithm import forward_call, run_backward
+from ..algorithm import forward_call, is_exact_shape, run_backward
 from ..config import make_config
 from ..request import prepare
 from ..validate import check_flag
@@ -140,36 +140,31 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
     return_lse = check_flag("return_lse", return_lse)
     arguments = config_arguments(config)
     if config is not None and config.exact_crossover:  # decided now: the forward and backward then agree
-        # reading the generation makes torch.compile guard on it: a configure() call retraces
-        exact = _crossover_decides_exact(backend, _problem_values(q, k, v), bool(causal), *arguments[:4],
-                                         registry._options_generation)
-        arguments = (*arguments[:4], False, exact)
+        grad = q.requires_grad or k.requires_grad or v.requires_grad
+        # the head dims pick the crossover's tier by comparisons (guards: sizes stay symbolic);
+        # reading the generation makes torch.compile guard on it, so a configure() call retraces
+        widest = max(q.shape[3], v.shape[3])
+        tier_dim = 64 if widest <= 64 else 128 if widest <= 128 else 256
+        below = _crossover_of(backend, str(q.device), str(q.dtype).removeprefix("torch."), tier_dim, grad,
+                              registry._options_generation)
+        exact = is_exact_shape(q.shape[2], k.shape[2], bool(causal), config.min_seq_len, below)
+        arguments = (*arguments[:4], False, bool(exact))
     out, lse = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale), *arguments)
     return (out, lse) if return_lse else out
 
 
-def _problem_values(q, k, v) -> tuple:
-    """What dispatch and the crossover read of the inputs, as plain values."""
-    return (str(q.device), str(q.dtype).removeprefix("torch."), *q.shape[:3], k.shape[1], k.shape[2], q.shape[3],
-            v.shape[3], q.requires_grad or k.requires_grad or v.requires_grad)
-
-
 @torch.compiler.assume_constant_result
-def _crossover_decides_exact(backend: str, problem: tuple, causal: bool, block_size: int, sample_size: int,
-                             lsh_num_projs: int, min_seq_len: int, generation: int) -> bool:
-    """Whether the backend's exact crossover makes this call one exact piece: run once when the
-    call is traced (a constant of the graph; ``generation``, the registry's count of option
-    changes, is part of the key).  False where the inputs are invalid: the operator
-    then raises when it runs, with the eager call's message."""
-    from ..algorithm import is_exact_call
+def _crossover_of(backend: str, device: str, dtype: str, head_dim: int, grad: bool,
+                  generation: int) -> tuple[int, int]:
+    """The (keys, rows) crossover of the backend that runs such calls: read once when the call is
+    traced (a constant of the graph; ``generation``, the registry's count of option changes, is
+    part of the key).  (0, 0) where dispatch fails: the operator then raises when it runs, with
+    the eager call's message."""
     from ..dispatch import resolve_backend
     from ..protocol import Problem
 
-    device, dtype, batch, q_heads, n_q, kv_heads, n_k, head_dim, v_head_dim, grad = problem
-    try:
-        impl = resolve_backend(backend, Problem("torch", device, dtype, batch, q_heads, kv_heads, n_q, n_k,
-                                                head_dim, v_head_dim, grad))
-        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, True)
+    try:  # sizes do not change which backend runs: placeholders keep them symbolic
+        impl = resolve_backend(backend, Problem("torch", device, dtype, 1, 1, 1, 1, 1, head_dim, head_dim, grad))
     except (ValueError, TypeError, RuntimeError):
-        return False
-    return is_exact_call(n_q, n_k, causal, config, impl, max(head_dim, v_head_dim), grad)
+        return (0, 0)
+    return tuple(impl.options.exact_below_for(head_dim, grad))
