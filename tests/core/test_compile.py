@@ -3,6 +3,8 @@ equal to eager (forward and gradients), with its randomness an explicit input (C
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -222,3 +224,40 @@ def test_dynamic_shapes_compile_once_and_match_eager():
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_bad_seed_is_refused_with_the_eager_message():
+    """An int seed is checked before it becomes a tensor: 1.5 is not rounded to 1, 2**63 does not
+    overflow with an unnamed error."""
+    inputs = _inputs(grad=False)
+    for seed in (1.5, 2**63, -1):
+        compiled = torch.compile(lambda q, k, v, seed=seed: hyperattn.attention(q, k, v, seed=seed, **SPARSE),
+                                 fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception, match=r"seed must be None or an int in \[0, 2\*\*63\)"):
+            compiled(*inputs)
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter on the CPU")
+def test_compiled_call_under_no_grad_takes_the_forward_crossover_as_eager_does(backend_options):
+    """Leaves that require grad, called under no_grad: no gradients are recorded, so eager and
+    compiled calls both take the forward-only crossover (here: none, so both approximate, on the
+    same plan), not the forward+backward one (here: everything exact)."""
+    from hyperattn_triton.options import GPU_CROSSOVER
+
+    table = {key: ((0, 0) if key[1] == "fwd" else (10**6, 10**6)) for key in GPU_CROSSOVER}
+    backend_options("triton", crossover=table)
+    params = dict(block_size=32, sample_size=24, lsh_num_projs=4, min_seq_len=64, backend="triton", seed=4,
+                  causal=True)
+    q, k, v = (x.float() for x in _inputs())
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fn(q, k, v):
+        return hyperattn.attention(q, k, v, **params)
+
+    with torch.no_grad():
+        eager = fn(q, k, v)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+        exact = hyperattn.exact_attention(q, k, v, causal=True, backend="triton")
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert (eager - exact).abs().max() > 1e-3  # the approximation ran

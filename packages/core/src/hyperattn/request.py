@@ -9,7 +9,7 @@ from .algorithm import CallSpec, is_exact_call
 from .config import HyperAttentionConfig
 from .dispatch import resolve_backend
 from .protocol import Backend, Problem
-from .validate import check_flag, check_projections, resolve_scale, resolve_seed, validate_inputs
+from .validate import check_flag, check_projections, check_seed, resolve_scale, resolve_seed, validate_inputs
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | N
     if not isinstance(seed, int):
         if not impl.capabilities.device_seed:  # it draws on the host: read the value (it copies inputs there too)
             seed = int(seed)
+            check_seed(seed)
         elif projections is None and not exact:
             raise ValueError("projections must be given with a device seed (the LSH hyperplanes are drawn on the "
                              "host from an int seed)")

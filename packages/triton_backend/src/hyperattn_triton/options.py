@@ -93,7 +93,8 @@ class TritonOptions(BackendOptions):
                              f"got {self.crossover!r}")
         for key, below in self.crossover.items():
             check_exact_below(f"TritonOptions.crossover[{key}]", below)
-        if not (isinstance(self.backward_chunk_bytes, int) and self.backward_chunk_bytes >= 1):
+        chunk = self.backward_chunk_bytes
+        if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
             raise ValueError(f"backward_chunk_bytes must be an int >= 1, got {self.backward_chunk_bytes!r}")
         _check_names("sdpa_order", self.sdpa_order, SDPA_KERNELS)
         _check_names("fused_kernels", self.fused_kernels, FUSED_KERNELS)

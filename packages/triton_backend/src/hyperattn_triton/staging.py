@@ -6,6 +6,10 @@
   copied once per distinct arguments.
 * :class:`DerivedTensors` keeps tensors derived from a tensor while it lives and is unchanged
   (the prepared projections, the codes' presort).
+
+While a CUDA graph is being captured the caches neither add entries (a copy or kernel recorded
+then fills its tensor only when the graph replays, so an eager call must not find it) nor let go
+of the ones the graph reads: those are held for the life of the cache, never evicted or freed.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class PinnedRing:
 
     def copy(self, values: np.ndarray, device):
         """``values`` (C-contiguous) as a tensor on the CUDA ``device``, without blocking."""
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():  # device is CUDA here
             staged = torch.from_numpy(values).pin_memory()
             self.captured.append(staged)
             return staged.to(device, non_blocking=True)
@@ -96,6 +100,11 @@ class PinnedRing:
             pending.popleft()
 
 
+def capturing_on(like) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``like``'s device."""
+    return like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _torch_dtype(dtype: np.dtype):
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
@@ -130,6 +139,7 @@ class DeviceTables:
         self._stage = stage
         self._capacity = capacity
         self._tables: collections.OrderedDict = collections.OrderedDict()
+        self.held = []  # tables read by captured CUDA graphs (see the module docstring)
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -139,14 +149,20 @@ class DeviceTables:
         copied once per distinct arguments (compared by value: segments by their bounds, structures
         by their segments and sizes, arrays by their contents)."""
         key = (build.__qualname__, str(like.device), *(_table_key(a) for a in args))
+        capturing = capturing_on(like)
         if key in self._tables:
             self._tables.move_to_end(key)
+            if capturing:
+                self.held.append(self._tables[key])
             return self._tables[key]
         host = build(*args)
         if isinstance(host, tuple):
             tables = tuple(self._stage(t, like) for t in host)
         else:
             tables = None if host is None else self._stage(host, like)
+        if capturing:
+            self.held.append(tables)
+            return tables
         self._tables[key] = tables
         while len(self._tables) > self._capacity():
             self._tables.popitem(last=False)
@@ -160,12 +176,18 @@ class DerivedTensors:
 
     def __init__(self):
         self._entries = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> (its version, {key: derived})
+        self.held = []  # derived tensors read by captured CUDA graphs (see the module docstring)
 
     def __contains__(self, tensor) -> bool:
         return tensor in self._entries
 
     def get(self, tensor, key, make):
         """``make()`` for (``tensor``, ``key``), made once per version of ``tensor``."""
+        if capturing_on(tensor):
+            version, derived = self._entries.get(tensor, (None, None))
+            value = derived[key] if version == tensor._version and key in derived else make()
+            self.held.append(value)
+            return value
         version, derived = self._entries.get(tensor, (None, None))
         if version != tensor._version:
             derived = {}

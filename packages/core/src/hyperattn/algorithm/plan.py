@@ -23,6 +23,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from ..config import HyperAttentionConfig
+from .. import sampling
 from ..protocol import Backend, Segments, SparseStructure
 
 
@@ -133,6 +134,8 @@ def plan_attention(
     ``projections``: float64 host [D, r] (NumPy), a native array on q's device (passed to the
     kernels as it is, in any float dtype), or a function returning one: called only when the plan
     has a sparse piece.  ``seed``: an int or a device seed (see ``Backend.draw_samples``).
+    A config with ``exact_crossover`` applies the forward-only crossover of q's head dim; calls
+    come here with it off (``Request.plan_config``: the request decided, knowing the mode).
     """
     n_q, n_k = q.shape[2], k.shape[2]
     exact, sparse_calls = None, []
@@ -180,6 +183,8 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, st
     n_k = segments.k_len
     samples = None
     if m > 0:
+        if len(n_k) and int(n_k.max()) > sampling.MAX_SPAN:  # the draws' multiply-shift covers 2**32 keys
+            raise ValueError(f"a sparse piece may span at most 2**32 keys (the samples' range), got {int(n_k.max())}")
         samples = backend.draw_samples(seed, stream, (k.shape[0], k.shape[1]), segments, m, k.shape[2], k)
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)

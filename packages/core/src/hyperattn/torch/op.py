@@ -22,7 +22,7 @@ from .. import registry
 from ..algorithm import forward_call, is_exact_shape, run_backward
 from ..config import make_config
 from ..request import prepare
-from ..validate import check_flag
+from ..validate import check_flag, check_seed
 from .arguments import config_arguments, plan_projections
 from .masks import is_plain_mask, masked_exact_backward, masked_exact_forward
 
@@ -135,12 +135,14 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
     if seed is None:  # drawn in the graph: a new one every run
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     elif not isinstance(seed, torch.Tensor):
+        check_seed(seed)  # before the conversion, which would round a float or overflow
         seed = torch.tensor(seed, dtype=torch.int64)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return_lse = check_flag("return_lse", return_lse)
     arguments = config_arguments(config)
     if config is not None and config.exact_crossover:  # decided now: the forward and backward then agree
-        grad = q.requires_grad or k.requires_grad or v.requires_grad
+        # as the eager call decides (validate: requires_grad under grad mode; dynamo guards on the mode)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         # the head dims pick the crossover's tier by comparisons (guards: sizes stay symbolic);
         # reading the generation makes torch.compile guard on it, so a configure() call retraces
         widest = max(q.shape[3], v.shape[3])
