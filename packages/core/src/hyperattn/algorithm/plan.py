@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from array_api_compat import array_namespace
 
-from ..config import HyperAttentionConfig
 from .. import sampling
+from ..config import HyperAttentionConfig
 from ..protocol import Backend, Segments, SparseStructure
 
 
