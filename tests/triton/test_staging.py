@@ -37,13 +37,15 @@ def test_device_tables_hold_what_a_capture_reads_and_add_nothing(capturing):
     assert tables.get(table, like, 4) is not recorded and built == [3, 4, 5, 4]  # eager calls never see it
 
 
-def test_derived_tensors_hold_what_a_capture_reads_and_add_nothing(capturing):
+def test_derived_tensors_hold_what_a_capture_reads_and_keep_recorded_ones_from_eager_calls(capturing):
     derived = staging.DerivedTensors()
     source = torch.ones(3)
     warm = derived.get(source, "k", lambda: source * 2)
     capturing["on"] = True
     assert derived.get(source, "k", lambda: source * 3) is warm
     recorded = derived.get(source, "other", lambda: source * 4)
+    assert derived.get(source, "other", lambda: source * 9) is recorded  # shared inside the capture
     capturing["on"] = False
-    assert derived.held == [warm, recorded]
-    assert torch.equal(derived.get(source, "other", lambda: source * 5), source * 5)  # not cached by the capture
+    assert derived.held == [warm, recorded, recorded]
+    fresh = derived.get(source, "other", lambda: source * 5)  # an eager call makes its own
+    assert torch.equal(fresh, source * 5) and derived.get(source, "other", lambda: source * 6) is fresh

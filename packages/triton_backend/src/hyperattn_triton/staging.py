@@ -172,10 +172,15 @@ class DeviceTables:
 class DerivedTensors:
     """Tensors derived from a tensor (by ``key``), kept while it lives and made again after an
     in-place change of it (``Tensor._version``): a call's q and k share their prepared projections,
-    a causal call's levels one presort of the codes."""
+    a causal call's levels one presort of the codes.
+
+    One made while a CUDA graph is captured is kept for that capture's later uses (a causal call's
+    levels share their presort inside the graph too) but marked: eager calls make their own, since
+    the captured one is filled only when the graph replays."""
 
     def __init__(self):
         self._entries = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> (its version, {key: derived})
+        self._recorded = set()  # id() of derived tensors made during a capture
         self.held = []  # derived tensors read by captured CUDA graphs (see the module docstring)
 
     def __contains__(self, tensor) -> bool:
@@ -183,15 +188,16 @@ class DerivedTensors:
 
     def get(self, tensor, key, make):
         """``make()`` for (``tensor``, ``key``), made once per version of ``tensor``."""
-        if capturing_on(tensor):
-            version, derived = self._entries.get(tensor, (None, None))
-            value = derived[key] if version == tensor._version and key in derived else make()
-            self.held.append(value)
-            return value
+        capturing = capturing_on(tensor)
         version, derived = self._entries.get(tensor, (None, None))
         if version != tensor._version:
             derived = {}
             self._entries[tensor] = (tensor._version, derived)
-        if key not in derived:
-            derived[key] = make()
-        return derived[key]
+        value = derived.get(key)
+        if value is None or (not capturing and id(value) in self._recorded):
+            value = derived[key] = make()
+            if capturing:
+                self._recorded.add(id(value))
+        if capturing:
+            self.held.append(value)  # held for good: its id stays unique while it is marked
+        return value
