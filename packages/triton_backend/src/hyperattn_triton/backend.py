@@ -72,10 +72,11 @@ class TritonBackend(Backend):
 
     # -- arrays ---------------------------------------------------------------------------------
     def to_native(self, x):
-        return x.detach()
+        return x.detach() if x.requires_grad else x  # no alias to make (host time) when none is needed
 
     def from_native(self, y, like, dtype: str | None = None):
-        return y.to(like.dtype if dtype is None else getattr(torch, dtype))
+        target = like.dtype if dtype is None else getattr(torch, dtype)
+        return y if y.dtype == target else y.to(target)
 
     def from_host(self, values: np.ndarray, like):
         """``values`` on ``like``'s device; on a GPU staged through the pinned ring (no blocking)."""

@@ -34,12 +34,18 @@ class IndexTensors:
     q_blocks: torch.Tensor | None = None
 
 
+def as_int32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in int32: itself when it is (no torch operation)."""
+    return x if x.dtype == torch.int32 else x.to(torch.int32)
+
+
 class StructureIndices:
     """IndexTensors per structure, kept while the structure lives."""
 
     def __init__(self, tables: DeviceTables):
         self._tables = tables
         self._cache = weakref.WeakKeyDictionary()  # SparseStructure -> IndexTensors
+        self._dummies = {}  # device -> (int32 [1], float32 [1]) zeros: arguments the kernels do not read
 
     def get(self, q, structure: SparseStructure | None, launches: LaunchTable) -> IndexTensors:
         if structure is None:
@@ -58,16 +64,18 @@ class StructureIndices:
 
     def _make(self, q, structure, launches: LaunchTable) -> IndexTensors:
         device = q.device
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        # made once per device (each torch operation costs host time on every call)
+        dummy, zero_weight = self._dummies.get(device) or self._dummies.setdefault(
+            device, (torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.float32, device=device)))
         if structure is None:
-            log_w = torch.zeros(1, dtype=torch.float32, device=device)
-            return IndexTensors(dummy, dummy, dummy, dummy, log_w, (0, 0, 0, 0), (0, 0, 0), 0)
-        q_order = structure.q_order.to(torch.int32)
-        k_order = structure.k_order.to(torch.int32)
+            return IndexTensors(dummy, dummy, dummy, dummy, zero_weight, (0, 0, 0, 0), (0, 0, 0), 0)
+        q_order, k_order = (as_int32(x) for x in (structure.q_order, structure.k_order))
         samples = sample_blocks = dummy
         sample_strides = (0, 0, 0)
         if structure.samples is not None:
-            samples = structure.samples.to(torch.int32).contiguous()  # the kernels read both with its strides
+            samples = as_int32(structure.samples)
+            if not samples.is_contiguous():  # the kernels read both with its strides
+                samples = samples.contiguous()
             batch, kv_heads, segments, m = samples.shape
             sample_blocks = torch.empty(samples.shape, dtype=torch.int32, device=device)
             launch = launch_for(launches, "sample_blocks", q.shape[3])

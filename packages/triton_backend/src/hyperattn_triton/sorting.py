@@ -106,16 +106,17 @@ def aligned(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int) -> bool:
     return bool(np.all((starts % chunk == 0) | (starts == n)) and np.all((ends % chunk == 0) | (ends == n)))
 
 
-def _presort(codes, flat, num_buckets: int, chunk: int, warps: int, presorted: DerivedTensors):
-    """(hist int32 [BH, T, NB], sorted int32 [BH, N]) of the aligned chunks of ``codes``, made once
-    per version of ``codes`` (kept in ``presorted``)."""
+def _presort(codes, flat, row_stride: int, num_buckets: int, chunk: int, warps: int, presorted: DerivedTensors):
+    """(hist int32 [BH, T, NB], sorted int32 [BH, N]) of the aligned chunks of ``codes`` (``flat``:
+    them with (batch, head) rows ``row_stride`` apart), made once per version of ``codes`` (kept in
+    ``presorted``)."""
 
     def presort():
-        bh, n = flat.shape
+        bh, n = codes.shape[0] * codes.shape[1], codes.shape[2]
         num_tiles = triton.cdiv(n, chunk)
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=flat.device)
         in_order = torch.empty(bh, n, dtype=torch.int32, device=flat.device)
-        chunk_presort_kernel[(num_tiles, bh)](flat, hist, in_order, n, flat.stride(0), in_order.stride(0), num_tiles,
+        chunk_presort_kernel[(num_tiles, bh)](flat, hist, in_order, n, row_stride, in_order.stride(0), num_tiles,
                                               CHUNK=chunk, NB=num_buckets, num_warps=warps)
         return hist, in_order
 
@@ -137,32 +138,36 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     if device_tables is None:
         return None
     tiles, pieces = device_tables
-    flat = codes.reshape(batch * heads, n)
-    if flat.stride(1) != 1:
-        flat = flat.contiguous()
+    # the kernels address row (b, h) at b * H + h times one stride: the codes as they are when
+    # their (batch, head) rows are evenly spaced (each torch operation costs host time), else a copy
+    flat = codes
+    if codes.stride(2) != 1 or codes.stride(0) != heads * codes.stride(1):
+        flat = codes.contiguous()
+    row_stride = flat.stride(1)
     bh, num_tiles = batch * heads, len(tiles)
     grid = (num_tiles, bh)
     warps = options.sort_scatter_warps
     is_aligned = aligned(starts, ends, n, chunk)
     if is_aligned:  # the tiles are the aligned chunks, in order
-        hist, in_order = _presort(codes, flat, num_buckets, chunk, warps, presorted)
+        hist, in_order = _presort(codes, flat, row_stride, num_buckets, chunk, warps, presorted)
     else:
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=codes.device)
-        chunk_histogram_kernel[grid](tiles, flat, hist, flat.stride(0), num_tiles, CHUNK=chunk, NB=num_buckets,
+        chunk_histogram_kernel[grid](tiles, flat, hist, row_stride, num_tiles, CHUNK=chunk, NB=num_buckets,
                                      num_warps=4)
     first = torch.empty_like(hist)  # gap chunks' entries stay unset: the scatter never reads them
     if len(pieces):
         step = _starts_step(starts, ends, chunk, options.sort_starts_chunks)
         bucket_starts_kernel[(len(pieces), bh)](pieces, hist, first, num_tiles, CB=step, NB=num_buckets, num_warps=4)
-    order = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
-    rank = torch.empty(bh, n, dtype=torch.int32, device=codes.device)
+    # [B, H, N] contiguous: (batch, head) rows n apart, no views to make afterwards
+    order = torch.empty(batch, heads, n, dtype=torch.int32, device=codes.device)
+    rank = torch.empty(batch, heads, n, dtype=torch.int32, device=codes.device)
     if is_aligned:
-        presorted_scatter_kernel[grid](tiles, flat, in_order, first, order, rank, flat.stride(0), order.stride(0),
+        presorted_scatter_kernel[grid](tiles, flat, in_order, first, order, rank, row_stride, n,
                                        num_tiles, CHUNK=chunk, NB=num_buckets, num_warps=4)
     else:
-        chunk_scatter_kernel[grid](tiles, flat, first, order, rank, flat.stride(0), order.stride(0), num_tiles,
+        chunk_scatter_kernel[grid](tiles, flat, first, order, rank, row_stride, n, num_tiles,
                                    CHUNK=chunk, NB=num_buckets, num_warps=warps)
-    return order.view(batch, heads, n), rank.view(batch, heads, n)
+    return order, rank
 
 
 def torch_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int, bounds):
