@@ -146,7 +146,8 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
         # the head dims pick the crossover's tier by comparisons (guards: sizes stay symbolic);
         # reading the generation makes torch.compile guard on it, so a configure() call retraces
         widest = max(q.shape[3], v.shape[3])
-        tier_dim = 64 if widest <= 64 else 128 if widest <= 128 else 256
+        # (257 stands for every head dim above the widest tier: dispatch refuses it where runtime would)
+        tier_dim = 64 if widest <= 64 else 128 if widest <= 128 else 256 if widest <= 256 else 257
         below = _crossover_of(backend, str(q.device), str(q.dtype).removeprefix("torch."), tier_dim, grad,
                               registry._options_generation)
         exact = is_exact_shape(q.shape[2], k.shape[2], bool(causal), config.min_seq_len, below)
