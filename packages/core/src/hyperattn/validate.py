@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from array_api_compat import is_torch_array
 
-from . import _arrays
+from . import _arrays, sampling
 from .config import check_bool
 from .protocol import Problem
 
@@ -118,7 +118,7 @@ def resolve_scale(scale, head_dim: int) -> float:
 def check_seed(seed) -> None:
     """An int seed must be in [0, 2**63) (what an int64 holds)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed < 2**63):
+                             or not 0 <= seed < sampling.SEED_LIMIT):
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
 
 
