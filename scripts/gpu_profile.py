@@ -2,6 +2,7 @@
 
     python scripts/gpu_profile.py [--n 131072]            # GPU: torch profiler tables, fwd and fwd+bwd
     python scripts/gpu_profile.py host [--causal]         # host: cProfile of the Python side of forward calls
+    python scripts/gpu_profile.py launch                  # host: microseconds per Triton launch and torch op
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pstats
 import time
 
 import torch
+import triton
+import triton.language as tl
 from torch.profiler import ProfilerActivity, profile
 
 import hyperattn
@@ -60,13 +63,61 @@ def host_profile(n: int, heads: int, dim: int, causal: bool, rows: int) -> None:
             hyperattn.attention(q, k, v, causal=causal, backend="triton")
         torch.cuda.synchronize()
         profiler.disable()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats("hyperattn", rows)
+
+
+@triton.jit
+def _touch_kernel(a, b, c, d, e, f, n, stride0, stride1, stride2, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """A kernel with the argument count of an attention launch that does almost nothing."""
+    if tl.program_id(0) == 0:
+        tl.store(a + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32) + SCALE, mask=tl.arange(0, BLOCK) < n)
+
+
+def launch_costs(calls: int = 2000) -> None:
+    """Host microseconds per call of: a Triton launch through ``kernel[grid](...)``, the same compiled
+    kernel through ``CompiledKernel.run`` (Triton's binder and cache lookup skipped), ``torch.empty``
+    and a small elementwise op. The GPU is kept ahead of the host (no waits)."""
+    buf = [torch.zeros(1024, device="cuda") for _ in range(6)]
+
+    def per_call(fn) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - start) / calls
+        torch.cuda.synchronize()
+        return host * 1e6
+
+    def triton_launch():
+        _touch_kernel[(4, 32)](*buf, 1000, 64, 128, 1, SCALE=1.0, BLOCK=1024)
+
+    compiled = _touch_kernel[(4, 32)](*buf, 1000, 64, 128, 1, SCALE=1.0, BLOCK=1024)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def direct_launch():
+        compiled.run(4, 32, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *buf, 1000, 64, 128, 1)
+
+    rows = {"triton kernel[grid](...)": triton_launch, "CompiledKernel.run": direct_launch,
+            "torch.empty((32, 4096), int32)": lambda: torch.empty((32, 4096), dtype=torch.int32, device="cuda"),
+            "tensor.view + slice": lambda: buf[0].view(32, 32)[1:, :16],
+            "torch.zeros_like": lambda: torch.zeros_like(buf[0]),
+            "torch.cuda.current_stream()": torch.cuda.current_stream}
+    for name, fn in rows.items():
+        try:
+            print(f"{name:<34} {per_call(fn):7.2f} us", flush=True)
+        except Exception as error:  # the direct launch's signature changes between Triton versions
+            print(f"{name:<34} failed: {type(error).__name__}: {error}", flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Profile one HyperAttention step on the Triton backend: GPU "
                                                  "kernel tables, or the host's Python time.")
-    parser.add_argument("what", nargs="?", choices=("gpu", "host"), default="gpu")
+    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch"), default="gpu")
     parser.add_argument("--n", type=int, default=131072, help="sequence length")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
@@ -75,6 +126,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.what == "gpu":
         gpu_tables(args.n, args.heads, args.dim, args.rows or 12)
+    elif args.what == "launch":
+        launch_costs()
     else:
         host_profile(args.n, args.heads, args.dim, args.causal, args.rows or 22)
     return 0

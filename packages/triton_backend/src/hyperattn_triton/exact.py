@@ -181,16 +181,20 @@ def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
     if folded is None:
         return False
     qf, kf, vf, out_f, dout_f, lse_f, dq_f, dk_f, dv_f = folded
-    out_f, dout_f = out_f.to(q.dtype), dout_f.to(q.dtype)  # the kernel's dtype (dout came from it)
+    if out_f.dtype != q.dtype:  # the kernel's dtype (dout came from it)
+        out_f, dout_f = out_f.to(q.dtype), dout_f.to(q.dtype)
     # in chunks of (head, segment) pairs: the fused kernel's own gradients (and workspace) for the
     # whole call would sit next to our fp32 accumulators, at the backward's memory peak
-    per_head = sum(x[:, :1].numel() * x.element_size() for x in (qf, kf, vf))
+    inputs, accumulators = (qf, kf, vf, out_f, dout_f, lse_f), (dq_f, dk_f, dv_f)
+    per_head = (qf.shape[2] * qf.shape[3] + 2 * kf.shape[2] * kf.shape[3]) * qf.shape[0] * qf.element_size()
     step = max(1, options.fused_backward_chunk_bytes // max(per_head, 1))
     for h0 in range(0, qf.shape[1], step):
-        part = slice(h0, h0 + step)
-        grads = fused_attention_backward(qf[:, part], kf[:, part], vf[:, part], out_f[:, part], dout_f[:, part],
-                                         lse_f[:, part].contiguous(), causal, scale, options.fused_kernels)
-        for acc, grad in zip((dq_f[:, part], dk_f[:, part], dv_f[:, part]), grads):
+        if step < qf.shape[1]:  # slice views only when there is more than one chunk (each costs host time)
+            inputs = tuple(x[:, h0:h0 + step] for x in (qf, kf, vf, out_f, dout_f, lse_f))
+            accumulators = tuple(x[:, h0:h0 + step] for x in (dq_f, dk_f, dv_f))
+        *tensors, lse_part = inputs
+        grads = fused_attention_backward(*tensors, lse_part.contiguous(), causal, scale, options.fused_kernels)
+        for acc, grad in zip(accumulators, grads):
             cast_into(acc, grad, not overwrite, options)
         del grads
     return True
