@@ -18,6 +18,7 @@ import triton.language as tl
 from torch.profiler import ProfilerActivity, profile
 
 import hyperattn
+from hyperattn_triton.launcher import direct
 
 
 def inputs(n: int, heads: int, dim: int, requires_grad: bool):
@@ -77,8 +78,9 @@ def _touch_kernel(a, b, c, d, e, f, n, stride0, stride1, stride2, SCALE: tl.cons
 
 def launch_costs(calls: int = 2000) -> None:
     """Host microseconds per call of: a Triton launch through ``kernel[grid](...)``, the same compiled
-    kernel through ``CompiledKernel.run`` (Triton's binder and cache lookup skipped), ``torch.empty``
-    and a small elementwise op. The GPU is kept ahead of the host (no waits)."""
+    kernel through ``CompiledKernel.run`` (Triton's binder and cache lookup skipped), through
+    ``hyperattn_triton.launcher.direct``, ``torch.empty`` and small torch ops. The GPU is kept ahead
+    of the host (no waits)."""
     buf = [torch.zeros(1024, device="cuda") for _ in range(6)]
 
     def per_call(fn) -> float:
@@ -98,11 +100,17 @@ def launch_costs(calls: int = 2000) -> None:
     compiled = _touch_kernel[(4, 32)](*buf, 1000, 64, 128, 1, SCALE=1.0, BLOCK=1024)
     stream = torch.cuda.current_stream().cuda_stream
 
-    def direct_launch():
+    def compiled_run():  # the floor: the launcher alone, every parameter (constexprs too) in order
         compiled.run(4, 32, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *buf, 1000, 64, 128, 1)
+                     *buf, 1000, 64, 128, 1, 1.0, 1024)
 
-    rows = {"triton kernel[grid](...)": triton_launch, "CompiledKernel.run": direct_launch,
+    wide = direct(_touch_kernel)
+
+    def direct_launch():
+        wide[(4, 32)](*buf, 1000, 64, 128, 1, SCALE=1.0, BLOCK=1024)
+
+    rows = {"triton kernel[grid](...)": triton_launch, "CompiledKernel.run": compiled_run,
+            "launcher.direct(kernel)[grid](...)": direct_launch,
             "torch.empty((32, 4096), int32)": lambda: torch.empty((32, 4096), dtype=torch.int32, device="cuda"),
             "tensor.view + slice": lambda: buf[0].view(32, 32)[1:, :16],
             "torch.zeros_like": lambda: torch.zeros_like(buf[0]),

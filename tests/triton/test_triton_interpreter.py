@@ -277,6 +277,43 @@ def test_causal_levels_sort_presorted_chunks_like_the_reference(chunk):
     assert not sorting.aligned(np.array([0]), np.array([n]), n, chunk)  # the one whole range: no presort
 
 
+@pytest.mark.parametrize("chunk", [16] if INTERPRETED else [16, 256])
+def test_sort_pair_sorts_stacked_codes_in_one_sort_like_two(chunk, monkeypatch):
+    """``lsh_codes_pair`` stacks q's and k's codes; ``sort_pair`` sorts them in one counting sort for a
+    causal level (disjoint query and key ranges) and a non-causal piece (the same ranges), and in two
+    where the ranges overlap: inside every range, the reference's two sorts."""
+    from hyperattn.protocol import Segments
+    from hyperattn_triton import sorting
+
+    backend = sort_backend(sort_chunk=chunk, sort_interpreter_chunk=chunk)
+    reference = backend_status("reference").backend
+    n, bits, c = 8 * chunk + 5, 3, chunk
+    rng = np.random.default_rng(chunk)
+    q, k = (torch.from_numpy(rng.standard_normal((2, 3, n, 16))).float().to(DEVICE) for _ in range(2))
+    projections = torch.from_numpy(rng.standard_normal((16, bits))).float().to(DEVICE)
+    q_codes, k_codes = backend.lsh_codes_pair(q, k, projections)
+    assert sorting.stacked_codes(q_codes, k_codes) is not None
+    np.testing.assert_array_equal(q_codes.cpu().numpy(), backend.lsh_codes(q, projections).cpu().numpy())
+    host_q, host_k = q_codes.cpu().numpy(), k_codes.cpu().numpy()
+    sorts = []
+    counting = sorting.counting_segment_sort
+    monkeypatch.setattr(sorting, "counting_segment_sort", lambda *a, **kw: sorts.append(1) or counting(*a, **kw))
+    pieces = {"level 1": ([(4 * c, n, 0, 4 * c)], 1), "level 2": ([(2 * c, 4 * c, 0, 2 * c), (6 * c, n, 4 * c, 6 * c)], 1),
+              "non-causal": ([(0, n, 0, n)], 1),
+              "overlapping": ([(0, n, 0, 3 * c)], 3)}  # the joint sort declines, then two sorts
+    for name, (ranges, expected_sorts) in pieces.items():
+        sorts.clear()
+        segments = Segments.from_ranges(ranges)
+        q_order, k_order, k_rank = (x.cpu().numpy() for x in backend.sort_pair(q_codes, k_codes, segments, bits))
+        assert len(sorts) == expected_sorts, name
+        want_q = reference.segment_sort(host_q, segments.q_start, segments.q_end)[0]
+        want_k, want_rank = reference.segment_sort(host_k, segments.k_start, segments.k_end)
+        for qs, qe, ks, ke in ranges:
+            np.testing.assert_array_equal(q_order[..., qs:qe], want_q[..., qs:qe], err_msg=name)
+            np.testing.assert_array_equal(k_order[..., ks:ke], want_k[..., ks:ke], err_msg=name)
+            np.testing.assert_array_equal(k_rank[..., ks:ke], want_rank[..., ks:ke], err_msg=name)
+
+
 def test_a_training_step_leaves_no_tensor_in_reference_cycles():
     """After forward and backward every tensor of the call is freed by reference counting: one in
     a cycle (once the returned lse, kept on the autograd context, held its own graph node and so
@@ -632,7 +669,7 @@ def test_a_warm_call_makes_few_torch_operations():
     from torch.overrides import TorchFunctionMode
 
     free = {"__get__", "stride", "dim", "numel", "__len__", "is_contiguous", "size", "data_ptr",
-            "untyped_storage", "storage_offset", "new_empty"}  # reads, and the interpreter's own copies
+            "untyped_storage", "storage_offset", "new_empty", "element_size"}  # reads, and the interpreter's own copies
 
     class Count(TorchFunctionMode):
         def __init__(self):
@@ -652,7 +689,8 @@ def test_a_warm_call_makes_few_torch_operations():
     with Count() as count:
         hyperattn.attention(q, k, v, **params)
     levels = 2
-    # out and lse; per codes tensor its codes; per level and side the sort's 3 outputs; per level
-    # the samples and their key blocks
-    expected = {"empty": 1 + 2 + levels * 2 * 3 + levels * 2, "full": 1, "empty_like": levels * 2}
+    # out and lse; the codes of q and k in one buffer, and its two halves; per level one sort of
+    # both (its 3 outputs; q's and k's orders apart, k's ranks), the samples and their key blocks
+    expected = {"empty": 1 + 1 + levels * 3 + levels * 2, "unbind": 1 + levels, "__getitem__": levels,
+                "full": 1, "empty_like": levels}
     assert {name: count.names.count(name) for name in set(count.names)} == expected, count.names

@@ -344,6 +344,21 @@ class Backend(abc.ABC):
         backend may keep their device copies.  This default copies every time."""
         return self.from_host(values, like)
 
+    def lsh_codes_pair(self, q: Array, k: Array, projections: Array) -> tuple[Array, Array]:
+        """``(lsh_codes(q, projections), lsh_codes(k, projections))``: a backend may lay the two out
+        together, so that ``sort_pair`` sorts both at once."""
+        return self.lsh_codes(q, projections), self.lsh_codes(k, projections)
+
+    def sort_pair(self, q_codes: Array, k_codes: Array, segments: Segments,
+                  code_bits: int = 64) -> tuple[Array, Array, Array]:
+        """``(q_order, k_order, k_rank)`` of a sparse piece (see :class:`SparseStructure`): the query
+        codes sorted within each segment's query range, the key codes within its key range.  Only
+        the entries inside those ranges are specified (a backend may sort both in one pass, the
+        query ranges of the keys' codes too).  This default makes two ``segment_sort`` calls."""
+        q_order, _ = self.segment_sort(q_codes, segments.q_start, segments.q_end, code_bits=code_bits)
+        k_order, k_rank = self.segment_sort(k_codes, segments.k_start, segments.k_end, code_bits=code_bits)
+        return q_order, k_order, k_rank
+
     def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int,
                      like: Array) -> Array:
         """[B, Hk, S, m] integer key samples of sparse piece ``stream``: ``hyperattn.sampling``'s

@@ -8,6 +8,7 @@ import torch
 from .indices import IndexTensors
 from .kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel
 from .kernels.common import LOG2E
+from .launcher import direct
 from .launches import Launch, padded_dim
 
 
@@ -35,7 +36,7 @@ def forward(q, k, v, tiles, ix: IndexTensors, permuted: bool, scale: float, out,
     if len(tiles) == 0:
         return
     meta = launch_meta(q, v, launch, permuted, k, out, lse)
-    attention_fwd_kernel[(len(tiles), q.shape[0] * q.shape[1])](
+    direct(attention_fwd_kernel)[(len(tiles), q.shape[0] * q.shape[1])](
         q, k, v, out, lse, tiles,
         ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -63,7 +64,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
     scale_log2 = scale * LOG2E.value
     if len(q_tiles):
         meta = launch_meta(q, v, dq_launch, permuted, k, dout, dq, lse)
-        attention_bwd_dq_kernel[(len(q_tiles), q.shape[0] * q.shape[1])](
+        direct(attention_bwd_dq_kernel)[(len(q_tiles), q.shape[0] * q.shape[1])](
             q, k, v, dout, lse, delta, dq, q_tiles,
             ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
             *common, *dq.stride(), *ix.order_strides, *ix.sample_strides,
@@ -82,7 +83,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
         else:
             dk_out, dv_out = dk, dv
         meta = launch_meta(q, v, dkdv_launch, permuted, k, dout, dk_out, dv_out, lse)
-        attention_bwd_dkdv_kernel[(len(tiles), k.shape[0] * k.shape[1])](
+        direct(attention_bwd_dkdv_kernel)[(len(tiles), k.shape[0] * k.shape[1])](
             q, k, v, dout, lse, delta, dk_out, dv_out, tiles,
             ix.q_order, ix.k_order, q_blocks, ix.samples, ix.sample_blocks, ix.log_w,
             *common, *dk_out.stride(), *dv_out.stride(), *ix.order_strides, *ix.sample_strides,

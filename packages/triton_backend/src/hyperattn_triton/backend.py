@@ -22,6 +22,7 @@ from hyperattn.protocol import Backend, Capabilities, Segments, SparseStructure
 from . import attention, exact, lsh, sorting
 from .indices import StructureIndices
 from .kernels.utility import draw_samples_kernel, row_dot_kernel
+from .launcher import direct
 from .launches import HEAD_DIM_TIERS, launch_for, padded_dim
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables, PinnedRing, host_to_device
@@ -99,7 +100,7 @@ class TritonBackend(Backend):
         in_memory = isinstance(seed, torch.Tensor)
         launch = launch_for(self.options.launches, "draw_samples", like.shape[3])
         per_head = count * m
-        draw_samples_kernel[(triton.cdiv(per_head, launch.block), batch * kv_heads)](
+        direct(draw_samples_kernel)[(triton.cdiv(per_head, launch.block), batch * kv_heads)](
             out, k_start, k_len, 0 if in_memory else seed, seed if in_memory else k_start, stream, per_head, m,
             SEED_IN_MEMORY=in_memory, BLOCK=launch.block, num_warps=launch.warps,
         )
@@ -122,7 +123,7 @@ class TritonBackend(Backend):
         batch, heads, n, dim = a.shape
         result = torch.empty(batch, heads, n, dtype=torch.float32, device=a.device)
         launch = launch_for(self.options.launches, "row_dot", dim)
-        row_dot_kernel[(triton.cdiv(n, launch.block), batch * heads)](
+        direct(row_dot_kernel)[(triton.cdiv(n, launch.block), batch * heads)](
             a, b, result, n, heads, *a.stride(), *b.stride(), *result.stride(),
             DIM=dim, D_PAD=padded_dim(dim), BLOCK=launch.block, num_warps=launch.warps,
         )
@@ -132,6 +133,19 @@ class TritonBackend(Backend):
     def lsh_codes(self, x, projections):
         """One fused launch: x times the projections (fp32-accurate), sign bits, Gray rank."""
         return lsh.lsh_codes(x, projections, self.options.launches, self.prepared_projections)
+
+    def lsh_codes_pair(self, q, k, projections):
+        """Both codes in one buffer where q and k have one shape (``sort_pair`` then sorts them together)."""
+        if q.shape[:3] != k.shape[:3]:
+            return super().lsh_codes_pair(q, k, projections)
+        return lsh.lsh_codes_pair(q, k, projections, self.options.launches, self.prepared_projections)
+
+    def sort_pair(self, q_codes, k_codes, segments: Segments, code_bits: int = 64):
+        """One counting sort of both codes where they share a buffer and their ranges allow (see
+        sorting.py), else two sorts."""
+        paired = sorting.sort_pair(q_codes, k_codes, segments, code_bits, options=self.options,
+                                   tables=self.device_tables, presorted=self.presorted_codes)
+        return paired if paired is not None else super().sort_pair(q_codes, k_codes, segments, code_bits)
 
     def segment_sort(self, codes, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64):
         """int32 (order, rank): a counting sort for codes of up to ``sorting.MAX_BITS`` bits (see

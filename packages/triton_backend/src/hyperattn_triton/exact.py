@@ -17,11 +17,10 @@ from hyperattn.kernel_utils import merge_partial
 from hyperattn.protocol import Segments
 
 from .kernels.utility import cast_rows_kernel
-from .launches import launch_for, padded_dim
+from .launcher import direct
+from .launches import MAX_GRID_Y, launch_for, padded_dim
 from .options import TritonOptions, interpreting
 
-#: CUDA's limit on a launch grid's second axis (batch x heads in these kernels).
-MAX_GRID_Y = 65535
 #: The widest head the fused kernels take.
 MAX_FUSED_HEAD_DIM = 256
 
@@ -125,7 +124,7 @@ def cast_into(dst, src, add: bool, options: TritonOptions) -> None:
         return
     batch, heads, n, dim = dst.shape
     launch = launch_for(options.launches, "cast_rows", dim)
-    cast_rows_kernel[(triton.cdiv(n, launch.block), batch * heads)](
+    direct(cast_rows_kernel)[(triton.cdiv(n, launch.block), batch * heads)](
         src, dst, n, heads, *src.stride(), *dst.stride(), DIM=dim, D_PAD=padded_dim(dim), BLOCK=launch.block, ADD=add,
         num_warps=launch.warps,
     )
@@ -181,8 +180,8 @@ def flash_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
     if folded is None:
         return False
     qf, kf, vf, out_f, dout_f, lse_f, dq_f, dk_f, dv_f = folded
-    if out_f.dtype != q.dtype:  # the kernel's dtype (dout came from it)
-        out_f, dout_f = out_f.to(q.dtype), dout_f.to(q.dtype)
+    # in the kernel's dtype (a no-op, without an operation, where they have it already)
+    out_f, dout_f = (x if x.dtype == q.dtype else x.to(q.dtype) for x in (out_f, dout_f))
     # in chunks of (head, segment) pairs: the fused kernel's own gradients (and workspace) for the
     # whole call would sit next to our fp32 accumulators, at the backward's memory peak
     inputs, accumulators = (qf, kf, vf, out_f, dout_f, lse_f), (dq_f, dk_f, dv_f)

@@ -11,8 +11,9 @@ import torch
 from hyperattn.protocol import SparseStructure
 
 from .kernels.utility import sample_blocks_kernel
+from .launcher import direct
 from .launches import LaunchTable, launch_for
-from .staging import DeviceTables
+from .staging import DeviceTables, capturing_on
 from .tiles import log_sample_weights, query_blocks
 
 
@@ -62,11 +63,18 @@ class StructureIndices:
             indices.q_blocks = self._tables.get(query_blocks, q, structure, q.shape[2])
         return indices.q_blocks
 
+    def _new_dummies(self, q):
+        """One-element int32 and float32 tensors on q's device, kept per device unless made while a
+        CUDA graph is captured (see ``staging``: what a capture makes must not outlive it)."""
+        made = (torch.zeros(1, dtype=torch.int32, device=q.device), torch.zeros(1, dtype=torch.float32, device=q.device))
+        if not capturing_on(q):
+            self._dummies[q.device] = made
+        return made
+
     def _make(self, q, structure, launches: LaunchTable) -> IndexTensors:
         device = q.device
         # made once per device (each torch operation costs host time on every call)
-        dummy, zero_weight = self._dummies.get(device) or self._dummies.setdefault(
-            device, (torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.float32, device=device)))
+        dummy, zero_weight = self._dummies.get(device) or self._new_dummies(q)
         if structure is None:
             return IndexTensors(dummy, dummy, dummy, dummy, zero_weight, (0, 0, 0, 0), (0, 0, 0), 0)
         q_order, k_order = (as_int32(x) for x in (structure.q_order, structure.k_order))
@@ -79,7 +87,7 @@ class StructureIndices:
             batch, kv_heads, segments, m = samples.shape
             sample_blocks = torch.empty(samples.shape, dtype=torch.int32, device=device)
             launch = launch_for(launches, "sample_blocks", q.shape[3])
-            sample_blocks_kernel[(batch * kv_heads,)](
+            direct(sample_blocks_kernel)[(batch * kv_heads,)](
                 samples, structure.k_rank, sample_blocks, segments * m, kv_heads, *samples.stride()[:2],
                 *structure.k_rank.stride(), structure.block_size, BLOCK=launch.block, num_warps=launch.warps)
             sample_strides = samples.stride()[:3]

@@ -24,6 +24,9 @@ from types import MappingProxyType
 
 import triton
 
+#: CUDA's limit on a launch grid's second axis (batch x heads in most kernels).
+MAX_GRID_Y = 65535
+
 #: The head-dim tiers, in the order of a :class:`Tiers`'s launches.
 HEAD_DIM_TIERS = (64, 128, 256)
 TIER_NAMES = ("d64", "d128", "d256")

@@ -7,6 +7,7 @@ import torch
 import triton
 
 from .kernels.lsh import lsh_codes_kernel, split_projections_kernel
+from .launcher import direct
 from .launches import LaunchTable, launch_for, padded_dim
 from .staging import DerivedTensors
 
@@ -18,16 +19,28 @@ def split_projections(projections, dtype, terms: int, d_pad: int, r_pad: int):
     dim, num_projs = projections.shape
     shape, out_dtype = ((terms, d_pad, r_pad), dtype) if terms > 0 else ((d_pad, r_pad), torch.float32)
     out = torch.empty(shape, dtype=out_dtype, device=projections.device)
-    split_projections_kernel[(1,)](projections, out, *projections.stride(), HEAD_DIM=dim, NUM_PROJS=num_projs,
+    direct(split_projections_kernel)[(1,)](projections, out, *projections.stride(), HEAD_DIM=dim, NUM_PROJS=num_projs,
                                    D_PAD=d_pad, R_PAD=r_pad, TERMS=terms, num_warps=1)
     return out
 
 
-def lsh_codes(x, projections, launches: LaunchTable, prepared: DerivedTensors):
+def code_dtype(num_projs: int):
+    """The codes' dtype for ``num_projs`` projections."""
+    return torch.int32 if num_projs < 32 else torch.int64
+
+
+def lsh_codes_pair(q, k, projections, launches: LaunchTable, prepared: DerivedTensors):
+    """``(lsh_codes(q), lsh_codes(k))`` written into halves of one [2, B, H, N] buffer (q and k of
+    one shape [B, H, N, .]), which ``sorting.stacked_codes`` recognises: one sort then covers both."""
+    pair = torch.empty(2, *q.shape[:3], dtype=code_dtype(projections.shape[1]), device=q.device)
+    return tuple(lsh_codes(x, projections, launches, prepared, out=codes) for x, codes in zip((q, k), pair))
+
+
+def lsh_codes(x, projections, launches: LaunchTable, prepared: DerivedTensors, out=None):
     """Gray-code ranks of x's sign patterns in one fused launch (projections fp32-accurate, sign
     bits, Gray rank): fp16/bf16 rows through split matrix-unit products (``"lsh_split"``), fp32 rows
     through multiply-and-reduce passes (``"lsh_reduce"``).  ``prepared`` keeps the prepared
-    projections per projections tensor (q and k share them)."""
+    projections per projections tensor (q and k share them); ``out``: [B, H, N] codes to write."""
     batch, heads, n, dim = x.shape
     num_projs = projections.shape[1]
     d_pad, r_pad = padded_dim(dim), padded_dim(num_projs)
@@ -38,9 +51,8 @@ def lsh_codes(x, projections, launches: LaunchTable, prepared: DerivedTensors):
     # q and k share their projections: prepared once per call (and again if changed in place)
     prepared_projections = prepared.get(projections, (x.dtype if split else torch.float32, terms),
                                         lambda: split_projections(projections, x.dtype, terms, d_pad, r_pad))
-    code_dtype = torch.int32 if num_projs < 32 else torch.int64
-    codes = torch.empty(batch, heads, n, dtype=code_dtype, device=x.device)
-    lsh_codes_kernel[(triton.cdiv(n, launch.block), batch * heads)](
+    codes = torch.empty(batch, heads, n, dtype=code_dtype(num_projs), device=x.device) if out is None else out
+    direct(lsh_codes_kernel)[(triton.cdiv(n, launch.block), batch * heads)](
         x, prepared_projections, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
         HEAD_DIM=dim, D_PAD=d_pad, NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=launch.block,
         SPLIT=terms, num_warps=launch.warps,

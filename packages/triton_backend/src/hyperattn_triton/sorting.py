@@ -22,6 +22,12 @@ in-chunk order do not depend on the level: ``chunk_presort_kernel`` computes the
 tensor (kept in a ``DerivedTensors`` while it lives), and each level runs only the prefix sums and
 ``presorted_scatter_kernel`` (no in-register sort).
 
+A sparse piece sorts its queries' codes within its query ranges and its keys' within its key
+ranges.  When the two codes tensors are the halves of one buffer (``lsh.lsh_codes_pair``) and the
+ranges are the same or disjoint (a non-causal call; a causal level, whose key and query ranges
+tile the rows), :func:`sort_pair` sorts both halves at once, as 2·B·H rows over the ranges of both:
+the same GPU work as two sorts (every position of a row is written either way), half the launches.
+
 Orders and ranks are int32 (what the attention kernels read).
 """
 
@@ -31,6 +37,8 @@ import numpy as np
 import torch
 import triton
 
+from hyperattn.protocol import Segments
+
 from .kernels.sort import (
     bucket_starts_kernel,
     chunk_histogram_kernel,
@@ -38,6 +46,8 @@ from .kernels.sort import (
     chunk_scatter_kernel,
     presorted_scatter_kernel,
 )
+from .launcher import direct
+from .launches import MAX_GRID_Y
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables
 from .tiles import split_ranges
@@ -112,23 +122,61 @@ def _presort(codes, flat, row_stride: int, num_buckets: int, chunk: int, warps: 
     ``presorted``)."""
 
     def presort():
-        bh, n = codes.shape[0] * codes.shape[1], codes.shape[2]
+        n = flat.shape[-1]
+        bh = flat.numel() // max(n, 1)
         num_tiles = triton.cdiv(n, chunk)
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=flat.device)
         in_order = torch.empty(bh, n, dtype=torch.int32, device=flat.device)
-        chunk_presort_kernel[(num_tiles, bh)](flat, hist, in_order, n, row_stride, in_order.stride(0), num_tiles,
+        direct(chunk_presort_kernel)[(num_tiles, bh)](flat, hist, in_order, n, row_stride, in_order.stride(0), num_tiles,
                                               CHUNK=chunk, NB=num_buckets, num_warps=warps)
         return hist, in_order
 
     return presorted.get(codes, (chunk, num_buckets), presort)
 
 
+def stacked_codes(q_codes, k_codes):
+    """The [2, B, H, N] buffer whose halves are ``q_codes`` and ``k_codes`` (``lsh.lsh_codes_pair``),
+    or None."""
+    base = q_codes._base
+    if base is None or k_codes._base is not base or base.dim() != 4 or base.shape[0] != 2 or not base.is_contiguous():
+        return None
+    half = q_codes.numel() * q_codes.element_size()
+    same = q_codes.data_ptr() == base.data_ptr() and k_codes.data_ptr() == base.data_ptr() + half
+    return base if same else None
+
+
+def joint_ranges(segments: Segments):
+    """(starts, ends) that cover a piece's query and key ranges at once, for both halves of stacked
+    codes: the ranges themselves when the query and key ranges are the same, both sets when they
+    differ (overlaps among them make the counting sort decline)."""
+    if np.array_equal(segments.q_start, segments.k_start) and np.array_equal(segments.q_end, segments.k_end):
+        return segments.q_start, segments.q_end
+    return np.concatenate([segments.q_start, segments.k_start]), np.concatenate([segments.q_end, segments.k_end])
+
+
+def sort_pair(q_codes, k_codes, segments: Segments, code_bits: int, **sort_state):
+    """(q_order, k_order, k_rank) as ``Backend.sort_pair`` in one counting sort of stacked codes, or
+    None where it does not apply (see the module docstring); ``sort_state``: the keyword arguments
+    of ``counting_segment_sort``."""
+    base = stacked_codes(q_codes, k_codes)
+    if base is None or 2 * q_codes.shape[0] * q_codes.shape[1] > MAX_GRID_Y:  # rows along the grid's second axis
+        return None
+    starts, ends = joint_ranges(segments)
+    counted = counting_segment_sort(base, starts, ends, code_bits, **sort_state)
+    if counted is None:
+        return None
+    order, rank = counted
+    q_order, k_order = order.unbind(0)
+    return q_order, k_order, rank[1]
+
+
 def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits: int, *, options: TritonOptions,
                           tables: DeviceTables, presorted: DerivedTensors):
-    """(order, rank) int32 [B, H, N] as ``Backend.segment_sort``, or None when it does not apply
-    (codes wider than MAX_BITS, overlapping segments, or N beyond int32).  ``tables`` keeps the
-    device copies of the chunk tables, ``presorted`` the presort of each codes tensor."""
-    batch, heads, n = codes.shape
+    """(order, rank) int32 of codes' shape as ``Backend.segment_sort``, or None when it does not
+    apply (codes wider than MAX_BITS, overlapping segments, or N beyond int32).  ``codes``: [B, H, N],
+    or contiguous [..., N] (each row sorted alike).  ``tables`` keeps the device copies of the chunk
+    tables, ``presorted`` the presort of each codes tensor."""
+    n = codes.shape[-1]
     chunk = chunk_size(options)
     if code_bits > MAX_BITS or n >= 2**31 - chunk:
         return None
@@ -141,10 +189,11 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     # the kernels address row (b, h) at b * H + h times one stride: the codes as they are when
     # their (batch, head) rows are evenly spaced (each torch operation costs host time), else a copy
     flat = codes
-    if codes.stride(2) != 1 or codes.stride(0) != heads * codes.stride(1):
+    evenly_spaced = codes.dim() == 3 and codes.stride(2) == 1 and codes.stride(0) == codes.shape[1] * codes.stride(1)
+    if not evenly_spaced and not codes.is_contiguous():
         flat = codes.contiguous()
-    row_stride = flat.stride(1)
-    bh, num_tiles = batch * heads, len(tiles)
+    row_stride = flat.stride(-2)
+    bh, num_tiles = codes.numel() // max(n, 1), len(tiles)
     grid = (num_tiles, bh)
     warps = options.sort_scatter_warps
     is_aligned = aligned(starts, ends, n, chunk)
@@ -152,20 +201,20 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
         hist, in_order = _presort(codes, flat, row_stride, num_buckets, chunk, warps, presorted)
     else:
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=codes.device)
-        chunk_histogram_kernel[grid](tiles, flat, hist, row_stride, num_tiles, CHUNK=chunk, NB=num_buckets,
+        direct(chunk_histogram_kernel)[grid](tiles, flat, hist, row_stride, num_tiles, CHUNK=chunk, NB=num_buckets,
                                      num_warps=4)
     first = torch.empty_like(hist)  # gap chunks' entries stay unset: the scatter never reads them
     if len(pieces):
         step = _starts_step(starts, ends, chunk, options.sort_starts_chunks)
-        bucket_starts_kernel[(len(pieces), bh)](pieces, hist, first, num_tiles, CB=step, NB=num_buckets, num_warps=4)
-    # [B, H, N] contiguous: (batch, head) rows n apart, no views to make afterwards
-    order = torch.empty(batch, heads, n, dtype=torch.int32, device=codes.device)
-    rank = torch.empty(batch, heads, n, dtype=torch.int32, device=codes.device)
+        direct(bucket_starts_kernel)[(len(pieces), bh)](pieces, hist, first, num_tiles, CB=step, NB=num_buckets, num_warps=4)
+    # in the codes' shape, contiguous: (batch, head) rows n apart, no views to make afterwards
+    order = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
+    rank = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
     if is_aligned:
-        presorted_scatter_kernel[grid](tiles, flat, in_order, first, order, rank, row_stride, n,
+        direct(presorted_scatter_kernel)[grid](tiles, flat, in_order, first, order, rank, row_stride, n,
                                        num_tiles, CHUNK=chunk, NB=num_buckets, num_warps=4)
     else:
-        chunk_scatter_kernel[grid](tiles, flat, first, order, rank, row_stride, n, num_tiles,
+        direct(chunk_scatter_kernel)[grid](tiles, flat, first, order, rank, row_stride, n, num_tiles,
                                    CHUNK=chunk, NB=num_buckets, num_warps=warps)
     return order, rank
 

@@ -9,13 +9,18 @@
 
 While a CUDA graph is being captured the caches neither add entries (a copy or kernel recorded
 then fills its tensor only when the graph replays, so an eager call must not find it) nor let go
-of the ones the graph reads: those are held for the life of the cache, never evicted or freed.
+of the entries made before that the graph reads: those are held for the life of the cache, never
+evicted or freed.  What a capture makes is not kept past its last use: it lives in the graph's
+memory pool, and the graph's own copy or kernel refills it on every replay (as any intermediate of
+the graph); ``torch.compile``'s CUDA-graph trees also refuse pool memory that outlives the capture
+unless it is an output.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -139,7 +144,8 @@ class DeviceTables:
         self._stage = stage
         self._capacity = capacity
         self._tables: collections.OrderedDict = collections.OrderedDict()
-        self.held = []  # tables read by captured CUDA graphs (see the module docstring)
+        # tables read by captured CUDA graphs, by id (see the module docstring): held, ids stay unique
+        self.held = {}
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -153,15 +159,14 @@ class DeviceTables:
         if key in self._tables:
             self._tables.move_to_end(key)
             if capturing:
-                self.held.append(self._tables[key])
+                self.held[id(self._tables[key])] = self._tables[key]
             return self._tables[key]
         host = build(*args)
         if isinstance(host, tuple):
             tables = tuple(self._stage(t, like) for t in host)
         else:
             tables = None if host is None else self._stage(host, like)
-        if capturing:
-            self.held.append(tables)
+        if capturing:  # filled only by the graph: neither cached nor kept (see the module docstring)
             return tables
         self._tables[key] = tables
         while len(self._tables) > self._capacity():
@@ -174,14 +179,16 @@ class DerivedTensors:
     in-place change of it (``Tensor._version``): a call's q and k share their prepared projections,
     a causal call's levels one presort of the codes.
 
-    One made while a CUDA graph is captured is kept for that capture's later uses (a causal call's
-    levels share their presort inside the graph too) but marked: eager calls make their own, since
-    the captured one is filled only when the graph replays."""
+    One made while a CUDA graph is captured is shared by that capture's later uses while it is alive
+    (a causal call's levels share their presort inside the graph too), through a weak reference: it
+    is not kept past its last use, and eager calls make their own, since the captured one is filled
+    only when the graph replays."""
 
     def __init__(self):
-        self._entries = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> (its version, {key: derived})
-        self._recorded = set()  # id() of derived tensors made during a capture
-        self.held = []  # derived tensors read by captured CUDA graphs (see the module docstring)
+        # tensor -> (its version, {key: (derived, None) made eagerly or (None, weakref) during a capture})
+        self._entries = torch.utils.weak.WeakIdKeyDictionary()
+        # derived tensors made eagerly that captured CUDA graphs read, by id (see the module docstring)
+        self.held = {}
 
     def __contains__(self, tensor) -> bool:
         return tensor in self._entries
@@ -193,11 +200,13 @@ class DerivedTensors:
         if version != tensor._version:
             derived = {}
             self._entries[tensor] = (tensor._version, derived)
-        value = derived.get(key)
-        if value is None or (not capturing and id(value) in self._recorded):
-            value = derived[key] = make()
+        value, recorded = derived.get(key, (None, None))
+        if value is not None:
             if capturing:
-                self._recorded.add(id(value))
-        if capturing:
-            self.held.append(value)  # held for good: its id stays unique while it is marked
+                self.held[id(value)] = value
+            return value
+        if capturing and recorded is not None and (value := recorded()) is not None:
+            return value
+        value = make()
+        derived[key] = (None, weakref.ref(value)) if capturing else (value, None)
         return value

@@ -165,8 +165,7 @@ def plan_attention(
                                          q)
         else:
             proj = backend.to_native(projs)
-        q_codes = backend.lsh_codes(q, proj)
-        k_codes = backend.lsh_codes(k, proj)
+        q_codes, k_codes = backend.lsh_codes_pair(q, k, proj)
         for stream, ranges in enumerate(sparse_calls):
             segments = Segments.from_ranges(ranges)
             yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream))
@@ -177,8 +176,7 @@ def plan_attention(
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0) -> SparseStructure:
     """Sort each segment by LSH code and draw its samples (``backend.draw_samples``, stream ``stream``)."""
     bits = config.lsh_num_projs
-    q_order, _ = backend.segment_sort(q_codes, segments.q_start, segments.q_end, code_bits=bits)
-    k_order, k_rank = backend.segment_sort(k_codes, segments.k_start, segments.k_end, code_bits=bits)
+    q_order, k_order, k_rank = backend.sort_pair(q_codes, k_codes, segments, code_bits=bits)
     m = config.sample_size
     n_k = segments.k_len
     samples = None

@@ -1,0 +1,123 @@
+"""Direct launches of compiled Triton kernels: Triton's per-call argument binding skipped.
+
+``kernel[grid](*args, **meta)`` binds and specialises every argument, finds the compiled kernel
+and launches it; with the forty-odd arguments of an attention launch that host time matters as
+much as a short kernel's GPU time, and a causal call makes dozens of launches.  ``direct(kernel)``
+launches the same way, but after the first launch of each specialisation it keeps the compiled
+kernel under a key at least as fine as Triton's own specialisation, and later launches with that
+key go straight to the compiled kernel's launcher (the one ``JITFunction.run`` calls):
+
+* a tensor by its dtype and whether its address is 16-byte aligned (Triton's pointer
+  specialisation), an int by its value (finer than Triton's ``== 1`` and ``% 16``; an argument in
+  the kernel's ``do_not_specialize`` by whether it fits int32, its only specialisation), a float
+  or bool by its type (and a bool by its value), and the keyword arguments (constexprs, launch
+  options) by value; any other argument, or a launch hook set (profilers), takes Triton's path.
+* the device is the current one, as in Triton.
+
+Under the interpreter (``TRITON_INTERPRET=1``) every launch takes Triton's path.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton import knobs
+
+from .options import interpreting
+
+#: Keys kept per kernel before the cache starts again (ints are keyed by value).
+CACHE_LIMIT = 512
+
+_INT32 = (-(2**31), 2**31)
+
+
+class DirectLaunch:
+    """``direct(kernel)[grid](*args, **meta)``: ``kernel[grid](*args, **meta)`` with the binding
+    skipped for specialisations launched before (see the module docstring)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = getattr(kernel, "params", None)
+        # positions whose int arguments Triton does not specialise on their value
+        self._unspecialised = frozenset(p.num for p in params if p.do_not_specialize) if params else frozenset()
+        self._cache = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    def launch(self, grid, args: tuple, meta: dict):
+        if interpreting() or _hooked() or type(grid) is not tuple:
+            return self.kernel[grid](*args, **meta)
+        device = torch.cuda.current_device()
+        key = self._key(device, args, meta)
+        try:
+            entry = None if key is None else self._cache.get(key)
+        except TypeError:  # an unhashable keyword argument
+            key = entry = None
+        if entry is None:
+            compiled = self.kernel[grid](*args, **meta)
+            if key is not None:
+                self._remember(key, compiled, len(args), meta)
+            return compiled
+        compiled, tail = entry
+        grid = grid + (1, 1)
+        runtime = knobs.runtime  # the hooks as Triton passes them (no hook is active: no launch metadata)
+        compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                     compiled.packed_metadata, None, runtime.launch_enter_hook, runtime.launch_exit_hook, *args, *tail)
+        return compiled
+
+    def _key(self, device, args, meta):
+        """A hashable key at least as fine as Triton's specialisation of these arguments, or None."""
+        parts = [device]
+        unspecialised = self._unspecialised
+        for i, a in enumerate(args):
+            kind = type(a)
+            if kind is int:
+                parts.append(a if i not in unspecialised else ("i32", _INT32[0] <= a < _INT32[1]))
+            elif isinstance(a, torch.Tensor):
+                parts.append((a.dtype, a.data_ptr() % 16 == 0))
+            elif kind is float:
+                parts.append(float)
+            elif kind is bool or a is None:
+                parts.append((kind, a))
+            else:
+                return None
+        parts.append(tuple(meta.items()))
+        return tuple(parts)
+
+    def _remember(self, key, compiled, positional: int, meta: dict) -> None:
+        """Keep ``compiled`` with the values of the parameters after the positional ones (constexprs
+        given by keyword or left at their defaults): the launcher takes every parameter in order."""
+        params = getattr(self.kernel, "params", None)
+        if compiled is None or params is None or any(p.is_constexpr for p in params[:positional]):
+            return  # a positional constexpr may be a float, keyed by its type only
+        tail = []
+        for param in params[positional:]:
+            if param.name in meta:
+                if not param.is_constexpr:  # a runtime argument by keyword: its value is not in the key
+                    return
+                tail.append(meta[param.name])
+            elif param.has_default:
+                tail.append(param.default)
+            else:
+                return
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = (compiled, tuple(tail))
+
+
+def _hooked() -> bool:
+    """Whether a launch-enter hook is active (a profiler: it reads each launch's metadata).  Triton
+    keeps None or a chain of hooks, by version."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_LAUNCHERS: dict = {}
+
+
+def direct(kernel) -> DirectLaunch:
+    """The (one) direct launcher of ``kernel``, a ``triton.jit`` function."""
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = DirectLaunch(kernel)
+    return launcher
