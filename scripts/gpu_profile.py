@@ -3,6 +3,7 @@
     python scripts/gpu_profile.py [--n 131072]            # GPU: torch profiler tables, fwd and fwd+bwd
     python scripts/gpu_profile.py host [--causal]         # host: cProfile of the Python side of forward calls
     python scripts/gpu_profile.py launch                  # host: microseconds per Triton launch and torch op
+    python scripts/gpu_profile.py split --n 32768         # host: ms per call with and without the launches
 """
 
 from __future__ import annotations
@@ -122,10 +123,42 @@ def launch_costs(calls: int = 2000) -> None:
             print(f"{name:<34} failed: {type(error).__name__}: {error}", flush=True)
 
 
+def host_split(n: int, heads: int, dim: int) -> None:
+    """Host ms per forward call (seed fixed, back to back) with the Triton launches made, and with
+    them skipped (``DirectLaunch.launch`` stubbed): what the launches cost against the rest (Python,
+    torch operations, cuDNN calls). The stubbed calls' outputs are garbage: only their time counts."""
+    from hyperattn_triton import launcher
+
+    q, k, v = inputs(n, heads, dim, requires_grad=False)
+    real = launcher.DirectLaunch.launch
+
+    def per_call(causal: bool, calls: int = 30) -> float:
+        with torch.no_grad():
+            for _ in range(3):
+                hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton")
+            host = (time.perf_counter() - start) / calls
+            torch.cuda.synchronize()
+        return host * 1e3
+
+    for causal in (False, True):
+        with_launches = per_call(causal)
+        launcher.DirectLaunch.launch = lambda self, grid, args, meta: None
+        try:
+            without = per_call(causal)
+        finally:
+            launcher.DirectLaunch.launch = real
+        print(f"causal={causal!s:5} N={n}: host {with_launches:.3f} ms/call, launches skipped {without:.3f} ms/call",
+              flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Profile one HyperAttention step on the Triton backend: GPU "
                                                  "kernel tables, or the host's Python time.")
-    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch"), default="gpu")
+    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch", "split"), default="gpu")
     parser.add_argument("--n", type=int, default=131072, help="sequence length")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
@@ -136,6 +169,8 @@ def main(argv=None) -> int:
         gpu_tables(args.n, args.heads, args.dim, args.rows or 12)
     elif args.what == "launch":
         launch_costs()
+    elif args.what == "split":
+        host_split(args.n, args.heads, args.dim)
     else:
         host_profile(args.n, args.heads, args.dim, args.causal, args.rows or 22)
     return 0

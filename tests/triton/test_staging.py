@@ -64,3 +64,16 @@ def test_derived_tensors_keep_nothing_a_capture_made_past_its_last_use(capturing
     assert recorded() is None and not derived.held
     again = derived.get(source, "other", lambda: source * 7)
     assert torch.equal(again, source * 7)
+
+
+def test_derived_tuples_made_during_a_capture_are_shared_while_alive(capturing):
+    """A presort is a (hist, order) pair: both parts are referred to weakly."""
+    derived = staging.DerivedTensors()
+    source = torch.ones(3)
+    capturing["on"] = True
+    pair = derived.get(source, "presort", lambda: (source * 2, source * 3))
+    assert derived.get(source, "presort", lambda: (source * 4, source * 5)) is not None
+    assert derived.get(source, "presort", lambda: None)[0] is pair[0]
+    del pair
+    again = derived.get(source, "presort", lambda: (source * 6, source * 7))
+    assert torch.equal(again[0], source * 6)

@@ -25,6 +25,16 @@ from .options import TritonOptions, interpreting
 MAX_FUSED_HEAD_DIM = 256
 
 
+#: The fused kernels' inputs' alignment, in bytes (cuDNN's SDPA reads a tensor at an address off
+#: it from the address rounded down: it is given aligned copies).
+FUSED_ALIGNMENT = 16
+
+
+def aligned(*tensors) -> tuple:
+    """``tensors``, each off ``FUSED_ALIGNMENT`` replaced by a copy (new allocations are aligned)."""
+    return tuple(x if x.data_ptr() % FUSED_ALIGNMENT == 0 else x.clone() for x in tensors)
+
+
 def sdpa_backends(names) -> list:
     """``torch.nn.attention.SDPBackend`` members for names of ``SDPA_KERNELS``."""
     backend = torch.nn.attention.SDPBackend
@@ -38,6 +48,7 @@ def sdpa_in_order(q, k, v, causal: bool, scale: float, order):
     default order) tried first, then the rest in PyTorch's order.  Only the priority changes, for
     this call: the kernels a user disabled stay disabled.  Two C calls instead of
     ``sdpa_kernel(..., set_priority=True)``, whose Python overhead short host-bound calls feel."""
+    q, k, v = aligned(q, k, v)
     previous = torch._C._get_sdp_priority_order()
     first = [int(backend) for backend in sdpa_backends(order)]
     torch._C._set_sdp_priority_order(first + [backend for backend in previous if backend not in first])
@@ -64,6 +75,7 @@ def first_fused(kernels, cudnn, flash):
 
 def fused_attention_forward(q, k, v, causal: bool, scale: float, kernels):
     """(out, lse) of exact attention through the first of ``kernels`` that accepts the inputs."""
+    q, k, v = aligned(q, k, v)
     return first_fused(
         kernels,
         lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -74,6 +86,7 @@ def fused_attention_forward(q, k, v, causal: bool, scale: float, kernels):
 def fused_attention_backward(q, k, v, out, dout, lse, causal: bool, scale: float, kernels):
     """(dq, dk, dv) of exact attention through the first of ``kernels`` that accepts the inputs,
     given out and lse (which may be the final ones of a larger call)."""
+    q, k, v, out, dout, lse = aligned(q, k, v, out, dout, lse)
     seed = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is off: never read
     n_q, n_k = q.shape[2], k.shape[2]
     return first_fused(

@@ -205,8 +205,21 @@ class DerivedTensors:
             if capturing:
                 self.held[id(value)] = value
             return value
-        if capturing and recorded is not None and (value := recorded()) is not None:
+        if capturing and recorded is not None and (value := _alive(recorded)) is not None:
             return value
         value = make()
-        derived[key] = (None, weakref.ref(value)) if capturing else (value, None)
+        derived[key] = (None, _weak(value)) if capturing else (value, None)
         return value
+
+
+def _weak(value):
+    """Weak references to a tensor or to each tensor of a tuple."""
+    return tuple(weakref.ref(x) for x in value) if isinstance(value, tuple) else weakref.ref(value)
+
+
+def _alive(refs):
+    """What ``_weak`` referred to, or None once any of it is gone."""
+    if isinstance(refs, tuple):
+        values = tuple(ref() for ref in refs)
+        return None if any(x is None for x in values) else values
+    return refs()
