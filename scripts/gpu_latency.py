@@ -139,10 +139,12 @@ def main(argv=None) -> int:
         hyperattn.configure("triton", exact_below=previous.exact_below)
     if args.json:
         import datetime
+        import os
 
         with open(args.json, "w") as f:
             json.dump({"what": "scripts/gpu_latency.py", "card": torch.cuda.get_device_name(),
                        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                       "commit": os.environ.get("HYPERATTN_COMMIT", "unknown"),
                        "torch": torch.__version__, "units": "ms per call", "rows": rows}, f, indent=1)
     return 0
 
