@@ -174,9 +174,9 @@ def _four_causal_leaves(batch: int, device: str = "cuda"):
 
 def test_gpu_flash_exact_path_merges_like_the_kernel():
     """Merging the same exact piece twice keeps out and adds log 2 to lse (overwrite and merge branches)."""
+    from hyperattn.tiles import exact_tiles
     from hyperattn_triton.exact import flash_exact_forward
     from hyperattn_triton.launches import launch_for
-    from hyperattn_triton.tiles import exact_tiles
 
     backend = TRITON.backend
     options = backend.options

@@ -106,8 +106,8 @@ def test_int64_offsets_give_the_same_result(monkeypatch):
 
 
 def test_device_tables_are_built_once_per_distinct_arguments():
+    from hyperattn import tiles
     from hyperattn.protocol import Segments
-    from hyperattn_triton import tiles
     from hyperattn_triton.backend import TritonBackend
     from hyperattn_triton.options import TritonOptions
 

@@ -18,6 +18,7 @@ import torch
 import triton
 
 from hyperattn.protocol import Backend, Capabilities, Segments, SparseStructure
+from hyperattn.tiles import exact_key_tiles, exact_tiles, sample_key_tiles, sparse_key_tiles, sparse_tiles
 
 from . import attention, exact, lsh, sorting
 from .indices import StructureIndices
@@ -26,7 +27,6 @@ from .launcher import direct
 from .launches import HEAD_DIM_TIERS, launch_for, padded_dim
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables, PinnedRing, host_to_device
-from .tiles import exact_key_tiles, exact_tiles, sample_key_tiles, sparse_key_tiles, sparse_tiles
 
 
 class TritonBackend(Backend):

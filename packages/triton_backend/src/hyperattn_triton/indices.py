@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from hyperattn.protocol import SparseStructure
+from hyperattn.tiles import log_sample_weights, query_blocks
 
 from .kernels.utility import sample_blocks_kernel
 from .launcher import direct
 from .launches import LaunchTable, launch_for
 from .staging import DeviceTables, capturing_on
-from .tiles import log_sample_weights, query_blocks
 
 
 @dataclass

@@ -38,6 +38,7 @@ import torch
 import triton
 
 from hyperattn.protocol import Segments
+from hyperattn.tiles import split_ranges
 
 from .kernels.sort import (
     bucket_starts_kernel,
@@ -50,7 +51,6 @@ from .launcher import direct
 from .launches import MAX_GRID_Y
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables
-from .tiles import split_ranges
 
 #: Codes of at most this many bits are counting-sorted (2**bits buckets per chunk).
 MAX_BITS = 8

@@ -1,9 +1,9 @@
 """Tile tables: which rows meet which keys in each program of a launch (host NumPy, vectorised).
 
 Query-side tables (forward, dQ) have rows ``(segment, key block, q0, q1, k0, k1, diag)``; key-side
-tables (dK/dV) ``(segment, key block, k0, k1, q0, q1, diag)``; see ``kernels/attention.py`` for how
-the kernels read them.  Pure functions of their arguments: ``DeviceTables`` (staging.py) keeps their
-device copies.
+tables (dK/dV) ``(segment, key block, k0, k1, q0, q1, diag)``; the GPU backends' attention kernels
+read them (``hyperattn_triton/kernels/attention.py`` says how).  Pure functions of their arguments,
+shared by the backends through the core's public surface; each backend keeps their device copies.
 """
 
 from __future__ import annotations
