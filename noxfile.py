@@ -9,13 +9,15 @@ nox.options.default_venv_backend = "venv"  # not uv: uv would download a CUDA bu
 
 TORCH = "torch==2.13.0"  # always pinned: an unpinned torch pulls a multi-GB CUDA build
 TRITON = "triton==3.7.1"  # the version torch 2.13 pairs with
-PACKAGES = ["./packages/core", "./packages/reference", "./packages/triton_backend"]
+PACKAGES = ["./packages/core", "./packages/reference", "./packages/triton_backend", "./packages/cupy_backend"]
+# the CuPy backend's array library: it imports without a GPU (the backend then says it cannot run)
+CUPY = ["cupy-cuda13x==14.2.0", "ml_dtypes>=0.5"]
 # asv: the suite is checked too; transformers and matplotlib: the integration and benchmark tests
 TEST_DEPS = ["pytest>=8", "hypothesis>=6", "asv==0.6.6", "transformers>=5.17,<6", "matplotlib"]
 
 
 def install_project(session: nox.Session, *extra: str) -> None:
-    session.install(TORCH, TRITON, *extra)
+    session.install(TORCH, TRITON, *CUPY, *extra)
     session.install(*PACKAGES)
 
 

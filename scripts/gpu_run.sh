@@ -9,7 +9,7 @@ if [ -d .whl ]; then  # wheels carried from a machine with network (array-api-co
   # into the interpreter itself, not a --target folder: asv runs benchmarks with a clean environment
   python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/reference -e packages/triton_backend
+python3 -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/reference -e packages/triton_backend -e packages/cupy_backend
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 what=${1:-all}

@@ -23,11 +23,9 @@ def make_inputs(shape, *, seed=0, dtype=np.float64, kv_heads=None, n_k=None, v_d
 SMALL = dict(block_size=16, sample_size=10, lsh_num_projs=3, min_seq_len=20)
 
 
-def plan_on(plan, device):
-    """The same plan with its index arrays as torch tensors on ``device``."""
+def plan_on(plan, backend, like):
+    """The same plan with its index arrays as ``backend``'s native arrays on ``like``'s device."""
     import dataclasses
-
-    import torch
 
     from hyperattn.algorithm import Plan, SparsePiece
 
@@ -36,7 +34,7 @@ def plan_on(plan, device):
         if isinstance(piece, SparsePiece):
             st = piece.structure
             moved = {
-                name: None if getattr(st, name) is None else torch.from_numpy(np.asarray(getattr(st, name))).to(device)
+                name: None if getattr(st, name) is None else backend.from_host(np.asarray(getattr(st, name)), like)
                 for name in ("q_order", "k_order", "k_rank", "samples")
             }
             piece = SparsePiece(dataclasses.replace(st, **moved))
@@ -61,8 +59,9 @@ def run_both(q, k, v, *, causal, params, seed=0, backward=True, other="triton"):
                                config=HyperAttentionConfig(**params), seed=seed)
     results = {}
     d_out = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed))
-    for name, this, this_plan in (("reference", reference, plan), (other, backend, plan_on(plan, q.device))):
+    for name, this in (("reference", reference), (other, backend)):
         qn, kn, vn = (this.to_native(x) for x in (q, k, v))
+        this_plan = plan if this is reference else plan_on(plan, this, qn)
         out, lse = run_forward(this, this_plan, qn, kn, vn)
         grads = ()
         if backward:

@@ -70,7 +70,7 @@ def test_causal_forward_keeps_its_running_output_in_the_input_dtype():
     reference = backend_status("reference").backend
     plan = testing.seeded_plan(reference, q, k, causal=True, scale=0.25, config=HyperAttentionConfig(**SMALL), seed=0)
     assert len(plan.pieces) > 2 and TRITON.backend.capabilities.running_out_dtype == "input"
-    out, lse = run_forward(TRITON.backend, plan_on(plan, q.device), *(TRITON.backend.to_native(x) for x in (q, k, v)))
+    out, lse = run_forward(TRITON.backend, plan_on(plan, TRITON.backend, q), *(TRITON.backend.to_native(x) for x in (q, k, v)))
     assert out.dtype == torch.float16 and lse.dtype == torch.float32
     want_out, want_lse = run_forward(reference, plan, *(reference.to_native(x) for x in (q, k, v)))
     assert error_or_absolute(testing.to_numpy64(out), testing.to_numpy64(want_out)) < 3e-3

@@ -1,0 +1,83 @@
+"""Arrays in and out of the CuPy backend: torch CUDA tensors through DLPack (no copy) and cupy
+arrays as they are; bfloat16 through ``ml_dtypes.bfloat16`` (CuPy's bfloat16 dtype).
+
+Kernels run on CuPy's current stream.  For torch inputs that is made torch's current stream
+(:meth:`StreamBridge.scope`), so the kernels are ordered with the caller's torch work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+
+def is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def torch_to_cupy(x):
+    """A torch CUDA tensor as a cupy array over the same memory (bfloat16 through an int16 view)."""
+    import cupy
+    import torch
+
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return cupy.from_dlpack(x.view(torch.int16)).view(ml_dtypes.bfloat16)
+    return cupy.from_dlpack(x)
+
+
+def cupy_to_torch(y, dtype=None):
+    """A cupy array as a torch tensor over the same memory, then in ``dtype`` (a torch dtype)."""
+    import torch
+
+    if y.dtype.name == "bfloat16":
+        import cupy
+
+        out = torch.from_dlpack(y.view(cupy.int16)).view(torch.bfloat16)
+    else:
+        out = torch.from_dlpack(y)
+    return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+
+def cupy_dtype(name: str):
+    """The cupy/NumPy dtype of a dtype name ("bfloat16" through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    import numpy as np
+
+    return np.dtype(name)
+
+
+class StreamBridge:
+    """Which stream the kernels of the current thread's call run on: torch's current stream of the
+    inputs' device when the caller gave torch tensors (recorded by :meth:`record`), else CuPy's."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._streams = {}  # stream pointer -> cupy.cuda.ExternalStream
+
+    def record(self, x) -> None:
+        """Remember the caller's stream for an input ``x`` (torch: its device's current stream)."""
+        if is_torch(x):
+            import torch
+
+            self._local.stream = torch.cuda.current_stream(x.device).cuda_stream
+            self._local.device = x.device.index
+        else:
+            self._local.stream = None
+
+    def scope(self):
+        """A context in which CuPy's current stream is the recorded one (nothing to do for cupy inputs)."""
+        pointer = getattr(self._local, "stream", None)
+        if pointer is None:
+            return contextlib.nullcontext()
+        stream = self._streams.get(pointer)
+        if stream is None:
+            import cupy
+
+            stream = self._streams[pointer] = cupy.cuda.ExternalStream(pointer, self._local.device)
+        return stream

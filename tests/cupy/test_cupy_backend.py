@@ -1,0 +1,80 @@
+"""The CuPy backend without a GPU: it reports itself unavailable with its reason, an explicit
+``backend="cupy"`` says why, and its options are validated (naming the field)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("hyperattn_cupy")
+
+import hyperattn  # noqa: E402
+from hyperattn.registry import backend_status  # noqa: E402
+
+
+def _has_gpu() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is here")
+def test_without_a_gpu_the_backend_is_unavailable_and_says_why():
+    status = backend_status("cupy")
+    assert status.available and not status.runs_here  # installed, but it cannot run here
+    reason = status.backend.unavailable_reason()
+    assert "GPU" in reason
+    q = np.zeros((1, 1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="backend 'cupy' cannot run these inputs") as error:
+        hyperattn.attention(q, q, q, backend="cupy")
+    assert reason in str(error.value) and "numpy" in str(error.value)
+
+
+def test_auto_never_picks_an_unavailable_cupy():
+    q = np.random.default_rng(0).standard_normal((1, 1, 8, 8))
+    hyperattn.attention(q, q, q, backend="auto")  # the reference runs it
+
+
+def test_options_are_validated_and_name_the_field():
+    from hyperattn_cupy.launches import DEFAULT_LAUNCHES
+    from hyperattn_cupy.options import CupyOptions
+
+    assert CupyOptions().compiler == "nvrtc"
+    with pytest.raises(ValueError, match="compiler"):
+        CupyOptions(compiler="gcc")
+    with pytest.raises(ValueError, match="sample_row_chunk"):
+        CupyOptions(sample_row_chunk=0)
+    with pytest.raises(ValueError, match="missing"):
+        CupyOptions(launches={k: v for k, v in DEFAULT_LAUNCHES.items() if k != "forward"})
+    with pytest.raises(TypeError, match="forward"):
+        CupyOptions(launches={**DEFAULT_LAUNCHES, "forward": (64, 64)})
+    hash(CupyOptions())
+
+
+def test_deterministic_backward_is_refused_with_its_reason():
+    torch = pytest.importorskip("torch")
+    from hyperattn.protocol import Problem
+    from hyperattn_cupy.backend import CupyBackend
+
+    problem = Problem("torch", "cuda:0", "bfloat16", 1, 2, 2, 64, 64, 64, 64, True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "deterministic" in CupyBackend().unsupported_reason(problem)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert CupyBackend().unsupported_reason(problem) is None
+
+
+def test_launch_table_lookup_and_padding():
+    from hyperattn_cupy.launches import DEFAULT_LAUNCHES, launch_for, padded_dim, replaced
+
+    assert [padded_dim(d) for d in (1, 16, 40, 64, 65, 256)] == [16, 16, 64, 64, 128, 256]
+    assert launch_for(DEFAULT_LAUNCHES, "forward", 40, 128) == DEFAULT_LAUNCHES["forward"].d128
+    with pytest.raises(ValueError, match="257"):
+        launch_for(DEFAULT_LAUNCHES, "forward", 257)
+    changed = replaced(DEFAULT_LAUNCHES, "forward", 64, block_n=32)
+    assert changed["forward"].d64.block_n == 32 and changed["forward"].d128 == DEFAULT_LAUNCHES["forward"].d128
