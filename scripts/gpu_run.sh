@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network, no nox/asv): install the packages in place, run the GPU tests,
 # then the single-layer benchmarks.  Results land in ${OUT:-benchmarks/results}.
-#   bash scripts/gpu_run.sh [tests|bench|latency|all|asv]
+#   bash scripts/gpu_run.sh [tests|bench|latency|cupy|all|asv]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -32,6 +32,17 @@ if [ "$what" = latency ] || [ "$what" = all ]; then  # a lone call and CUDA-grap
       python3 benchmarks/single_layer.py --backend triton --mode "$mode" $causal --out "$OUT" --latency \
         --seq_lens 4096 8192 16384 32768 65536 --heads 32 --dim 64 --dtype bfloat16 --repeats 5 \
         --tag "single_layer_gpu_latency_${mode/+/_}_$([ -z "$causal" ] && echo causal || echo noncausal)"
+    done
+  done
+fi
+if [ "$what" = cupy ]; then  # the CuPy backend beside Triton and SDPA, in one run, at N = 131072 (issue 17)
+  for mode in fwd fwd+bwd; do
+    for causal in --no_causal ""; do
+      for backend in triton cupy; do
+        python3 benchmarks/single_layer.py --backend $backend --mode "$mode" $causal --out "$OUT" \
+          --seq_lens 131072 --heads 32 --dim 64 --dtype bfloat16 --repeats 3 \
+          --tag "single_layer_gpu_${backend}_n131072_${mode/+/_}_$([ -z "$causal" ] && echo causal || echo noncausal)"
+      done
     done
   done
 fi

@@ -1,0 +1,136 @@
+"""The CuPy backend on a GPU (``pytest -m gpu``, skipped elsewhere), what is its own: its kernels
+compile under NVRTC, the structure kernels against their definitions (hashing against float64
+signs, the counting sort against the reference's sort, device draws bit-equal to
+``hyperattn.sampling``, row dot), cupy arrays in and out, torch tensors through DLPack with
+gradients, and the same answer as the Triton backend on one seed.  The cross-validation every GPU
+backend passes is ``tests/test_gpu_backends.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hyperattn.registry import backend_status
+
+CUPY = backend_status("cupy")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not CUPY.runs_here,
+                                 reason=f"cupy backend: {CUPY.reason or (CUPY.backend and CUPY.backend.unavailable_reason())}")]
+
+
+@pytest.fixture
+def cp():
+    return pytest.importorskip("cupy")
+
+
+def test_every_source_compiles_under_nvrtc(cp):
+    """One instantiation of each source's first kernel through ``cupy.RawModule`` (the run-time path)."""
+    from hyperattn_cupy import compiler
+
+    for source in compiler.sources():
+        code = (compiler.KERNEL_DIR / source).read_text()
+        module = cp.RawModule(code=code, options=compiler.CXX_OPTIONS)
+        module.compile()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_lsh_codes_agree_with_float64(cp, dtype):
+    from hyperattn_cupy.arrays import cupy_dtype
+
+    rng = np.random.default_rng(0)
+    x64 = rng.standard_normal((1, 4, 20001, 64))
+    projections = rng.standard_normal((64, 7))
+    bits = ((x64 @ projections > 0).astype(np.int64) << np.arange(7)).sum(-1)
+    want = bits.copy()
+    for shift in range(1, 7):
+        want ^= bits >> shift
+    x = cp.asarray(x64).astype(cupy_dtype(dtype))
+    got = cp.asnumpy(CUPY.backend.lsh_codes(x, cp.asarray(projections, dtype=cp.float32)))
+    assert got.shape == want.shape
+    # rows within rounding of a hyperplane may flip in fp16/bf16 inputs' own rounding
+    assert (got == want).mean() > (0.9999 if dtype == "float32" else 0.995)
+
+
+@pytest.mark.parametrize("bits", [3, 7, 8, 12])
+def test_segment_sort_matches_the_reference(cp, bits):
+    reference = backend_status("reference").backend
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=(2, 3, 40000))
+    level = np.arange(4) * 10000
+    for starts, ends in ((np.array([0]), np.array([40000])), (level + 5000, level + 10000), (np.array([17]), np.array([39001]))):
+        order, rank = CUPY.backend.segment_sort(cp.asarray(codes, dtype=cp.int32), starts, ends, code_bits=bits)
+        want_order, want_rank = reference.segment_sort(codes, starts, ends)
+        np.testing.assert_array_equal(cp.asnumpy(order), want_order)
+        np.testing.assert_array_equal(cp.asnumpy(rank), want_rank)
+
+
+def test_drawn_samples_equal_the_specification(cp):
+    from hyperattn.protocol import Segments
+    from hyperattn.sampling import sample_keys
+
+    segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000), (20, 30, 1000, 4099)])
+    like = cp.empty((1, 1, 1, 32), dtype=cp.float16)
+    for seed, stream in [(0, 0), (12345, 2), (2**63 - 1, 1)]:
+        got = cp.asnumpy(CUPY.backend.draw_samples(seed, stream, (2, 3), segments, 70, 4099, like))
+        want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_row_dot_is_the_fp32_row_sum(cp):
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((1, 4, 5000, 64)) for _ in range(2))
+    got = cp.asnumpy(CUPY.backend.row_dot(cp.asarray(a, cp.float16), cp.asarray(b, cp.float16)))
+    want = (a.astype(np.float16).astype(np.float64) * b.astype(np.float16).astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cupy_arrays_in_and_out(cp, causal):
+    import hyperattn
+
+    rng = np.random.default_rng(2)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 2, 3000, 64)), dtype=cp.float16) for _ in range(3))
+    out = hyperattn.attention(q, k, v, causal=causal, seed=1, backend="cupy", min_seq_len=512, exact_crossover=False)
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float16 and out.shape == q.shape
+    want = hyperattn.attention(*(cp.asnumpy(x).astype(np.float64) for x in (q, k, v)), causal=causal, seed=1,
+                               backend="reference", min_seq_len=512)
+    from hyperattn import testing
+
+    assert testing.relative_error(cp.asnumpy(out), want) < 5e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_tensors_with_gradients_match_triton_on_one_seed(causal):
+    torch = pytest.importorskip("torch")
+    import hyperattn
+    from hyperattn import testing
+
+    if not backend_status("triton").runs_here:
+        pytest.skip("no Triton backend to compare with")
+    base = [torch.randn(1, 4, 5000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    grad = torch.randn_like(base[0])
+    results = {}
+    for name in ("cupy", "triton"):
+        inputs = [x.clone().requires_grad_() for x in base]
+        out = hyperattn.attention(*inputs, causal=causal, seed=7, backend=name, min_seq_len=1024,
+                                  exact_crossover=False)
+        out.backward(grad)
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+        results[name] = [out, *(x.grad for x in inputs)]
+    for label, a, b in zip(("out", "dq", "dk", "dv"), results["cupy"], results["triton"]):
+        assert testing.relative_error(a, b) < 2e-2, label
+
+
+def test_compiled_call_on_cupy_matches_eager():
+    torch = pytest.importorskip("torch")
+    import hyperattn
+
+    q, k, v = (torch.randn(1, 2, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def call(q, k, v):
+        return hyperattn.attention(q, k, v, causal=True, seed=3, backend="cupy", min_seq_len=1024,
+                                   exact_crossover=False)
+
+    compiled = torch.compile(call, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), call(q, k, v), rtol=0, atol=0)
