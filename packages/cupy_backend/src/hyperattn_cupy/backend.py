@@ -34,6 +34,7 @@ class CupyBackend(Backend):
         max_head_dim=HEAD_DIM_TIERS[-1],
         priority=5,
         running_out_dtype="input",
+        device_seed=True,
     )
 
     def __init__(self, options: CupyOptions | None = None):
@@ -116,11 +117,12 @@ class CupyBackend(Backend):
             return counted if counted is not None else sorting.fallback_sort(codes, starts, ends, code_bits)
 
     def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int, like):
-        """One launch on the device (``kernels/utility.cu``), equal to ``hyperattn.sampling``'s draws."""
+        """One launch on the device (``kernels/utility.cu``), equal to ``hyperattn.sampling``'s draws:
+        an int seed is a launch argument, a device seed (0-d int64) is read when the kernel runs."""
         from . import utility
 
-        if not isinstance(seed, int):
-            return super().draw_samples(seed, stream, heads, segments, m, n_k, like)  # names the refusal
+        if arrays.is_torch(seed):  # a device seed: a 0-d int64 tensor on the inputs' device
+            seed = arrays.torch_to_cupy(seed)
         k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
         with self.streams.scope():
             return utility.draw_samples(seed, stream, heads[0], heads[1], k_start, k_len, m, n_k,
