@@ -29,7 +29,7 @@ def test_every_source_compiles_under_nvrtc(cp):
 
     for source in compiler.sources():
         code = (compiler.KERNEL_DIR / source).read_text()
-        module = cp.RawModule(code=code, options=compiler.CXX_OPTIONS)
+        module = cp.RawModule(code=code, options=compiler.CXX_OPTIONS + compiler.cuda_include_dirs())
         module.compile()
 
 

@@ -53,11 +53,33 @@ class Kernel:
 
 
 @functools.cache
+def cuda_include_dirs() -> tuple[str, ...]:
+    """``-I`` of a folder with the CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h,
+    mma.h), for NVRTC where CuPy finds none of its own: the toolkit's, else one a Python package
+    ships (the CUDA runtime wheels, Triton's copy); () if none is found."""
+    import importlib.util
+    import os
+
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
+    candidates.append(Path("/usr/local/cuda/include"))
+    for package, sub in (("nvidia", "cu13/include"), ("nvidia", "cuda_runtime/include"),
+                         ("triton", "backends/nvidia/include")):
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            candidates.append(Path(root) / sub)
+    for folder in candidates:
+        if (folder / "cuda_fp16.h").exists() and (folder / "mma.h").exists():
+            return (f"-I{folder}",)
+    return ()
+
+
+@functools.cache
 def _module(device: int, source: str, name: str, backend: str):
     import cupy
 
     code = (KERNEL_DIR / source).read_text()
-    return cupy.RawModule(code=code, options=CXX_OPTIONS, name_expressions=(name,), backend=backend)
+    options = CXX_OPTIONS + (cuda_include_dirs() if backend == "nvrtc" else ())
+    return cupy.RawModule(code=code, options=options, name_expressions=(name,), backend=backend)
 
 
 def kernel(source: str, name: str, *, backend: str = "nvrtc") -> Kernel:

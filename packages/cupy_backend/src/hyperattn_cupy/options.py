@@ -1,4 +1,4 @@
-"""The CuPy backend's options: its launch table, compiler and cache sizes."""
+"""The CuPy backend's options: its launch table and cache sizes."""
 
 from __future__ import annotations
 
@@ -10,22 +10,18 @@ from hyperattn.protocol import BackendOptions
 
 from .launches import DEFAULT_LAUNCHES, KERNELS, Tiers
 
-COMPILERS = ("nvrtc", "nvcc")
-
 
 @dataclass(frozen=True)
 class CupyOptions(BackendOptions):
     """Options of the CuPy backend, validated.
 
     ``launches``: {kernel: Tiers} (see ``launches.py``; every kernel of ``launches.KERNELS``);
-    ``compiler``: CuPy's run-time compiler, "nvrtc" (default) or "nvcc";
     ``sample_row_chunk``: rows per program of the sample slots' dK/dV kernel (each chunk adds its
     partial gradients with atomics); ``device_tables_capacity``: device tables kept per instance.
     The exact crossover (``exact_below``) is off until it has been measured for this backend.
     """
 
     launches: Mapping[str, Tiers] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_LAUNCHES)))
-    compiler: str = "nvrtc"
     sample_row_chunk: int = 1024
     device_tables_capacity: int = 512
 
@@ -40,13 +36,11 @@ class CupyOptions(BackendOptions):
             if not isinstance(tiers, Tiers):
                 raise TypeError(f"CupyOptions.launches[{name!r}] must be Tiers, got {type(tiers).__name__}")
         object.__setattr__(self, "launches", MappingProxyType(launches))
-        if self.compiler not in COMPILERS:
-            raise ValueError(f"CupyOptions.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         for name in ("sample_row_chunk", "device_tables_capacity"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"CupyOptions.{name} must be an int >= 1, got {value!r}")
 
     def __hash__(self):
-        return hash((self.exact_below, self.backward_chunk_bytes, tuple(self.launches.items()), self.compiler,
+        return hash((self.exact_below, self.backward_chunk_bytes, tuple(self.launches.items()),
                      self.sample_row_chunk, self.device_tables_capacity))
