@@ -1,6 +1,6 @@
 """Where the time goes in one HyperAttention step (bf16, B=1, H=32, D=64) on the Triton backend.
 
-    python scripts/gpu_profile.py [--n 131072]            # GPU: torch profiler tables, fwd and fwd+bwd
+    python scripts/gpu_profile.py [--n 131072] [--backend cupy]  # GPU: torch profiler tables, fwd and fwd+bwd
     python scripts/gpu_profile.py host [--causal]         # host: cProfile of the Python side of forward calls
     python scripts/gpu_profile.py launch                  # host: microseconds per Triton launch and torch op
     python scripts/gpu_profile.py split --n 32768         # host: ms per call with and without the launches
@@ -27,13 +27,13 @@ def inputs(n: int, heads: int, dim: int, requires_grad: bool):
             for _ in range(3)]
 
 
-def gpu_tables(n: int, heads: int, dim: int, rows: int) -> None:
+def gpu_tables(n: int, heads: int, dim: int, rows: int, backend: str = "triton") -> None:
     """Wall time and the profiler's kernel table per (causal, fwd / fwd+bwd)."""
     q, k, v = inputs(n, heads, dim, requires_grad=True)
     for causal in (False, True):
         for mode in ("fwd", "fwd+bwd"):
             def step(causal=causal, mode=mode):
-                out = hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton")
+                out = hyperattn.attention(q, k, v, causal=causal, seed=0, backend=backend)
                 if mode == "fwd+bwd":
                     out.backward(torch.ones_like(out))
             ctx = torch.no_grad() if mode == "fwd" else torch.enable_grad()
@@ -156,7 +156,7 @@ def host_split(n: int, heads: int, dim: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Profile one HyperAttention step on the Triton backend: GPU "
+    parser = argparse.ArgumentParser(description="Profile one HyperAttention step on a GPU backend: GPU "
                                                  "kernel tables, or the host's Python time.")
     parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch", "split"), default="gpu")
     parser.add_argument("--n", type=int, default=131072, help="sequence length")
@@ -164,9 +164,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--causal", action="store_true", help="host: profile causal calls")
     parser.add_argument("--rows", type=int, default=None, help="rows of each table")
+    parser.add_argument("--backend", default="triton", help="gpu: the backend profiled (triton, cupy)")
     args = parser.parse_args(argv)
     if args.what == "gpu":
-        gpu_tables(args.n, args.heads, args.dim, args.rows or 12)
+        gpu_tables(args.n, args.heads, args.dim, args.rows or 12, args.backend)
     elif args.what == "launch":
         launch_costs()
     elif args.what == "split":
