@@ -134,3 +134,39 @@ def test_compiled_call_on_cupy_matches_eager():
 
     compiled = torch.compile(call, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), call(q, k, v), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_inputs_match_the_reference_tightly(causal):
+    """fp32 runs exact fp32 arithmetic (no tensor cores): the same plan as the float64 reference to
+    fp32 rounding, gradients included."""
+    torch = pytest.importorskip("torch")
+    from helpers import error_or_absolute, make_inputs, run_both
+
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.float32) for x in
+               make_inputs((1, 4, 2500, 64), kv_heads=2, n_k=2500, v_dim=64, seed=3))
+    params = dict(block_size=128, sample_size=64, lsh_num_projs=5, min_seq_len=300)
+    results, _ = run_both(q, k, v, causal=causal, params=params, other="cupy")
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["cupy"], results["reference"]):
+        assert error_or_absolute(got, want) < 1e-4, name
+
+
+def test_the_module_on_cupy_matches_the_module_on_triton():
+    """``HyperAttention(..., backend="cupy")``: its device seed and call count draw what Triton's do."""
+    torch = pytest.importorskip("torch")
+    import hyperattn
+    from hyperattn import testing
+
+    if not backend_status("triton").runs_here:
+        pytest.skip("no Triton backend to compare with")
+    base = [torch.randn(1, 4, 6000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    results = {}
+    for name in ("cupy", "triton"):
+        layer = hyperattn.HyperAttention(64, seed=11, backend=name, min_seq_len=1024).cuda()
+        inputs = [x.clone().requires_grad_() for x in base]
+        outs = [layer(*inputs, causal=True) for _ in range(2)]  # the second call draws anew
+        outs[1].sum().backward()
+        results[name] = [*outs, *(x.grad for x in inputs)]
+    assert not torch.equal(results["cupy"][0], results["cupy"][1])
+    for label, a, b in zip(("first", "second", "dq", "dk", "dv"), results["cupy"], results["triton"]):
+        assert testing.relative_error(a, b) < 2e-2, label
