@@ -151,14 +151,16 @@ def test_float32_inputs_match_the_reference_tightly(causal):
         assert error_or_absolute(got, want) < 1e-4, name
 
 
-def test_the_module_on_cupy_matches_the_module_on_triton():
-    """``HyperAttention(..., backend="cupy")``: its device seed and call count draw what Triton's do."""
+def test_the_module_on_cupy_matches_the_module_on_triton(backend_options):
+    """``HyperAttention(..., backend="cupy")``: its device seed and call count draw what Triton's do
+    (Triton's exact crossover off, so that both approximate)."""
     torch = pytest.importorskip("torch")
     import hyperattn
     from hyperattn import testing
 
     if not backend_status("triton").runs_here:
         pytest.skip("no Triton backend to compare with")
+    backend_options("triton", exact_below=(0, 0))
     base = [torch.randn(1, 4, 6000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     results = {}
     for name in ("cupy", "triton"):
