@@ -89,7 +89,7 @@ def _inputs(dtype=BF16, dout_dtype=None):
 def recorder(monkeypatch):
     rec = Recorder()
     monkeypatch.setattr(compiler, "kernel", rec)
-    monkeypatch.setattr(ab, "max_shared_bytes", lambda: 227 << 10)
+    monkeypatch.setattr(compiler, "max_shared_bytes", lambda: 227 << 10)
     return rec
 
 
@@ -189,7 +189,7 @@ def test_wrong_dtypes_are_refused(recorder):
 
 
 def test_too_much_shared_memory_is_refused(recorder, monkeypatch):
-    monkeypatch.setattr(ab, "max_shared_bytes", lambda: 16 << 10)  # D = 64 bf16 takes 36 KiB
+    monkeypatch.setattr(compiler, "max_shared_bytes", lambda: 16 << 10)  # D = 64 bf16 takes 36 KiB
     with pytest.raises(ValueError, match="shared memory"):
         _run(recorder)
 

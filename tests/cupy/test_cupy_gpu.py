@@ -172,3 +172,34 @@ def test_the_module_on_cupy_matches_the_module_on_triton(backend_options):
     assert not torch.equal(results["cupy"][0], results["cupy"][1])
     for label, a, b in zip(("first", "second", "dq", "dk", "dv"), results["cupy"], results["triton"]):
         assert testing.relative_error(a, b) < 2e-2, label
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_side_stream_call_is_ordered_with_the_callers_work(causal):
+    """Torch inputs on a side stream whose earlier work is still running (a long sleep kernel): the
+    whole call, forward and backward, runs on that stream, so it sees finished inputs and gives the
+    default stream's answer (nothing of it runs on CuPy's own stream)."""
+    torch = pytest.importorskip("torch")
+    import hyperattn
+
+    base = [torch.randn(1, 4, 5000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    grad = torch.randn_like(base[0])
+    params = dict(causal=causal, seed=5, backend="cupy", min_seq_len=1024, exact_crossover=False)
+
+    def step(inputs):
+        out = hyperattn.attention(*inputs, **params)
+        out.backward(grad)
+        return [out, *(x.grad for x in inputs)]
+
+    want = step([x.clone().requires_grad_() for x in base])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # the inputs are written only after this
+        late = [torch.zeros_like(x) for x in base]
+        for dst, src in zip(late, base):
+            dst.copy_(src)
+        got = step([x.requires_grad_() for x in late])
+    side.synchronize()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # sample atomics add in any order

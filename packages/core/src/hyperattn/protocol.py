@@ -22,6 +22,7 @@ subclass, which ``hyperattn.configure`` replaces.  Besides this module a backend
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -339,6 +340,12 @@ class Backend(abc.ABC):
         """Add this piece's gradients (duplicate samples accumulate), as ``exact_backward``."""
 
     # -- optional kernels, with their defaults ----------------------------------------------------
+    def call_scope(self, like: Array):
+        """A context the core runs a whole forward or backward in (its allocations, fills and every
+        kernel): a backend that launches on a current device and stream of its own makes them the
+        inputs' ones there (``like``: a native input).  This default does nothing."""
+        return contextlib.nullcontext()
+
     def host_constant(self, values: np.ndarray, like: Array) -> Array:
         """``from_host`` for arrays that recur call after call (the projections of a seed): a
         backend may keep their device copies.  This default copies every time."""

@@ -1,8 +1,9 @@
 """Arrays in and out of the CuPy backend: torch CUDA tensors through DLPack (no copy) and cupy
 arrays as they are; bfloat16 through ``ml_dtypes.bfloat16`` (CuPy's bfloat16 dtype).
 
-Kernels run on CuPy's current stream.  For torch inputs that is made torch's current stream
-(:meth:`StreamBridge.scope`), so the kernels are ordered with the caller's torch work.
+Kernels run on CuPy's current device and stream.  Every backend method makes them the inputs'
+device and, for torch inputs, torch's current stream there (:func:`on_device_of`), so that
+allocations, table copies and kernels are ordered with the caller's torch work.
 """
 
 from __future__ import annotations
@@ -75,9 +76,20 @@ class StreamBridge:
         pointer = getattr(self._local, "stream", None)
         if pointer is None:
             return contextlib.nullcontext()
-        stream = self._streams.get(pointer)
+        key = (pointer, self._local.device)  # a default stream is pointer 0 on every device
+        stream = self._streams.get(key)
         if stream is None:
             import cupy
 
-            stream = self._streams[pointer] = cupy.cuda.ExternalStream(pointer, self._local.device)
+            stream = self._streams[key] = cupy.cuda.ExternalStream(pointer, self._local.device)
         return stream
+
+
+@contextlib.contextmanager
+def on_device_of(x, streams: StreamBridge):
+    """CuPy's current device made ``x``'s (a cupy array), then its current stream the caller's
+    (``streams``): allocations, table copies and launches all land there, ordered with the caller."""
+    import cupy
+
+    with cupy.cuda.Device(x.device.id), streams.scope():
+        yield

@@ -14,8 +14,6 @@ which mirror the kernels' ``DqSmem`` / ``DkdvSmem`` layouts (the kernels stop at
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from . import compiler
@@ -111,22 +109,8 @@ def _unit_last_stride(x):
     return x if x.ndim == 0 or x.shape[-1] <= 1 or x.strides[-1] == x.itemsize else x.copy(order="C")
 
 
-def max_shared_bytes() -> int:
-    """The current device's opt-in limit of dynamic shared memory per block."""
-    import cupy
-
-    return _max_shared_bytes(cupy.cuda.Device().id)
-
-
-@functools.cache
-def _max_shared_bytes(device: int) -> int:
-    import cupy
-
-    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device)
-
-
 def _check_shared(kind: str, shared: int, launch: Launch, dtype) -> None:
-    limit = max_shared_bytes()
+    limit = compiler.max_shared_bytes()
     if shared > limit:
         raise ValueError(f"attention backward {kind} ({np.dtype(dtype).name}): {launch} needs {shared} bytes of "
                          f"shared memory, the device allows {limit} per block; choose a smaller launch")

@@ -21,6 +21,9 @@ from .launches import HEAD_DIM_TIERS, MAX_GRID_Y, launch_for
 from .options import CupyOptions
 from .staging import DeviceTables
 
+#: The longest sequence the kernels index (int32 positions, orders and samples).
+MAX_POSITIONS = 2**31 - 1
+
 
 class CupyBackend(Backend):
     """HyperAttention's kernels in CUDA C++ through CuPy.  ``options`` (a :class:`CupyOptions`) is
@@ -69,6 +72,9 @@ class CupyBackend(Backend):
         return None if count > 0 else "no CUDA GPU is available to cupy (0 devices)"
 
     def unsupported_reason(self, problem: Problem) -> str | None:
+        if max(problem.n_q, problem.n_k) > MAX_POSITIONS:
+            return (f"sequences of more than {MAX_POSITIONS} positions (got Nq={problem.n_q}, Nk={problem.n_k}): "
+                    "this backend indexes positions in int32")
         if problem.batch * max(problem.q_heads, problem.kv_heads) > MAX_GRID_Y:
             return f"batch x heads = {problem.batch * problem.q_heads} exceeds the launch grid's {MAX_GRID_Y}"
         if problem.requires_grad and _deterministic_requested():
@@ -89,21 +95,27 @@ class CupyBackend(Backend):
         target = like.dtype if dtype is None else arrays.cupy_dtype(dtype)
         return y if y.dtype == target else y.astype(target)
 
+    def call_scope(self, like):
+        """The inputs' device and the caller's stream (see ``arrays.on_device_of``) for a whole call:
+        the core's allocations and fills too, not only this backend's kernels."""
+        return arrays.on_device_of(like, self.streams)
+
     def from_host(self, values: np.ndarray, like):
         import cupy
 
-        with cupy.cuda.Device(like.device.id), self.streams.scope():
+        with arrays.on_device_of(like, self.streams):
             return cupy.asarray(np.ascontiguousarray(values))
 
     def host_constant(self, values: np.ndarray, like):
         """One device copy per distinct ``values`` (the projections of a seed are copied once)."""
-        return self.device_tables.get(_as_is, like, np.ascontiguousarray(values))
+        with arrays.on_device_of(like, self.streams):
+            return self.device_tables.get(_as_is, like, np.ascontiguousarray(values))
 
     # -- structure ------------------------------------------------------------------------------
     def lsh_codes(self, x, projections):
         from . import lsh
 
-        with self.streams.scope():
+        with arrays.on_device_of(x, self.streams):
             return lsh.lsh_codes(x, projections, self.options.launches)
 
     def segment_sort(self, codes, starts: np.ndarray, ends: np.ndarray, code_bits: int = 64):
@@ -112,7 +124,7 @@ class CupyBackend(Backend):
         def stage(table):
             return self.device_tables.get(_as_is, codes, table)
 
-        with self.streams.scope():
+        with arrays.on_device_of(codes, self.streams):
             counted = sorting.segment_sort(codes, starts, ends, code_bits, launches=self.options.launches, stage=stage)
             return counted if counted is not None else sorting.fallback_sort(codes, starts, ends, code_bits)
 
@@ -123,49 +135,56 @@ class CupyBackend(Backend):
 
         if arrays.is_torch(seed):  # a device seed: a 0-d int64 tensor on the inputs' device
             seed = arrays.torch_to_cupy(seed)
-        k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
-        with self.streams.scope():
+        with arrays.on_device_of(like, self.streams):
+            k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
             return utility.draw_samples(seed, stream, heads[0], heads[1], k_start, k_len, m, n_k,
                                         self.options.launches)
 
     def row_dot(self, a, b):
         from . import utility
 
-        with self.streams.scope():
+        with arrays.on_device_of(a, self.streams):
             return utility.row_dot(a, b, self.options.launches)
 
     # -- attention pieces -----------------------------------------------------------------------
+    # every piece on the inputs' device and the caller's stream: its tables' copies, the index
+    # arrays' kernel and the attention kernels, in that order
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, overwrite=False):
         launch = launch_for(self.options.launches, "forward", q.shape[3], v.shape[3])
-        tiles = self.device_tables.get(exact_tiles, q, segments, bool(causal), launch.block_m)
-        self._forward(q, k, v, tiles, None, scale, out, lse, bool(causal), overwrite, launch)
+        with arrays.on_device_of(q, self.streams):
+            tiles = self.device_tables.get(exact_tiles, q, segments, bool(causal), launch.block_m)
+            self._forward(q, k, v, tiles, None, scale, out, lse, bool(causal), overwrite, launch)
 
     def sparse_forward(self, q, k, v, structure: SparseStructure, scale, out, lse, *, overwrite=False):
         launch = launch_for(self.options.launches, "forward", q.shape[3], v.shape[3])
-        tiles = self.device_tables.get(sparse_tiles, q, structure, launch.block_m)
-        self._forward(q, k, v, tiles, structure, scale, out, lse, False, overwrite, launch)
+        with arrays.on_device_of(q, self.streams):
+            tiles = self.device_tables.get(sparse_tiles, q, structure, launch.block_m)
+            self._forward(q, k, v, tiles, structure, scale, out, lse, False, overwrite, launch)
 
     def exact_backward(self, q, k, v, lse, dout, delta, segments: Segments, causal, scale, dq, dk, dv, out=None, *,
                        overwrite=False):
         causal = bool(causal)
         dq_launch, dkdv_launch = self._backward_launches(q, v)
-        q_tiles = self.device_tables.get(exact_tiles, q, segments, causal, dq_launch.block_m)
-        k_tiles = self.device_tables.get(exact_key_tiles, q, segments, causal, dkdv_launch.block_n, overwrite)
-        self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal,
-                       overwrite, dq_launch, dkdv_launch)
+        with arrays.on_device_of(q, self.streams):
+            q_tiles = self.device_tables.get(exact_tiles, q, segments, causal, dq_launch.block_m)
+            k_tiles = self.device_tables.get(exact_key_tiles, q, segments, causal, dkdv_launch.block_n, overwrite)
+            self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal,
+                           overwrite, dq_launch, dkdv_launch)
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *,
                         overwrite=False):
         dq_launch, dkdv_launch = self._backward_launches(q, v)
-        q_tiles = self.device_tables.get(sparse_tiles, q, structure, dq_launch.block_m)
         block_n = dkdv_launch.block_n
-        # overwrite: blocks without queries too, so that every key of the segments is written
-        k_tiles = [(self.device_tables.get(sparse_key_tiles, q, structure, block_n, overwrite), False)]
-        if structure.sample_size > 0:
-            slot_tiles = self.device_tables.get(sample_key_tiles, q, structure, block_n, self.options.sample_row_chunk)
-            k_tiles.append((slot_tiles, True))
-        self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False, overwrite,
-                       dq_launch, dkdv_launch)
+        with arrays.on_device_of(q, self.streams):
+            q_tiles = self.device_tables.get(sparse_tiles, q, structure, dq_launch.block_m)
+            # overwrite: blocks without queries too, so that every key of the segments is written
+            k_tiles = [(self.device_tables.get(sparse_key_tiles, q, structure, block_n, overwrite), False)]
+            if structure.sample_size > 0:
+                slot_tiles = self.device_tables.get(sample_key_tiles, q, structure, block_n,
+                                                    self.options.sample_row_chunk)
+                k_tiles.append((slot_tiles, True))
+            self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False,
+                           overwrite, dq_launch, dkdv_launch)
 
     def _backward_launches(self, q, v):
         launches = self.options.launches
@@ -177,19 +196,17 @@ class CupyBackend(Backend):
         if len(tiles) == 0:
             return
         ix = self.structure_indices.get(q, structure)
-        with self.streams.scope():
-            attention_forward.forward(q, k, v, tiles, ix, structure is not None, scale, out, lse, causal, overwrite,
-                                      launch)
+        attention_forward.forward(q, k, v, tiles, ix, structure is not None, scale, out, lse, causal, overwrite,
+                                  launch)
 
     def _backward(self, q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, causal, overwrite,
                   dq_launch, dkdv_launch):
         from . import attention_backward
 
         ix = self.structure_indices.get(q, structure)
-        with self.streams.scope():
-            attention_backward.backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix, structure is not None,
-                                        lambda: self.structure_indices.query_blocks(q, structure), scale, dq, dk, dv,
-                                        causal, overwrite, dq_launch, dkdv_launch)
+        attention_backward.backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix, structure is not None,
+                                    lambda: self.structure_indices.query_blocks(q, structure), scale, dq, dk, dv,
+                                    causal, overwrite, dq_launch, dkdv_launch)
 
 
 def _deterministic_requested() -> bool:

@@ -44,12 +44,30 @@ class Kernel:
     _shared_limit: int = DEFAULT_SHARED_LIMIT
 
     def launch(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-        """Launch on CuPy's current stream; ``args`` as the kernel takes them (cupy arrays for
-        pointers, NumPy scalars of the parameters' exact types for values)."""
+        """Launch on CuPy's current device and stream; ``args`` as the kernel takes them (cupy
+        arrays for pointers, NumPy scalars of the parameters' exact types for values)."""
         if shared_mem > self._shared_limit:  # opt in to more than 48 KiB, once per size
+            limit = max_shared_bytes()
+            if shared_mem > limit:
+                raise ValueError(f"kernel {self.name}: its launch needs {shared_mem} bytes of shared memory, the "
+                                 f"device allows {limit} per block; choose a smaller launch (CupyOptions.launches)")
             self.function.max_dynamic_shared_size_bytes = shared_mem
             self._shared_limit = shared_mem
         self.function(grid, block, args, shared_mem=shared_mem)
+
+
+def max_shared_bytes() -> int:
+    """The current device's opt-in limit of dynamic shared memory per block."""
+    import cupy
+
+    return _max_shared_bytes(cupy.cuda.Device().id)
+
+
+@functools.cache
+def _max_shared_bytes(device: int) -> int:
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device)
 
 
 @functools.cache

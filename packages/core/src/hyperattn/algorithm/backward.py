@@ -22,6 +22,11 @@ def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=Non
     holds; each chunk is written into the final gradients before the next starts); the caller
     converts what is left.
     """
+    with backend.call_scope(q):
+        return _run_backward(backend, plan, q, k, v, out, lse, dout, dlse, grad_dtype)
+
+
+def _run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse, grad_dtype):
     xp = array_namespace(q)
     dtype = accumulator_dtype(xp, q)
     delta = backend.row_dot(dout, out)

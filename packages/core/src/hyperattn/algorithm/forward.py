@@ -20,6 +20,11 @@ def run_forward(backend: Backend, plan: Plan, q, k, v):
     in it too unless the plan has one piece or the backend merges in q's dtype
     (``Capabilities.running_out_dtype``): then out is q's dtype, with no buffer to convert.
     """
+    with backend.call_scope(q):
+        return _run_forward(backend, plan, q, k, v)
+
+
+def _run_forward(backend: Backend, plan: Plan, q, k, v):
     xp = array_namespace(q)
     dtype = accumulator_dtype(xp, q)
     batch, heads, n_q = q.shape[:3]
