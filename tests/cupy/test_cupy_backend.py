@@ -76,3 +76,13 @@ def test_launch_table_lookup_and_padding():
         launch_for(DEFAULT_LAUNCHES, "forward", 257)
     changed = replaced(DEFAULT_LAUNCHES, "forward", 64, block_n=32)
     assert changed["forward"].d64.block_n == 32 and changed["forward"].d128 == DEFAULT_LAUNCHES["forward"].d128
+
+
+def test_more_positions_than_int32_indices_are_refused():
+    from hyperattn.protocol import Problem
+    from hyperattn_cupy.backend import MAX_POSITIONS, CupyBackend
+
+    long_keys = Problem("torch", "cuda:0", "bfloat16", 1, 1, 1, 64, MAX_POSITIONS + 1, 16, 16, False)
+    assert "int32" in CupyBackend().unsupported_reason(long_keys)
+    grid = Problem("torch", "cuda:0", "bfloat16", 4, 20000, 20000, 64, 64, 16, 16, False)
+    assert "grid" in CupyBackend().unsupported_reason(grid)
