@@ -33,10 +33,10 @@ def forward(q, k, v, tiles, ix: IndexTensors, permuted: bool, scale: float, out,
             launch: Launch) -> None:
     """One forward launch over the query tiles ``tiles``, merged into (or, ``overwrite``, written to)
     ``(out, lse)``."""
-    if len(tiles) == 0:
+    if tiles.shape[0] == 0:
         return
     meta = launch_meta(q, v, launch, permuted, k, out, lse)
-    direct(attention_fwd_kernel)[(len(tiles), q.shape[0] * q.shape[1])](
+    direct(attention_fwd_kernel)[(tiles.shape[0], q.shape[0] * q.shape[1])](
         q, k, v, out, lse, tiles,
         ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -62,9 +62,9 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
     group = q.shape[1] // k.shape[1]
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     scale_log2 = scale * LOG2E.value
-    if len(q_tiles):
+    if q_tiles.shape[0]:
         meta = launch_meta(q, v, dq_launch, permuted, k, dout, dq, lse)
-        direct(attention_bwd_dq_kernel)[(len(q_tiles), q.shape[0] * q.shape[1])](
+        direct(attention_bwd_dq_kernel)[(q_tiles.shape[0], q.shape[0] * q.shape[1])](
             q, k, v, dout, lse, delta, dq, q_tiles,
             ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
             *common, *dq.stride(), *ix.order_strides, *ix.sample_strides,
@@ -72,7 +72,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
         )
     for tiles, samples in k_tiles:
-        if len(tiles) == 0:
+        if tiles.shape[0] == 0:
             continue
         q_blocks = query_blocks() if samples else ix.samples  # unused unless samples
         slot_output = samples and deterministic
@@ -83,7 +83,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
         else:
             dk_out, dv_out = dk, dv
         meta = launch_meta(q, v, dkdv_launch, permuted, k, dout, dk_out, dv_out, lse)
-        direct(attention_bwd_dkdv_kernel)[(len(tiles), k.shape[0] * k.shape[1])](
+        direct(attention_bwd_dkdv_kernel)[(tiles.shape[0], k.shape[0] * k.shape[1])](
             q, k, v, dout, lse, delta, dk_out, dv_out, tiles,
             ix.q_order, ix.k_order, q_blocks, ix.samples, ix.sample_blocks, ix.log_w,
             *common, *dk_out.stride(), *dv_out.stride(), *ix.order_strides, *ix.sample_strides,

@@ -24,7 +24,7 @@ from . import attention, exact, lsh, sorting
 from .indices import StructureIndices
 from .kernels.utility import draw_samples_kernel, row_dot_kernel
 from .launcher import direct
-from .launches import HEAD_DIM_TIERS, launch_for, padded_dim
+from .launches import HEAD_DIM_TIERS, cdiv, launch_for, padded_dim
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables, PinnedRing, host_to_device
 
@@ -100,7 +100,7 @@ class TritonBackend(Backend):
         in_memory = isinstance(seed, torch.Tensor)
         launch = launch_for(self.options.launches, "draw_samples", like.shape[3])
         per_head = count * m
-        direct(draw_samples_kernel)[(triton.cdiv(per_head, launch.block), batch * kv_heads)](
+        direct(draw_samples_kernel)[(cdiv(per_head, launch.block), batch * kv_heads)](
             out, k_start, k_len, 0 if in_memory else seed, seed if in_memory else k_start, stream, per_head, m,
             SEED_IN_MEMORY=in_memory, BLOCK=launch.block, num_warps=launch.warps,
         )
@@ -123,7 +123,7 @@ class TritonBackend(Backend):
         batch, heads, n, dim = a.shape
         result = torch.empty(batch, heads, n, dtype=torch.float32, device=a.device)
         launch = launch_for(self.options.launches, "row_dot", dim)
-        direct(row_dot_kernel)[(triton.cdiv(n, launch.block), batch * heads)](
+        direct(row_dot_kernel)[(cdiv(n, launch.block), batch * heads)](
             a, b, result, n, heads, *a.stride(), *b.stride(), *result.stride(),
             DIM=dim, D_PAD=padded_dim(dim), BLOCK=launch.block, num_warps=launch.warps,
         )
@@ -205,7 +205,7 @@ class TritonBackend(Backend):
                        dq_launch, dkdv_launch)
 
     def _forward(self, q, k, v, tiles, structure, scale, out, lse, causal, overwrite, launch):
-        if len(tiles) == 0:
+        if tiles.shape[0] == 0:
             return
         ix = self.structure_indices.get(q, structure, self.options.launches)
         attention.forward(q, k, v, tiles, ix, structure is not None, scale, out, lse, causal, overwrite, launch)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.attention
-import triton
 
 from hyperattn.kernel_utils import merge_partial
 from hyperattn.protocol import Segments
 
 from .kernels.utility import cast_rows_kernel
 from .launcher import direct
-from .launches import MAX_GRID_Y, launch_for, padded_dim
+from .launches import MAX_GRID_Y, cdiv, launch_for, padded_dim
 from .options import TritonOptions, interpreting
 
 #: The widest head the fused kernels take.
@@ -137,7 +136,7 @@ def cast_into(dst, src, add: bool, options: TritonOptions) -> None:
         return
     batch, heads, n, dim = dst.shape
     launch = launch_for(options.launches, "cast_rows", dim)
-    direct(cast_rows_kernel)[(triton.cdiv(n, launch.block), batch * heads)](
+    direct(cast_rows_kernel)[(cdiv(n, launch.block), batch * heads)](
         src, dst, n, heads, *src.stride(), *dst.stride(), DIM=dim, D_PAD=padded_dim(dim), BLOCK=launch.block, ADD=add,
         num_warps=launch.warps,
     )

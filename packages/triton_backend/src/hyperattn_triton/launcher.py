@@ -116,8 +116,9 @@ _LAUNCHERS: dict = {}
 
 
 def direct(kernel) -> DirectLaunch:
-    """The (one) direct launcher of ``kernel``, a ``triton.jit`` function."""
-    launcher = _LAUNCHERS.get(kernel)
-    if launcher is None:
-        launcher = _LAUNCHERS[kernel] = DirectLaunch(kernel)
+    """The (one) direct launcher of ``kernel``, a ``triton.jit`` function (kept by id: a kernel's
+    own hash reads its source's hash under a lock, and kernels live as long as their modules)."""
+    launcher = _LAUNCHERS.get(id(kernel))
+    if launcher is None or launcher.kernel is not kernel:
+        launcher = _LAUNCHERS[id(kernel)] = DirectLaunch(kernel)
     return launcher

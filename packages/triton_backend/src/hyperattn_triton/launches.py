@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import triton
-
 #: CUDA's limit on a launch grid's second axis (batch x heads in most kernels).
 MAX_GRID_Y = 65535
 
@@ -171,6 +169,17 @@ def launch_for(table: LaunchTable, kernel: str, head_dim: int, v_dim: int | None
     return tiers.for_dim(max(head_dim, head_dim if v_dim is None else v_dim))
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (>= 1): ``triton.next_power_of_2`` in plain Python, which
+    Triton makes a constexpr function, microseconds per call on the host."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` in plain Python, see ``next_power_of_2``)."""
+    return -(-a // b)
+
+
 def padded_dim(dim: int) -> int:
     """A head dim as the kernels lay it out: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))

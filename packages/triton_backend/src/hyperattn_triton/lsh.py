@@ -4,11 +4,10 @@ and its launch (``lsh_codes``)."""
 from __future__ import annotations
 
 import torch
-import triton
 
 from .kernels.lsh import lsh_codes_kernel, split_projections_kernel
 from .launcher import direct
-from .launches import LaunchTable, launch_for, padded_dim
+from .launches import LaunchTable, cdiv, launch_for, padded_dim
 from .staging import DerivedTensors
 
 
@@ -52,7 +51,7 @@ def lsh_codes(x, projections, launches: LaunchTable, prepared: DerivedTensors, o
     prepared_projections = prepared.get(projections, (x.dtype if split else torch.float32, terms),
                                         lambda: split_projections(projections, x.dtype, terms, d_pad, r_pad))
     codes = torch.empty(batch, heads, n, dtype=code_dtype(num_projs), device=x.device) if out is None else out
-    direct(lsh_codes_kernel)[(triton.cdiv(n, launch.block), batch * heads)](
+    direct(lsh_codes_kernel)[(cdiv(n, launch.block), batch * heads)](
         x, prepared_projections, codes, n, heads, *x.stride(), codes.stride(0), codes.stride(1),
         HEAD_DIM=dim, D_PAD=d_pad, NUM_PROJS=num_projs, R_PAD=r_pad, BLOCK=launch.block,
         SPLIT=terms, num_warps=launch.warps,

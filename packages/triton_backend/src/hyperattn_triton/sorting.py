@@ -33,9 +33,10 @@ Orders and ranks are int32 (what the attention kernels read).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-import triton
 
 from hyperattn.protocol import Segments
 from hyperattn.tiles import split_ranges
@@ -48,7 +49,7 @@ from .kernels.sort import (
     presorted_scatter_kernel,
 )
 from .launcher import direct
-from .launches import MAX_GRID_Y
+from .launches import MAX_GRID_Y, cdiv, next_power_of_2
 from .options import TritonOptions, interpreting
 from .staging import DerivedTensors, DeviceTables
 
@@ -101,19 +102,35 @@ def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int, part:
 def _starts_step(starts: np.ndarray, ends: np.ndarray, chunk: int, most: int) -> int:
     """Chunks per step of the prefix sums: ``most``, fewer (a power of two, at least 16) when
     every segment has fewer chunks (a causal level's segments: shorter steps are faster)."""
-    starts = np.asarray(starts)
-    longest = int(np.max(np.asarray(ends) - starts, initial=0))
-    chunks = -(-longest // chunk) + int(np.any(starts % chunk))  # a segment off the chunk grid: one more
-    return max(min(most, triton.next_power_of_2(chunks)), min(16, most))
+    return _starts_step_of(*_as_bytes(starts, ends), chunk, most)
 
 
 def aligned(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int) -> bool:
     """Whether segments cut [0, n) only at multiples of ``chunk`` and are not the one whole range
     (a sort of the whole range is the codes' only one: presorting would add a pass)."""
-    starts, ends = np.asarray(starts), np.asarray(ends)
-    if len(starts) == 1 and starts[0] == 0 and ends[0] == n:
+    return _aligned_of(*_as_bytes(starts, ends), n, chunk)
+
+
+def _as_bytes(starts, ends) -> tuple[bytes, bytes]:
+    """Segment bounds as int64 bytes: the keys of the per-segmentation answers below (a call's
+    levels repeat call after call; NumPy on a few elements costs microseconds per operation)."""
+    return np.asarray(starts, dtype=np.int64).tobytes(), np.asarray(ends, dtype=np.int64).tobytes()
+
+
+@functools.lru_cache(maxsize=1024)
+def _starts_step_of(starts: bytes, ends: bytes, chunk: int, most: int) -> int:
+    starts_a, ends_a = np.frombuffer(starts, dtype=np.int64), np.frombuffer(ends, dtype=np.int64)
+    longest = int(np.max(ends_a - starts_a, initial=0))
+    chunks = -(-longest // chunk) + int(np.any(starts_a % chunk))  # a segment off the chunk grid: one more
+    return max(min(most, next_power_of_2(chunks)), min(16, most))
+
+
+@functools.lru_cache(maxsize=1024)
+def _aligned_of(starts: bytes, ends: bytes, n: int, chunk: int) -> bool:
+    starts_a, ends_a = np.frombuffer(starts, dtype=np.int64), np.frombuffer(ends, dtype=np.int64)
+    if len(starts_a) == 1 and starts_a[0] == 0 and ends_a[0] == n:
         return False
-    return bool(np.all((starts % chunk == 0) | (starts == n)) and np.all((ends % chunk == 0) | (ends == n)))
+    return bool(np.all((starts_a % chunk == 0) | (starts_a == n)) and np.all((ends_a % chunk == 0) | (ends_a == n)))
 
 
 def _presort(codes, flat, row_stride: int, num_buckets: int, chunk: int, warps: int, presorted: DerivedTensors):
@@ -124,7 +141,7 @@ def _presort(codes, flat, row_stride: int, num_buckets: int, chunk: int, warps: 
     def presort():
         n = flat.shape[-1]
         bh = flat.numel() // max(n, 1)
-        num_tiles = triton.cdiv(n, chunk)
+        num_tiles = cdiv(n, chunk)
         hist = torch.empty(bh, num_tiles, num_buckets, dtype=torch.int32, device=flat.device)
         in_order = torch.empty(bh, n, dtype=torch.int32, device=flat.device)
         direct(chunk_presort_kernel)[(num_tiles, bh)](flat, hist, in_order, n, row_stride, in_order.stride(0), num_tiles,
@@ -193,7 +210,7 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     if not evenly_spaced and not codes.is_contiguous():
         flat = codes.contiguous()
     row_stride = flat.stride(-2)
-    bh, num_tiles = codes.numel() // max(n, 1), len(tiles)
+    bh, num_tiles = codes.numel() // max(n, 1), tiles.shape[0]
     grid = (num_tiles, bh)
     warps = options.sort_scatter_warps
     is_aligned = aligned(starts, ends, n, chunk)
@@ -204,9 +221,9 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
         direct(chunk_histogram_kernel)[grid](tiles, flat, hist, row_stride, num_tiles, CHUNK=chunk, NB=num_buckets,
                                      num_warps=4)
     first = torch.empty_like(hist)  # gap chunks' entries stay unset: the scatter never reads them
-    if len(pieces):
+    if pieces.shape[0]:
         step = _starts_step(starts, ends, chunk, options.sort_starts_chunks)
-        direct(bucket_starts_kernel)[(len(pieces), bh)](pieces, hist, first, num_tiles, CB=step, NB=num_buckets, num_warps=4)
+        direct(bucket_starts_kernel)[(pieces.shape[0], bh)](pieces, hist, first, num_tiles, CB=step, NB=num_buckets, num_warps=4)
     # in the codes' shape, contiguous: (batch, head) rows n apart, no views to make afterwards
     order = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
     rank = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
