@@ -89,3 +89,14 @@ def test_unknown_arguments_and_the_interpreter_take_tritons_path(compiled_mode, 
 def test_direct_gives_one_launcher_per_kernel():
     kernel = FakeKernel()
     assert launcher.direct(kernel) is launcher.direct(kernel)
+
+
+def test_a_grid_beyond_cudas_second_axis_limit_is_refused_with_its_reason(compiled_mode):
+    """batch x heads programs along axis 1 above 65535 would fail inside the launch: a clear error."""
+    kernel = FakeKernel()
+    run = launcher.DirectLaunch(kernel)
+    with pytest.raises(ValueError, match="batch x heads = 65536.*65535"):
+        run[(1, 65536)](torch.zeros(4), 5, 3, SCALE=1.0)
+    assert not kernel.slow
+    run[(1, 65535)](torch.zeros(4), 5, 3, SCALE=1.0)
+    assert len(kernel.slow) == 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from triton import knobs
 
+from .launches import MAX_GRID_Y
 from .options import interpreting
 
 #: Keys kept per kernel before the cache starts again (ints are keyed by value).
@@ -45,6 +46,10 @@ class DirectLaunch:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
     def launch(self, grid, args: tuple, meta: dict):
+        if type(grid) is tuple and len(grid) > 1 and grid[1] > MAX_GRID_Y:  # CUDA's limit, not a launch error
+            name = getattr(getattr(self.kernel, "fn", None), "__name__", "kernel")
+            raise ValueError(f"{name}: batch x heads = {grid[1]} programs along the grid's second axis, CUDA "
+                             f"allows {MAX_GRID_Y}: split the batch, or use backend='reference'")
         if interpreting() or _hooked() or type(grid) is not tuple:
             return self.kernel[grid](*args, **meta)
         device = torch.cuda.current_device()
