@@ -79,8 +79,9 @@ def test_launch_table_lookup_and_padding():
 
 
 def test_more_positions_than_int32_indices_are_refused():
-    from hyperattn.protocol import Problem
     from hyperattn_cupy.backend import MAX_POSITIONS, CupyBackend
+
+    from hyperattn.protocol import Problem
 
     long_keys = Problem("torch", "cuda:0", "bfloat16", 1, 1, 1, 64, MAX_POSITIONS + 1, 16, 16, False)
     assert "int32" in CupyBackend().unsupported_reason(long_keys)
