@@ -96,3 +96,53 @@ def query_blocks(structure: SparseStructure, n_q: int) -> np.ndarray:
     owner, start, end = split_ranges(q0, q1, 1)  # one piece per sorted position
     ids[start] = blk[owner]
     return ids
+
+
+# -- the segmented counting sort's host tables (both GPU backends' sorts read them) ----------------
+def sort_cover(starts, ends, n: int):
+    """Pieces covering [0, n) in order: (start, end, is_gap) int64 arrays (gap 0, segment 0, gap 1,
+    ..., empty pieces left out), or None when the non-empty segments overlap or leave [0, n)."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    by_start = np.argsort(starts, kind="stable")
+    starts, ends = starts[by_start], ends[by_start]
+    if len(starts) and ((starts[1:] < ends[:-1]).any() or starts[0] < 0 or ends[-1] > n):
+        return None
+    piece_start = np.stack([np.concatenate([[0], ends]), np.concatenate([starts, [n]])], axis=1).reshape(-1)[:-1]
+    piece_end = np.stack([np.concatenate([starts, [n]]), np.concatenate([ends, [n]])], axis=1).reshape(-1)[:-1]
+    is_gap = np.tile(np.array([1, 0], dtype=np.int64), len(starts) + 1)[:-1]
+    nonempty = piece_end > piece_start
+    return piece_start[nonempty], piece_end[nonempty], is_gap[nonempty]
+
+
+def sort_chunk_tables(starts, ends, n: int, chunk: int, part: int):
+    """Host tables of one counting sort: chunks int64 [T, 4] (p0, p1, piece start, is gap) in
+    position order, and segment parts int64 [P, 5] (first chunk, end chunk, start position of the
+    segment; the first and end chunk of a part of at most ``part`` chunks); None when the segments
+    overlap."""
+    cover = sort_cover(starts, ends, n)
+    if cover is None:
+        return None
+    piece_start, piece_end, is_gap = cover
+    owner, p0, p1 = split_ranges(piece_start, piece_end, chunk)
+    counts = np.bincount(owner, minlength=len(piece_start))  # chunks per piece
+    first = np.cumsum(counts) - counts  # first chunk of each piece
+    chunks = np.stack([p0, p1, piece_start[owner], is_gap[owner]], axis=1).astype(np.int64).reshape(-1, 4)
+    sorted_pieces = (is_gap == 0) & (counts > 0)
+    segments = np.stack([first, first + counts, piece_start], axis=1)[sorted_pieces]
+    part_of, u0, u1 = split_ranges(segments[:, 0], segments[:, 1], part)
+    parts = np.concatenate([segments[part_of], u0[:, None], u1[:, None]], axis=1).astype(np.int64).reshape(-1, 5)
+    return np.ascontiguousarray(chunks), np.ascontiguousarray(parts)
+
+
+def table_key(arg):
+    """What a host table built from ``arg`` depends on, hashable (the backends' device-table caches
+    key on it): segment bounds by value, structures by their segments and sizes, arrays by value."""
+    if isinstance(arg, Segments):
+        return tuple(a.tobytes() for a in (arg.q_start, arg.q_end, arg.k_start, arg.k_end))
+    if isinstance(arg, SparseStructure):
+        return table_key(arg.segments), arg.block_size, arg.sample_size
+    if isinstance(arg, np.ndarray):
+        return arg.dtype.str, arg.shape, arg.tobytes()
+    return arg

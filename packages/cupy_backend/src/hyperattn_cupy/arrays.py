@@ -42,6 +42,13 @@ def cupy_to_torch(y, dtype=None):
     return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
 
+def element_strides(x) -> tuple:
+    """A cupy (or NumPy) array's strides in elements, as the kernels take them (np.int64)."""
+    import numpy as np
+
+    return tuple(np.int64(s // x.itemsize) for s in x.strides)
+
+
 def cupy_dtype(name: str):
     """The cupy/NumPy dtype of a dtype name ("bfloat16" through ml_dtypes)."""
     if name == "bfloat16":

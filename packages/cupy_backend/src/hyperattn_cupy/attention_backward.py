@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import compiler
-from .indices import IndexArrays, element_strides
+from .arrays import element_strides
+from .indices import IndexArrays
 from .launches import MAX_GRID_Y, Launch, padded_dim
 
 SOURCE = "attention_bwd.cu"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
-
 from hyperattn.protocol import SparseStructure
 from hyperattn.tiles import log_sample_weights, query_blocks
 
@@ -90,7 +88,3 @@ class StructureIndices:
         log_w = self._tables.get(log_sample_weights, q, structure)
         return IndexArrays(q_order, k_order, samples, sample_blocks, log_w, structure.sample_size)
 
-
-def element_strides(x) -> tuple[int, ...]:
-    """A cupy array's strides in elements (int64 values the kernels take)."""
-    return tuple(np.int64(s // x.itemsize) for s in x.strides)

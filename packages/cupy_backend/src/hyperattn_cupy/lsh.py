@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import compiler
+from .arrays import element_strides
 from .launches import RowLaunch, padded_dim
-from .utility import c_type, cdiv, element_strides, i32, i64, kernel_dtype, row_launch
+from .utility import c_type, cdiv, i32, i64, kernel_dtype, row_launch
 
 SOURCE = "lsh.cu"
 #: Lanes per row and projections per butterfly in the kernel (``LSH_LANES``).

@@ -25,11 +25,12 @@ import functools
 
 import numpy as np
 
-from hyperattn.tiles import split_ranges
+from hyperattn.tiles import sort_chunk_tables, sort_cover
 
 from . import compiler
+from .arrays import element_strides
 from .launches import RowLaunch
-from .utility import element_strides, i32, i64, int_type, row_launch
+from .utility import i32, i64, int_type, row_launch
 
 SOURCE = "sort.cu"
 #: Codes of at most this many bits are counting-sorted (2**bits buckets, at most 256).
@@ -39,24 +40,6 @@ PART_CHUNKS = 32
 
 
 # -- host tables -----------------------------------------------------------------------------------
-def cover(starts: np.ndarray, ends: np.ndarray, n: int):
-    """Pieces covering [0, n) in order, (start, end, is_gap) int64 arrays; None when the (non-empty)
-    segments overlap or leave [0, n)."""
-    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
-    keep = ends > starts
-    starts, ends = starts[keep], ends[keep]
-    by_start = np.argsort(starts, kind="stable")
-    starts, ends = starts[by_start], ends[by_start]
-    if len(starts) and ((starts[1:] < ends[:-1]).any() or starts[0] < 0 or ends[-1] > n):
-        return None
-    # gap 0, segment 0, gap 1, segment 1, ..., gap S (the gaps may be empty)
-    piece_start = np.stack([np.concatenate([[0], ends]), np.concatenate([starts, [n]])], axis=1).reshape(-1)[:-1]
-    piece_end = np.stack([np.concatenate([starts, [n]]), np.concatenate([ends, [n]])], axis=1).reshape(-1)[:-1]
-    is_gap = np.tile(np.array([1, 0], dtype=np.int64), len(starts) + 1)[:-1]
-    nonempty = piece_end > piece_start
-    return piece_start[nonempty], piece_end[nonempty], is_gap[nonempty]
-
-
 def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int, part: int = PART_CHUNKS):
     """The sort's host tables: chunks int64 [T, 4] (p0, p1, piece start, is gap) in position order,
     and segment parts int64 [P, 5] (first chunk, end chunk, start of the segment, first and end
@@ -68,22 +51,13 @@ def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int, part:
 
 @functools.lru_cache(maxsize=256)
 def _chunk_tables(starts: bytes, ends: bytes, n: int, chunk: int, part: int):
-    pieces = cover(np.frombuffer(starts, dtype=np.int64), np.frombuffer(ends, dtype=np.int64), n)
-    if pieces is None:
+    tables = sort_chunk_tables(np.frombuffer(starts, dtype=np.int64), np.frombuffer(ends, dtype=np.int64), n,
+                               chunk, part)
+    if tables is None:
         return None
-    piece_start, piece_end, is_gap = pieces
-    owner, p0, p1 = split_ranges(piece_start, piece_end, chunk)
-    counts = np.bincount(owner, minlength=len(piece_start))  # chunks per piece
-    first = np.cumsum(counts) - counts  # each piece's first chunk
-    chunks = np.stack([p0, p1, piece_start[owner], is_gap[owner]], axis=1).astype(np.int64).reshape(-1, 4)
-    sorted_pieces = (is_gap == 0) & (counts > 0)
-    segments = np.stack([first, first + counts, piece_start], axis=1)[sorted_pieces]
-    part_of, u0, u1 = split_ranges(segments[:, 0], segments[:, 1], part)
-    parts = np.concatenate([segments[part_of], u0[:, None], u1[:, None]], axis=1).astype(np.int64).reshape(-1, 5)
-    chunks, parts = np.ascontiguousarray(chunks), np.ascontiguousarray(parts)
-    chunks.setflags(write=False)
-    parts.setflags(write=False)
-    return chunks, parts
+    for table in tables:  # shared by every caller of the cache
+        table.setflags(write=False)
+    return tables
 
 
 def num_buckets(code_bits: int) -> int:
@@ -194,7 +168,7 @@ def segment_labels(n: int, starts: np.ndarray, ends: np.ndarray):
     starts, ends = starts[keep], ends[keep]
     if len(starts) == 0:
         return positions
-    if cover(starts, ends, n) is None:  # overlapping: one slice per segment, in order, as the reference
+    if sort_cover(starts, ends, n) is None:  # overlapping: one slice per segment, in order, as the reference
         for start, end in zip(starts.tolist(), ends.tolist()):
             positions[max(start, 0):min(end, n)] = start
         return positions

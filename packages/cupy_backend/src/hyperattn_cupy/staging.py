@@ -7,18 +7,7 @@ import collections
 
 import numpy as np
 
-from hyperattn.protocol import Segments, SparseStructure
-
-
-def _table_key(arg):
-    """What a table depends on, hashable: segment bounds by value, structures by their segments and sizes."""
-    if isinstance(arg, Segments):
-        return tuple(a.tobytes() for a in (arg.q_start, arg.q_end, arg.k_start, arg.k_end))
-    if isinstance(arg, SparseStructure):
-        return _table_key(arg.segments), arg.block_size, arg.sample_size
-    if isinstance(arg, np.ndarray):
-        return arg.dtype.str, arg.shape, arg.tobytes()
-    return arg
+from hyperattn.tiles import table_key
 
 
 class DeviceTables:
@@ -33,7 +22,7 @@ class DeviceTables:
         return len(self._tables)
 
     def get(self, build, like, *args):
-        key = (build.__qualname__, like.device.id, *(_table_key(a) for a in args))
+        key = (build.__qualname__, like.device.id, *(table_key(a) for a in args))
         if key in self._tables:
             self._tables.move_to_end(key)
             return self._tables[key]

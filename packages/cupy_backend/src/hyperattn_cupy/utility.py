@@ -2,7 +2,7 @@
 widening copy of the exact path's results (:func:`cast_into`), the residual's samples
 (:func:`draw_samples`, ``hyperattn.sampling.sample_keys`` bit for bit, on the device) and each
 sample's key block (:func:`sample_blocks`); and the helpers the structure kernels' hosts share
-(:func:`c_type`, :func:`element_strides`, :func:`row_launch`).
+(:func:`c_type`, :func:`row_launch`; ``arrays.element_strides``).
 
 Every ``launch_*`` function only packs arguments and launches: it takes arrays with ``shape``,
 ``strides``, ``dtype`` (cupy on a GPU; NumPy ones in the CPU tests, with a fake kernel), so what a
@@ -17,6 +17,7 @@ import numpy as np
 from hyperattn import sampling
 
 from . import compiler
+from .arrays import element_strides
 from .launches import DEFAULT_LAUNCHES, HEAD_DIM_TIERS, RowLaunch, launch_for, padded_dim
 
 SOURCE = "utility.cu"
@@ -52,13 +53,6 @@ def kernel_dtype(dtype) -> bool:
     except TypeError:
         return False
     return True
-
-
-def element_strides(x) -> tuple:
-    """An array's strides in elements, as the kernels take them (np.int64).  (The same as
-    ``indices.element_strides``, here so that this module does not import ``indices``, which
-    imports it.)"""
-    return tuple(np.int64(s // x.itemsize) for s in x.strides)
 
 
 def row_launch(launches, kernel: str, dim: int | None = None) -> RowLaunch:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from hyperattn.protocol import Segments
-from hyperattn.tiles import split_ranges
+from hyperattn.tiles import sort_chunk_tables
 
 from .kernels.sort import (
     bucket_starts_kernel,
@@ -60,43 +60,6 @@ MAX_BITS = 8
 def chunk_size(options: TritonOptions) -> int:
     """Positions per chunk: short ones under the interpreter (it sorts long chunks very slowly)."""
     return options.sort_interpreter_chunk if interpreting() else options.sort_chunk
-
-
-def _cover(starts: np.ndarray, ends: np.ndarray, n: int):
-    """Pieces covering [0, n) in order: (start, end, is_gap) arrays, or None if segments overlap."""
-    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
-    keep = ends > starts
-    starts, ends = starts[keep], ends[keep]
-    by_start = np.argsort(starts, kind="stable")
-    starts, ends = starts[by_start], ends[by_start]
-    if len(starts) and ((starts[1:] < ends[:-1]).any() or starts[0] < 0 or ends[-1] > n):
-        return None
-    gap_starts = np.concatenate([[0], ends])
-    gap_ends = np.concatenate([starts, [n]])
-    piece_start = np.stack([gap_starts, np.concatenate([starts, [n]])], axis=1).reshape(-1)[:-1]
-    piece_end = np.stack([gap_ends, np.concatenate([ends, [n]])], axis=1).reshape(-1)[:-1]
-    is_gap = np.tile([1, 0], len(starts) + 1)[:-1]
-    nonempty = piece_end > piece_start
-    return piece_start[nonempty], piece_end[nonempty], is_gap[nonempty]
-
-
-def chunk_tables(starts: np.ndarray, ends: np.ndarray, n: int, chunk: int, part: int):
-    """Host tables of one sort: chunks int64 [T, 4] (p0, p1, piece start, is gap) and segment
-    parts int64 [P, 5] (first chunk, end chunk, start position of the segment; the first and end
-    chunk of a part of at most ``part`` chunks); or None when the segments overlap."""
-    cover = _cover(starts, ends, n)
-    if cover is None:
-        return None
-    piece_start, piece_end, is_gap = cover
-    owner, p0, p1 = split_ranges(piece_start, piece_end, chunk)
-    counts = np.bincount(owner, minlength=len(piece_start))  # chunks per piece
-    first = np.cumsum(counts) - counts  # first chunk of each piece
-    tiles = np.stack([p0, p1, piece_start[owner], is_gap[owner]], axis=1)
-    sorted_pieces = (is_gap == 0) & (counts > 0)
-    segments = np.stack([first, first + counts, piece_start], axis=1)[sorted_pieces]
-    part_of, u0, u1 = split_ranges(segments[:, 0], segments[:, 1], part)
-    parts = np.concatenate([segments[part_of], u0[:, None], u1[:, None]], axis=1)
-    return tiles, np.ascontiguousarray(parts.reshape(-1, 5))
 
 
 def _starts_step(starts: np.ndarray, ends: np.ndarray, chunk: int, most: int) -> int:
@@ -198,7 +161,7 @@ def counting_segment_sort(codes, starts: np.ndarray, ends: np.ndarray, code_bits
     if code_bits > MAX_BITS or n >= 2**31 - chunk:
         return None
     num_buckets = max(2, 1 << code_bits)
-    device_tables = tables.get(chunk_tables, codes, np.asarray(starts), np.asarray(ends), n, chunk,
+    device_tables = tables.get(sort_chunk_tables, codes, np.asarray(starts), np.asarray(ends), n, chunk,
                                options.sort_starts_part)
     if device_tables is None:
         return None

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.utils.weak
 
-from hyperattn.protocol import Segments, SparseStructure
+from hyperattn.tiles import table_key
 
 
 class PinnedRing:
@@ -122,17 +122,6 @@ def host_to_device(values: np.ndarray, like, ring: PinnedRing):
     return torch.from_numpy(values).to(like.device)
 
 
-def _table_key(arg):
-    """What a table depends on, hashable: segment bounds by value, structures by their segments and sizes."""
-    if isinstance(arg, Segments):
-        return tuple(a.tobytes() for a in (arg.q_start, arg.q_end, arg.k_start, arg.k_end))
-    if isinstance(arg, SparseStructure):
-        return _table_key(arg.segments), arg.block_size, arg.sample_size
-    if isinstance(arg, np.ndarray):
-        return arg.dtype.str, arg.shape, arg.tobytes()
-    return arg
-
-
 class DeviceTables:
     """Device copies of host tables, least recently used first out beyond ``capacity()`` entries.
 
@@ -154,7 +143,7 @@ class DeviceTables:
         """``build(*args)`` (a host table, a tuple of them, or None) on ``like``'s device, built and
         copied once per distinct arguments (compared by value: segments by their bounds, structures
         by their segments and sizes, arrays by their contents)."""
-        key = (build.__qualname__, str(like.device), *(_table_key(a) for a in args))
+        key = (build.__qualname__, str(like.device), *(table_key(a) for a in args))
         capturing = capturing_on(like)
         if key in self._tables:
             self._tables.move_to_end(key)
