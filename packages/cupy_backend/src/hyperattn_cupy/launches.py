@@ -11,10 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-#: The head-dim tiers, in the order of a :class:`Tiers`'s launches.
-HEAD_DIM_TIERS = (64, 128, 256)
-#: CUDA's limit on a launch grid's second axis (batch x heads in these kernels).
-MAX_GRID_Y = 65535
+from hyperattn.launch_tiers import HEAD_DIM_TIERS, MAX_GRID_Y, Tiers, padded_dim  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -32,25 +29,6 @@ class RowLaunch:
 
     block: int
     threads: int
-
-
-@dataclass(frozen=True)
-class Tiers:
-    """One launch per head-dim tier (:data:`HEAD_DIM_TIERS`)."""
-
-    d64: Launch | RowLaunch
-    d128: Launch | RowLaunch
-    d256: Launch | RowLaunch
-
-    @classmethod
-    def same(cls, launch) -> Tiers:
-        return cls(launch, launch, launch)
-
-    def for_dim(self, widest: int):
-        for limit, launch in zip(HEAD_DIM_TIERS, (self.d64, self.d128, self.d256)):
-            if widest <= limit:
-                return launch
-        raise ValueError(f"no launch for head dim {widest}: the tiers end at {HEAD_DIM_TIERS[-1]}")
 
 
 DEFAULT_LAUNCHES: dict[str, Tiers] = {
@@ -78,14 +56,7 @@ def launch_for(table, kernel: str, head_dim: int, v_dim: int | None = None):
     return tiers.for_dim(max(head_dim, head_dim if v_dim is None else v_dim))
 
 
-def padded_dim(dim: int) -> int:
-    """A head dim as the kernels lay it out: the next power of two, at least 16 (a matrix-unit tile)."""
-    return max(16, 1 << (max(dim, 1) - 1).bit_length())
-
-
 def replaced(table, kernel: str, head_dim: int, **fields) -> dict:
     """``table`` with ``kernel``'s launch for ``head_dim``'s tier changed in ``fields``."""
     tiers = table[kernel]
-    launch = dataclasses.replace(tiers.for_dim(head_dim), **fields)
-    name = next(n for limit, n in zip(HEAD_DIM_TIERS, ("d64", "d128", "d256")) if head_dim <= limit)
-    return {**table, kernel: dataclasses.replace(tiers, **{name: launch})}
+    return {**table, kernel: tiers.with_tier(head_dim, dataclasses.replace(tiers.for_dim(head_dim), **fields))}

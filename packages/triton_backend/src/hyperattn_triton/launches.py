@@ -22,20 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-#: CUDA's limit on a launch grid's second axis (batch x heads in most kernels).
-MAX_GRID_Y = 65535
-
-#: The head-dim tiers, in the order of a :class:`Tiers`'s launches.
-HEAD_DIM_TIERS = (64, 128, 256)
-TIER_NAMES = ("d64", "d128", "d256")
-
-
-def tier_name(head_dim: int) -> str:
-    """The tier that holds heads of ``head_dim`` ("d64", "d128", "d256"; the widest above)."""
-    for limit, name in zip(HEAD_DIM_TIERS, TIER_NAMES):
-        if head_dim <= limit:
-            return name
-    return TIER_NAMES[-1]
+from hyperattn.launch_tiers import (  # noqa: F401  (re-exported: the backend's modules read them here)
+    HEAD_DIM_TIERS,
+    MAX_GRID_Y,
+    TIER_NAMES,
+    Tiers,
+    cdiv,
+    next_power_of_2,
+    padded_dim,
+    tier_name,
+)
 
 
 @dataclass(frozen=True)
@@ -58,34 +54,6 @@ class RowLaunch:
     block: int
     warps: int
     terms: int = 0
-
-
-@dataclass(frozen=True)
-class Tiers:
-    """One launch per head-dim tier (:data:`HEAD_DIM_TIERS`)."""
-
-    d64: Launch | RowLaunch
-    d128: Launch | RowLaunch
-    d256: Launch | RowLaunch
-
-    @classmethod
-    def same(cls, launch) -> Tiers:
-        """The same launch at every head dim."""
-        return cls(launch, launch, launch)
-
-    def for_dim(self, widest: int):
-        """The launch of the smallest tier that holds head dim ``widest``."""
-        for limit, launch in zip(HEAD_DIM_TIERS, (self.d64, self.d128, self.d256)):
-            if widest <= limit:
-                return launch
-        raise ValueError(f"no launch for head dim {widest}: the tiers end at {HEAD_DIM_TIERS[-1]}")
-
-    def with_tier(self, head_dim: int, launch) -> Tiers:
-        """These tiers with the one that holds ``head_dim`` replaced by ``launch``."""
-        for limit, name in zip(HEAD_DIM_TIERS, ("d64", "d128", "d256")):
-            if head_dim <= limit:
-                return dataclasses.replace(self, **{name: launch})
-        raise ValueError(f"no tier holds head dim {head_dim}: the tiers end at {HEAD_DIM_TIERS[-1]}")
 
 
 KERNELS = ("forward", "dq", "dkdv", "lsh_split", "lsh_reduce", "row_dot", "cast_rows", "draw_samples",
@@ -168,18 +136,3 @@ def launch_for(table: LaunchTable, kernel: str, head_dim: int, v_dim: int | None
         raise KeyError(f"no launches for kernel {kernel!r}; the table has {tuple(table.kernels)}") from None
     return tiers.for_dim(max(head_dim, head_dim if v_dim is None else v_dim))
 
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (>= 1): ``triton.next_power_of_2`` in plain Python, which
-    Triton makes a constexpr function, microseconds per call on the host."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints (``triton.cdiv`` in plain Python, see ``next_power_of_2``)."""
-    return -(-a // b)
-
-
-def padded_dim(dim: int) -> int:
-    """A head dim as the kernels lay it out: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, next_power_of_2(dim))
