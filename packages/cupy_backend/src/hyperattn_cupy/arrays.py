@@ -66,7 +66,7 @@ class StreamBridge:
 
     def __init__(self):
         self._local = threading.local()
-        self._streams = {}  # stream pointer -> cupy.cuda.ExternalStream
+        self._streams = {}  # (stream pointer, device) -> cupy.cuda.Stream wrapping it
 
     def record(self, x) -> None:
         """Remember the caller's stream for an input ``x`` (torch: its device's current stream)."""
@@ -88,8 +88,20 @@ class StreamBridge:
         if stream is None:
             import cupy
 
-            stream = self._streams[key] = cupy.cuda.ExternalStream(pointer, self._local.device)
+            with cupy.cuda.Device(self._local.device):  # the stream belongs to the recorded device
+                stream = self._streams[key] = cupy.cuda.Stream.from_external(_StreamHandle(pointer))
         return stream
+
+
+class _StreamHandle:
+    """A raw stream pointer in the CUDA stream protocol, which ``cupy.cuda.Stream.from_external``
+    takes (its ``ExternalStream`` is deprecated in CuPy 14)."""
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self):
+        return (0, self.pointer)
 
 
 @contextlib.contextmanager
