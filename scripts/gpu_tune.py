@@ -1,4 +1,4 @@
-"""Sweep one attention kernel's launch configuration on the Triton backend (bf16, B=1, H=32).
+"""Sweep one kernel's launch configuration on a GPU backend (bf16, B=1, H=32): Triton or CuPy.
 
 Each grid point replaces that kernel's launch for the head-dim tier of ``--dim`` in the backend's
 launch table (``hyperattn.configure("triton", launches=...)``) and times either whole calls
@@ -8,6 +8,12 @@ causal and not) or the sparse kernels alone on one fixed plan (``--measure kerne
     python scripts/gpu_tune.py --show                                  # print the launch table
     python scripts/gpu_tune.py forward [--n 131072] [--dim 64] [--measure call|kernel]
     python scripts/gpu_tune.py dkdv --dim 128 --block_m 16 32 64 --block_n 64 128
+    python scripts/gpu_tune.py forward --backend cupy [--block_m 64 128 --block_n 32 64 --warps 4 8]
+    python scripts/gpu_tune.py lsh --backend cupy                      # the hashing kernel alone (rows, threads)
+
+On the CuPy backend a launch is (block_m, block_n, warps) (``hyperattn_cupy.launches``); grid
+points the kernels cannot take (a warp owns 16 rows of the forward and dQ tiles, 16 keys of the
+dK/dV tiles) are skipped.  ``--measure kernel`` is Triton's only.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import itertools
 import math
 
+import numpy as np
 import torch
 import triton
 
@@ -30,20 +37,45 @@ GRIDS = {
     "dkdv": dict(block_m=(16, 32, 64), block_n=(64, 128, 256), stages=(2, 3), warps=(4, 8), maxnreg=(None,)),
 }
 FIELDS = ("block_m", "block_n", "stages", "warps", "maxnreg")
+#: The CuPy backend's grids: tile kernels (block_m, block_n, warps), the hashing kernel (block, threads).
+CUPY_GRIDS = {
+    "forward": dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8)),
+    "dq": dict(block_m=(64, 128), block_n=(32, 64, 128), warps=(4, 8)),
+    "dkdv": dict(block_m=(16, 32, 64), block_n=(64, 128), warps=(4, 8)),
+    "lsh": dict(block=(128, 512, 1024, 4096), threads=(128, 256, 512)),
+}
 
 
-def call_measures(kernel: str, q, k, v):
+def cupy_launch_fits(kernel: str, fields: dict) -> bool:
+    """Whether the CuPy kernels take this grid point (their static_asserts)."""
+    if kernel == "lsh":
+        return True
+    threads = 32 * fields["warps"]
+    owned = fields["block_n"] if kernel == "dkdv" else fields["block_m"]
+    stepped = fields["block_m"] if kernel == "dkdv" else fields["block_n"]
+    return owned % (16 * fields["warps"]) == 0 and stepped % 16 == 0 and (kernel != "forward" or stepped <= threads)
+
+
+def call_measures(kernel: str, q, k, v, backend: str = "triton"):
     """(label, fn) timing whole calls that run ``kernel``."""
     def forward(causal):
         with torch.no_grad():
-            return triton.testing.do_bench(lambda: hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton"),
+            return triton.testing.do_bench(lambda: hyperattn.attention(q, k, v, causal=causal, seed=0, backend=backend),
                                            return_mode="median")
 
     def forward_backward(causal):
         def step():
-            hyperattn.attention(q, k, v, causal=causal, seed=0, backend="triton").sum().backward()
+            hyperattn.attention(q, k, v, causal=causal, seed=0, backend=backend).sum().backward()
         return triton.testing.do_bench(step, return_mode="median")
 
+    if kernel == "lsh":
+        from hyperattn.registry import backend_status
+
+        cupy_backend = backend_status(backend).backend
+        x = cupy_backend.to_native(q.detach())
+        projections = cupy_backend.from_host(np.random.default_rng(0).standard_normal((q.shape[-1], 7)).astype(np.float32), x)
+        return [("lsh", lambda: triton.testing.do_bench(lambda: cupy_backend.lsh_codes(x, projections),
+                                                        return_mode="median"))]
     if kernel == "forward":
         return [("fwd", lambda: forward(False)), ("fwd causal", lambda: forward(True))]
     return [("fwd+bwd", lambda: forward_backward(False)), ("fwd+bwd causal", lambda: forward_backward(True))]
@@ -100,25 +132,62 @@ def sweep(kernel: str, dim: int, grid: dict, measures) -> None:
         hyperattn.configure("triton", launches=table)
 
 
+def cupy_sweep(kernel: str, dim: int, grid: dict, measures) -> None:
+    """``sweep`` on the CuPy backend's launch table (``CupyOptions.launches``)."""
+    from hyperattn_cupy.launches import Launch as CupyLaunch
+    from hyperattn_cupy.launches import RowLaunch, replaced
+    from hyperattn_cupy.launches import launch_for as cupy_launch_for
+
+    table = dict(hyperattn.configure("cupy").launches)
+    print(f"{kernel} D<={dim} tier now: {cupy_launch_for(table, kernel, dim)}", flush=True)
+    names = tuple(grid)
+    kind = RowLaunch if kernel == "lsh" else CupyLaunch
+    try:
+        for values in itertools.product(*(grid[name] for name in names)):
+            fields = dict(zip(names, values))
+            if not cupy_launch_fits(kernel, fields):
+                continue
+            hyperattn.configure("cupy", launches=replaced(table, kernel, dim, **fields))
+            assert isinstance(cupy_launch_for(hyperattn.configure("cupy").launches, kernel, dim), kind)
+            row = []
+            for label, fn in measures:
+                try:
+                    row.append(f"{label} {fn():8.3f} ms")
+                except Exception as error:  # a launch the kernel cannot take
+                    row.append(f"{label} {type(error).__name__}: {str(error)[:80]}")
+            print(" ".join(f"{name}={value!s:<4}" for name, value in fields.items()), "|", " | ".join(row), flush=True)
+    finally:
+        hyperattn.configure("cupy", launches=table)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Sweep one Triton attention kernel's launch configuration "
                                                  "(whole calls or the sparse kernels alone), or print the launch table.")
-    parser.add_argument("kernel", nargs="?", choices=tuple(GRIDS), help="the kernel whose launch is swept")
+    parser.add_argument("kernel", nargs="?", choices=tuple(GRIDS) + ("lsh",), help="the kernel whose launch is swept")
+    parser.add_argument("--backend", choices=("triton", "cupy"), default="triton")
     parser.add_argument("--show", action="store_true", help="print the default launch table and exit")
     parser.add_argument("--n", type=int, default=131072, help="sequence length")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64, help="head dim: its tier's launch is swept")
     parser.add_argument("--measure", choices=("call", "kernel"), default="call")
+    parser.add_argument("--block", nargs="+", type=int, default=None, help="rows per block (cupy lsh)")
+    parser.add_argument("--threads", nargs="+", type=int, default=None, help="threads per block (cupy lsh)")
     for name in FIELDS:
         parser.add_argument(f"--{name}", nargs="+", default=None, metavar="V",
                             type=lambda s: None if s.lower() == "none" else int(s), help=f"{name} values to sweep")
     args = parser.parse_args(argv)
+    if args.kernel == "lsh" and args.backend != "cupy":
+        parser.error("the lsh sweep is the CuPy backend's (--backend cupy)")
     if args.show or args.kernel is None:
         print("\n".join(TritonOptions().launches.lines()))
         return 0
-    grid = {name: tuple(getattr(args, name) or GRIDS[args.kernel][name]) for name in FIELDS}
     q, k, v = (torch.randn(1, args.heads, args.n, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
+    if args.backend == "cupy":
+        grid = {name: tuple(getattr(args, name) or values) for name, values in CUPY_GRIDS[args.kernel].items()}
+        cupy_sweep(args.kernel, args.dim, grid, call_measures(args.kernel, q, k, v, backend="cupy"))
+        return 0
+    grid = {name: tuple(getattr(args, name) or GRIDS[args.kernel][name]) for name in FIELDS}
     measures = (call_measures if args.measure == "call" else kernel_measures)(args.kernel, q, k, v)
     sweep(args.kernel, args.dim, grid, measures)
     return 0

@@ -203,3 +203,48 @@ def test_a_side_stream_call_is_ordered_with_the_callers_work(causal):
     side.synchronize()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # sample atomics add in any order
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_exact_leaves_through_the_fused_kernels_match_the_cupy_kernels(cp, overwrite, monkeypatch):
+    """Causal leaves given as torch tensors go through PyTorch's fused kernels (forward and
+    backward, on torch views of the arrays); given as cupy arrays, through the CuPy kernels: the
+    same output, lse and gradients, written (``overwrite``) or merged and added."""
+    import torch
+    from hyperattn_cupy import arrays
+
+    from hyperattn import testing
+    from hyperattn.protocol import Segments
+    from hyperattn.torch import fused
+
+    backend = CUPY.backend
+    calls = []
+    real_forward, real_backward = fused.fused_attention_forward, fused.fused_attention_backward
+    monkeypatch.setattr(fused, "fused_attention_forward", lambda *a: calls.append("fwd") or real_forward(*a))
+    monkeypatch.setattr(fused, "fused_attention_backward", lambda *a: calls.append("bwd") or real_backward(*a))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 4, 1024, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
+                     for _ in range(4))
+    leaves = Segments.from_ranges([(s, s + 256, s, s + 256) for s in range(0, 1024, 256)])
+    results = {}
+    for source in ("torch", "cupy"):
+        cq, ck, cv, cdout = (arrays.torch_to_cupy(x) for x in (q, k, v, dout))
+        backend.streams.record(q if source == "torch" else cq)
+        out = cp.zeros(cq.shape, dtype=cq.dtype)
+        lse = cp.full(cq.shape[:3], -cp.inf, dtype=cp.float32)
+        backend.exact_forward(cq, ck, cv, leaves, True, 0.125, out, lse, overwrite=True)
+        if not overwrite:  # merged with itself: the same out, lse + log 2
+            backend.exact_forward(cq, ck, cv, leaves, True, 0.125, out, lse, overwrite=False)
+        delta = backend.row_dot(cdout, out)
+        grads = [cp.full(x.shape, 0.0 if not overwrite else cp.nan, dtype=cp.float32) for x in (cq, ck, cv)]
+        backend.exact_backward(cq, ck, cv, lse, cdout, delta, leaves, True, 0.125, *grads, out=out,
+                               overwrite=overwrite)
+        results[source] = [cp.asnumpy(x.astype(cp.float32)) for x in (out, lse, *grads)]
+        cp.cuda.Device().synchronize()
+    assert calls == ["fwd"] * (1 if overwrite else 2) + ["bwd"]  # the torch call only
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["torch"], results["cupy"]):
+        assert np.isfinite(got).all(), name
+        if name == "lse":
+            np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+        else:
+            assert testing.relative_error(got, want) < 1e-2, name

@@ -39,7 +39,7 @@ def test_lsh_codes_agree_with_float64_on_gpu(dtype):
 
 def test_gpu_short_calls_run_exactly_through_sdpa():
     """Below the crossover a call is exact: SDPA's own output (and backward), or the exact plan with lse."""
-    from hyperattn_triton.exact import sdpa_backends
+    from hyperattn.torch.fused import sdpa_backends
 
     q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     for causal in (False, True):

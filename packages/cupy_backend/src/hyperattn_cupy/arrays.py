@@ -78,6 +78,10 @@ class StreamBridge:
         else:
             self._local.stream = None
 
+    def torch_inputs(self) -> bool:
+        """Whether the current thread's call was given torch tensors (recorded by :meth:`record`)."""
+        return getattr(self._local, "stream", None) is not None
+
     def scope(self):
         """A context in which CuPy's current stream is the recorded one (nothing to do for cupy inputs)."""
         pointer = getattr(self._local, "stream", None)

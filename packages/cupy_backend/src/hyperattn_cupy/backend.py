@@ -15,7 +15,7 @@ import numpy as np
 from hyperattn.protocol import Backend, Capabilities, Problem, Segments, SparseStructure
 from hyperattn.tiles import exact_key_tiles, exact_tiles, sample_key_tiles, sparse_key_tiles, sparse_tiles
 
-from . import arrays
+from . import arrays, fused
 from .indices import StructureIndices
 from .launches import HEAD_DIM_TIERS, MAX_GRID_Y, launch_for
 from .options import CupyOptions
@@ -152,6 +152,9 @@ class CupyBackend(Backend):
     def exact_forward(self, q, k, v, segments: Segments, causal, scale, out, lse, *, overwrite=False):
         launch = launch_for(self.options.launches, "forward", q.shape[3], v.shape[3])
         with arrays.on_device_of(q, self.streams):
+            if fused.exact_forward(q, k, v, segments, bool(causal), scale, out, lse, overwrite, self.streams,
+                                   self.options):
+                return
             tiles = self.device_tables.get(exact_tiles, q, segments, bool(causal), launch.block_m)
             self._forward(q, k, v, tiles, None, scale, out, lse, bool(causal), overwrite, launch)
 
@@ -166,6 +169,9 @@ class CupyBackend(Backend):
         causal = bool(causal)
         dq_launch, dkdv_launch = self._backward_launches(q, v)
         with arrays.on_device_of(q, self.streams):
+            if fused.exact_backward(q, k, v, out, lse, dout, segments, causal, scale, dq, dk, dv, overwrite,
+                                    self.streams, self.options):
+                return
             q_tiles = self.device_tables.get(exact_tiles, q, segments, causal, dq_launch.block_m)
             k_tiles = self.device_tables.get(exact_key_tiles, q, segments, causal, dkdv_launch.block_n, overwrite)
             self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal,

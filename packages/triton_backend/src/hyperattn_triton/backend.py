@@ -19,6 +19,7 @@ import triton
 
 from hyperattn.protocol import Backend, Capabilities, Segments, SparseStructure
 from hyperattn.tiles import exact_key_tiles, exact_tiles, sample_key_tiles, sparse_key_tiles, sparse_tiles
+from hyperattn.torch import fused
 
 from . import attention, exact, lsh, sorting
 from .indices import StructureIndices
@@ -115,7 +116,7 @@ class TritonBackend(Backend):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if needs_grad and torch.are_deterministic_algorithms_enabled():  # SDPA's backwards are not deterministic
             return None
-        return exact.sdpa_in_order(q, k, v, causal, scale, self.options.sdpa_order)
+        return fused.sdpa_in_order(q, k, v, causal, scale, self.options.sdpa_order)
 
     def row_dot(self, a, b):
         """float32 [B, H, N]: ``sum(a * b, -1)`` of two [B, H, N, D] tensors in one launch (the

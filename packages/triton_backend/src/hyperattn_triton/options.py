@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from hyperattn.protocol import BackendOptions, check_exact_below
+from hyperattn.torch.kernel_names import FUSED_KERNELS, SDPA_KERNELS, check_kernel_names
 
 from .launches import DEFAULT_LAUNCHES, LaunchTable, tier_name
 
@@ -28,10 +29,6 @@ GPU_CROSSOVER = MappingProxyType({
 })
 #: The interpreter has no fast exact attention to prefer: it approximates above min_seq_len.
 NO_CROSSOVER = MappingProxyType({key: (0, 0) for key in GPU_CROSSOVER})
-#: PyTorch SDPA's kernels by name (``torch.nn.attention.SDPBackend``).
-SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
-#: PyTorch's fused kernels that return the log-sum-exp (used for exact pieces).
-FUSED_KERNELS = ("cudnn", "flash")
 
 
 def interpreting() -> bool:
@@ -96,8 +93,8 @@ class TritonOptions(BackendOptions):
         chunk = self.backward_chunk_bytes
         if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
             raise ValueError(f"backward_chunk_bytes must be an int >= 1, got {self.backward_chunk_bytes!r}")
-        _check_names("sdpa_order", self.sdpa_order, SDPA_KERNELS)
-        _check_names("fused_kernels", self.fused_kernels, FUSED_KERNELS)
+        check_kernel_names("TritonOptions", "sdpa_order", self.sdpa_order, SDPA_KERNELS)
+        check_kernel_names("TritonOptions", "fused_kernels", self.fused_kernels, FUSED_KERNELS)
         for name in ("fused_backward_chunk_bytes", "sample_row_chunk", "sort_starts_part", "device_tables_capacity"):
             _check_positive(name, getattr(self, name))
         for name in ("sort_chunk", "sort_interpreter_chunk", "sort_scatter_warps", "sort_starts_chunks"):
@@ -120,9 +117,3 @@ class TritonOptions(BackendOptions):
 def _check_positive(name: str, value) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         raise ValueError(f"TritonOptions.{name}: expected a positive int, got {value!r}")
-
-
-def _check_names(name: str, value, allowed: tuple[str, ...]) -> None:
-    if not (isinstance(value, tuple) and value and all(v in allowed for v in value) and len(set(value)) == len(value)):
-        raise ValueError(f"TritonOptions.{name}: expected a non-empty tuple of distinct names from {allowed}, "
-                         f"got {value!r}")

@@ -563,11 +563,14 @@ struct SimtRows {
 
 // Blocks per SM that ptxas must leave registers for (__launch_bounds__).  Without it ptxas picks
 // its own cap for some instantiations and spills there; fp16/bf16 tiles up to 64 wide take up to
-// 168 registers (3 blocks of 4 warps), wider ones up to 255 (2 blocks); fp32 is not tuned.
+// 168 registers a thread (3 blocks of 4 warps, 1 of 8), wider ones up to 255 (2 blocks of 4 warps,
+// 1 of 8); fp32 is not tuned.
 // (A constant, not a constexpr function: NVRTC refuses functions without __device__.)
-template <typename T, int D_PAD, int DV_PAD>
+template <typename T, int D_PAD, int DV_PAD, int WARPS>
 struct MinBlocks {
-  static constexpr int value = same_type<T, float>::value ? 1 : (D_PAD <= 64 && DV_PAD <= 64 ? 3 : 2);
+  static constexpr int FOUR_WARPS = D_PAD <= 64 && DV_PAD <= 64 ? 3 : 2;  // blocks of 4 warps
+  static constexpr int SCALED = FOUR_WARPS * 4 / WARPS;
+  static constexpr int value = same_type<T, float>::value ? 1 : (SCALED < 1 ? 1 : SCALED);
 };
 
 }  // namespace fwd_detail
@@ -583,7 +586,7 @@ struct MinBlocks {
 // scale * log2(e), num_samples = m.  Positions, indices and diag fit in int32 (the orders do).
 template <typename T, typename TOut, int HEAD_DIM, int D_PAD, int V_DIM, int DV_PAD, int BLOCK_M, int BLOCK_N,
           int WARPS, bool PERMUTED, bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE>
-__global__ void __launch_bounds__(WARPS * 32, fwd_detail::MinBlocks<T, D_PAD, DV_PAD>::value)
+__global__ void __launch_bounds__(WARPS * 32, fwd_detail::MinBlocks<T, D_PAD, DV_PAD, WARPS>::value)
 attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, TOut* __restrict__ Out,
               float* __restrict__ Lse, const long long* __restrict__ Tiles, const int* __restrict__ QOrder,
               const int* __restrict__ KOrder, const int* __restrict__ Samples, const int* __restrict__ SampleBlock,

@@ -4,7 +4,7 @@
 //   gray_rank(c)   = c ^ (c >> 1) ^ (c >> 2) ^ ...     (the rank of c in the reflected Gray code)
 //
 // Layout of the work: a block owns `block_rows` rows of one (batch, head); every warp hashes 4 rows
-// at a time, 8 lanes per row.  Lane l of a row holds D_PAD / 8 values of x in fp32 registers, in
+// at a time, 8 lanes per row, and loads LSH_BATCHES such groups before hashing them.  Lane l of a row holds D_PAD / 8 values of x in fp32 registers, in
 // runs of VEC = 4 (2 for D_PAD = 16): d = VEC * l + 8 * VEC * i + v.  The projections sit in shared
 // memory, transposed and zero-padded to [R8, D_PAD] (R8 = num_projs rounded up to 8), and a lane
 // reads its VEC weights of a projection in one vector load: the 8 lanes of a row read 8
@@ -22,7 +22,22 @@ namespace hyperattn {
 
 constexpr int LSH_LANES = 8;     // lanes per row (and projections per butterfly)
 constexpr int LSH_ROWS_PER_WARP = 32 / LSH_LANES;
+constexpr int LSH_BATCHES = 2;   // row groups of a warp whose loads are in flight together
 constexpr unsigned FULL_MASK = 0xffffffffu;
+
+// VEC consecutive elements (VEC * sizeof(T) bytes, aligned to that) in one load, widened to fp32.
+template <int BYTES> struct VectorOf;
+template <> struct VectorOf<4> { using type = unsigned; };
+template <> struct VectorOf<8> { using type = uint2; };
+template <> struct VectorOf<16> { using type = uint4; };
+template <typename T, int VEC>
+__device__ __forceinline__ void load_run(const T* __restrict__ p, float (&out)[VEC]) {
+  using V = typename VectorOf<VEC * static_cast<int>(sizeof(T))>::type;
+  const V raw = __ldg(reinterpret_cast<const V*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] = to_float(e[v]);
+}
 
 // Sum acc[0..8) over the 8 lanes of a row group and leave projection `lane & 7`'s sum in acc[0].
 // Step s: lanes with bit s set keep the upper half of the live accumulators and send the lower
@@ -81,56 +96,80 @@ __global__ void lsh_codes(const T* __restrict__ x, const float* __restrict__ pro
   const int group = lane / LSH_LANES, lane_in_row = lane % LSH_LANES;
   const long long row0 = row_block * block_rows;
   const long long row_end = min(n, row0 + block_rows);
-  const int rows_per_pass = (blockDim.x >> 5) * LSH_ROWS_PER_WARP;
+  const int rows_per_pass = (blockDim.x >> 5) * LSH_ROWS_PER_WARP * LSH_BATCHES;
   const T* x_bh = x + b * sx_b + h * sx_h;
 
-  // The loop bound is the same for all lanes of a warp: every lane takes part in the shuffles.
-  for (long long first = row0 + warp * LSH_ROWS_PER_WARP; first < row_end; first += rows_per_pass) {
-    const long long row = first + group;
-    const bool valid = row < row_end;
-    float xs[RUNS][VEC];
+  // Rows whose runs of VEC values are one aligned vector load each (the usual contiguous layout).
+  const bool vec = sx_d == 1 && dim % VEC == 0 && sx_n % VEC == 0 &&
+                   reinterpret_cast<unsigned long long>(x_bh) % (VEC * sizeof(T)) == 0;
+
+  // LSH_BATCHES row groups per warp and pass: all their loads are issued before the first
+  // product, so that a warp keeps that many rows' reads in flight (the kernel is bound by the
+  // latency of these reads, not by its arithmetic).  The loop bound is the same for all lanes of
+  // a warp: every lane takes part in the shuffles.
+  for (long long first = row0 + warp * LSH_ROWS_PER_WARP * LSH_BATCHES; first < row_end; first += rows_per_pass) {
+    float xs[LSH_BATCHES][RUNS][VEC];
 #pragma unroll
-    for (int i = 0; i < RUNS; ++i) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const int d = VEC * lane_in_row + LSH_LANES * VEC * i + v;
-        xs[i][v] = (valid && d < dim) ? to_float(x_bh[row * sx_n + d * sx_d]) : 0.0f;
-      }
-    }
-    unsigned long long code = 0;
-    for (int j0 = 0; j0 < r8; j0 += LSH_LANES) {
-      float acc[LSH_LANES];
-#pragma unroll
-      for (int k = 0; k < LSH_LANES; ++k) acc[k] = 0.0f;
-      const float* p = shared_proj + j0 * D_PAD + VEC * lane_in_row;
+    for (int bt = 0; bt < LSH_BATCHES; ++bt) {
+      const long long row = first + bt * LSH_ROWS_PER_WARP + group;
+      const bool valid = row < row_end;
 #pragma unroll
       for (int i = 0; i < RUNS; ++i) {
-#pragma unroll
-        for (int k = 0; k < LSH_LANES; ++k) {
-          const float* pk = p + k * D_PAD + LSH_LANES * VEC * i;
-          float w[VEC];
-          if constexpr (VEC == 4) {
-            const float4 q = *reinterpret_cast<const float4*>(pk);
-            w[0] = q.x;
-            w[1] = q.y;
-            w[2] = q.z;
-            w[3] = q.w;
+        const int d0 = VEC * lane_in_row + LSH_LANES * VEC * i;
+        if (vec) {
+          if (valid && d0 < dim) {
+            load_run<T, VEC>(x_bh + row * sx_n + d0, xs[bt][i]);
           } else {
-            const float2 q = *reinterpret_cast<const float2*>(pk);
-            w[0] = q.x;
-            w[1] = q.y;
-          }
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[k] = fmaf(xs[i][v], w[v], acc[k]);
+            for (int v = 0; v < VEC; ++v) xs[bt][i][v] = 0.0f;
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const int d = d0 + v;
+            xs[bt][i][v] = (valid && d < dim) ? to_float(x_bh[row * sx_n + d * sx_d]) : 0.0f;
+          }
         }
       }
-      butterfly_transpose_sum(acc, lane_in_row);
-      // padded projections (j >= num_projs) are zero, so their sums are 0 and their bits 0
-      const unsigned ballot = __ballot_sync(FULL_MASK, acc[0] > 0.0f);
-      code |= static_cast<unsigned long long>((ballot >> (LSH_LANES * group)) & 0xffu) << j0;
     }
-    if (valid && lane_in_row == 0) {
-      codes[b * sc_b + h * sc_h + row] = static_cast<CodeT>(gray_rank(code));
+#pragma unroll
+    for (int bt = 0; bt < LSH_BATCHES; ++bt) {
+      const long long row = first + bt * LSH_ROWS_PER_WARP + group;
+      unsigned long long code = 0;
+      for (int j0 = 0; j0 < r8; j0 += LSH_LANES) {
+        float acc[LSH_LANES];
+#pragma unroll
+        for (int k = 0; k < LSH_LANES; ++k) acc[k] = 0.0f;
+        const float* p = shared_proj + j0 * D_PAD + VEC * lane_in_row;
+#pragma unroll
+        for (int i = 0; i < RUNS; ++i) {
+#pragma unroll
+          for (int k = 0; k < LSH_LANES; ++k) {
+            const float* pk = p + k * D_PAD + LSH_LANES * VEC * i;
+            float w[VEC];
+            if constexpr (VEC == 4) {
+              const float4 q = *reinterpret_cast<const float4*>(pk);
+              w[0] = q.x;
+              w[1] = q.y;
+              w[2] = q.z;
+              w[3] = q.w;
+            } else {
+              const float2 q = *reinterpret_cast<const float2*>(pk);
+              w[0] = q.x;
+              w[1] = q.y;
+            }
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[k] = fmaf(xs[bt][i][v], w[v], acc[k]);
+          }
+        }
+        butterfly_transpose_sum(acc, lane_in_row);
+        // padded projections (j >= num_projs) are zero, so their sums are 0 and their bits 0
+        const unsigned ballot = __ballot_sync(FULL_MASK, acc[0] > 0.0f);
+        code |= static_cast<unsigned long long>((ballot >> (LSH_LANES * group)) & 0xffu) << j0;
+      }
+      if (row < row_end && lane_in_row == 0) {
+        codes[b * sc_b + h * sc_h + row] = static_cast<CodeT>(gray_rank(code));
+      }
     }
   }
 }

@@ -1,0 +1,81 @@
+"""PyTorch's fused attention kernels as the GPU backends use them for exact pieces
+(``hyperattn.torch.fused``): the parts that run without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_fold_views_are_views_or_nothing():
+    """Causal leaves fold into the head axis as views; leaves after a key prefix with several heads
+    cannot (their key range is not one stride), and then nothing is folded rather than copied."""
+    from hyperattn.protocol import Segments
+    from hyperattn.torch.fused import fold_views
+
+    q = torch.randn(2, 3, 8, 4)
+    out = torch.zeros(2, 3, 8, 4)
+    kv = torch.randn(2, 3, 8, 4)
+    tiling = Segments.from_ranges([(0, 4, 0, 4), (4, 8, 4, 8)]).equal_tiling(8, causal=True)
+    qf, kf, vf, out_f = fold_views(tiling, q, kv, kv, query_side=(out,))
+    out_f += 1  # writes land in out
+    assert (out == 1).all() and torch.equal(kf[1, 3], kv[1, 1, 4:8]) and torch.equal(qf[0, 5], q[0, 2, 4:8])
+    longer = torch.randn(2, 3, 10, 4)
+    prefixed = Segments.from_ranges([(0, 4, 2, 6), (4, 8, 6, 10)]).equal_tiling(8, causal=True)
+    assert fold_views(prefixed, q, longer, longer) is None
+
+
+def test_first_fused_follows_the_order_and_falls_back(monkeypatch):
+    """cuDNN first while enabled, FlashAttention when cuDNN rejects the inputs or is off."""
+    from hyperattn.torch.fused import FUSED_KERNELS, first_fused
+
+    def rejected():
+        raise RuntimeError("cuDNN does not take these shapes")
+
+    default = FUSED_KERNELS
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    assert first_fused(default, lambda: "cudnn", lambda: "flash") == "cudnn"
+    assert first_fused(default, rejected, lambda: "flash") == "flash"
+    flash_first = ("flash", "cudnn")
+    assert first_fused(flash_first, lambda: "cudnn", lambda: "flash") == "flash"
+    cudnn_only = ("cudnn",)
+    with pytest.raises(RuntimeError, match="no fused attention kernel"):
+        first_fused(cudnn_only, rejected, lambda: "flash")
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="no fused attention kernel"):
+        first_fused(cudnn_only, lambda: "cudnn", lambda: "flash")
+
+
+def test_sdpa_in_order_changes_the_priority_for_one_call_only():
+    """cuDNN-first SDPA through two C calls: the same output as SDPA, PyTorch's priority restored
+    afterwards, also when SDPA raises."""
+    from hyperattn.torch.fused import SDPA_KERNELS, sdpa_backends, sdpa_in_order
+
+    order = SDPA_KERNELS
+    before = torch._C._get_sdp_priority_order()
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order())
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        out = sdpa_in_order(q, k, v, True, 0.3, order)
+    torch.testing.assert_close(out, real(q, k, v, is_causal=True, scale=0.3), rtol=0, atol=0)
+    assert seen[0][:len(order)] == [int(b) for b in sdpa_backends(order)] and sorted(seen[0]) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(RuntimeError):
+        sdpa_in_order(q, k[:, :, :, :4], v, False, 0.3, order)
+    assert torch._C._get_sdp_priority_order() == before
+
+
+def test_kernel_names_are_checked_with_the_option_named():
+    from hyperattn.torch.kernel_names import FUSED_KERNELS, check_kernel_names
+
+    check_kernel_names("Opts", "fused_kernels", ("flash",), FUSED_KERNELS)
+    for bad in ((), ("flash", "flash"), ("math",), ["cudnn"]):
+        with pytest.raises(ValueError, match=r"Opts\.fused_kernels: expected a non-empty tuple"):
+            check_kernel_names("Opts", "fused_kernels", bad, FUSED_KERNELS)
