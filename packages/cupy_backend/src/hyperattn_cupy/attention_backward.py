@@ -60,21 +60,21 @@ def dkdv_name(dtype, dout_dtype, d_pad: int, dv_pad: int, launch: Launch, permut
 def dq_shared_bytes(dtype, d_pad: int, dv_pad: int, launch: Launch) -> int:
     """Dynamic shared memory of a dQ launch: ``DqSmem`` in attention_bwd.cu.  q, dO [BLOCK_M] and k, v
     [BLOCK_N] rows padded by 8 elements (16-bit) or 1 (fp32), the fp32 kernel's dS [BLOCK_M][BLOCK_N + 1],
-    and the staged keys' indices (int [BLOCK_N])."""
+    and the staged keys' indices (int [BLOCK_N]); 16-bit: two k, v buffers and three key tables."""
     bm, bn = launch.block_m, launch.block_n
     if np.dtype(dtype).name == "float32":
         return (bm + bn) * ((d_pad + 1) + (dv_pad + 1)) * 4 + bm * (bn + 1) * 4 + bn * 4
-    return (bm + bn) * ((d_pad + 8) + (dv_pad + 8)) * 2 + bn * 4
+    return (bm + 2 * bn) * ((d_pad + 8) + (dv_pad + 8)) * 2 + 3 * bn * 4
 
 
 def dkdv_shared_bytes(dtype, d_pad: int, dv_pad: int, launch: Launch) -> int:
     """Dynamic shared memory of a dK/dV launch: ``DkdvSmem`` in attention_bwd.cu.  k, v [BLOCK_N] and q, dO
-    [BLOCK_M] rows padded as in the dQ kernel, the fp32 kernel's P^T / dS^T [BLOCK_N][BLOCK_M + 1], and four
-    int / float [BLOCK_M] per-row arrays."""
+    [BLOCK_M] rows padded as in the dQ kernel, the fp32 kernel's P^T / dS^T [BLOCK_N][BLOCK_M + 1], and a
+    row table of five int / float [BLOCK_M] arrays; 16-bit: two q, dO buffers and three row tables."""
     bm, bn = launch.block_m, launch.block_n
     if np.dtype(dtype).name == "float32":
-        return (bm + bn) * ((d_pad + 1) + (dv_pad + 1)) * 4 + bn * (bm + 1) * 4 + bm * 16
-    return (bm + bn) * ((d_pad + 8) + (dv_pad + 8)) * 2 + bm * 16
+        return (bm + bn) * ((d_pad + 1) + (dv_pad + 1)) * 4 + bn * (bm + 1) * 4 + bm * 20
+    return (2 * bm + bn) * ((d_pad + 8) + (dv_pad + 8)) * 2 + 3 * bm * 20
 
 
 def check_launch(kernel_kind: str, dtype, launch: Launch) -> None:

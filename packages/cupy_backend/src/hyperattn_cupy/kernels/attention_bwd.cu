@@ -241,6 +241,32 @@ __device__ __forceinline__ void stage_rows(TS* __restrict__ dst, const TG* __res
   }
 }
 
+// stage_rows through cp.async (16-byte copies, zero-filled where row_of(r) < 0 or c >= ncols), to be
+// waited for with cp_async_wait, when the rows are vectorizable and the element types agree; else
+// stage_rows itself (synchronous: the data is in place when it returns).
+template <int ROWS, int COLS, int LD, int NT, typename TS, typename TG, typename RowOf>
+__device__ __forceinline__ void stage_rows_async(TS* __restrict__ dst, const TG* __restrict__ src, long long s_n,
+                                                 long long s_d, int ncols, RowOf row_of) {
+  if constexpr (SameType<TS, TG>::value && (LD * sizeof(TS)) % 16 == 0) {
+    if (rows_vectorizable(src, s_n, s_d, ncols)) {
+      constexpr int VEC = 16 / static_cast<int>(sizeof(TG));
+      constexpr int CHUNKS = COLS / VEC;  // per row
+      constexpr int TOTAL = ROWS * CHUNKS;
+#pragma unroll
+      for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = static_cast<int>(threadIdx.x) + it * NT;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / CHUNKS, c = (i % CHUNKS) * VEC;
+        const int idx = row_of(r);
+        const bool ok = idx >= 0 && c < ncols;
+        cp_async_16(dst + r * LD + c, ok ? src + idx * s_n + c : src, ok);
+      }
+      return;
+    }
+  }
+  stage_rows<ROWS, COLS, LD, NT>(dst, src, s_n, s_d, ncols, row_of);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Arguments, with the (batch, head) offsets applied.
 // ---------------------------------------------------------------------------------------------------
@@ -276,11 +302,15 @@ struct DqSmem {
   static constexpr int LDQ = D_PAD + PAD, LDV = DV_PAD + PAD, LDS = BLOCK_N + 1;
   static constexpr int Q = 0;                                                  // T [BLOCK_M][LDQ]
   static constexpr int DO = Q + BLOCK_M * LDQ * (int)sizeof(T);                // T [BLOCK_M][LDV]
+  // 16-bit: two K/V buffers (a step's copies land in one while the other is read) and three key
+  // tables (written two steps ahead); fp32 stages synchronously into one of each
+  static constexpr int STAGES = F32 ? 1 : 2, KEY_TABLES = F32 ? 1 : 3;
   static constexpr int K = DO + BLOCK_M * LDV * (int)sizeof(T);                // T [BLOCK_N][LDQ]
   static constexpr int V = K + BLOCK_N * LDQ * (int)sizeof(T);                 // T [BLOCK_N][LDV]
-  static constexpr int DS = V + BLOCK_N * LDV * (int)sizeof(T);                // fp32 only: float [BLOCK_M][LDS]
-  static constexpr int KEY = DS + (F32 ? BLOCK_M * LDS * 4 : 0);               // int [BLOCK_N]: key, or -1
-  static constexpr int BYTES = KEY + BLOCK_N * 4;
+  static constexpr int STAGE = BLOCK_N * (LDQ + LDV) * (int)sizeof(T);         // bytes of one K/V buffer
+  static constexpr int DS = K + STAGES * STAGE;                                // fp32 only: float [BLOCK_M][LDS]
+  static constexpr int KEY = DS + (F32 ? BLOCK_M * LDS * 4 : 0);               // int [KEY_TABLES][BLOCK_N]: key, or -1
+  static constexpr int BYTES = KEY + KEY_TABLES * BLOCK_N * 4;
 };
 
 template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N>
@@ -292,12 +322,19 @@ struct DkdvSmem {
   static constexpr int V = K + BLOCK_N * LDQ * (int)sizeof(T);                 // T [BLOCK_N][LDV]
   static constexpr int Q = V + BLOCK_N * LDV * (int)sizeof(T);                 // T [BLOCK_M][LDQ]
   static constexpr int DO = Q + BLOCK_M * LDQ * (int)sizeof(T);                // T [BLOCK_M][LDV]
-  static constexpr int P = DO + BLOCK_M * LDV * (int)sizeof(T);                // fp32 only: float [BLOCK_N][LDP]
-  static constexpr int ROW_LIM = P + (F32 ? BLOCK_N * LDP * 4 : 0);            // int [BLOCK_M]: row + diag
-  static constexpr int OFF2 = ROW_LIM + BLOCK_M * 4;                           // float [BLOCK_M]: lse2 - bias2
-  static constexpr int DELTA = OFF2 + BLOCK_M * 4;                             // float [BLOCK_M]
-  static constexpr int RBLK = DELTA + BLOCK_M * 4;                             // int [BLOCK_M]: QBlock of the row
-  static constexpr int BYTES = RBLK + BLOCK_M * 4;
+  // 16-bit: two q, dO buffers (a step's copies land in one while the other is read) and three row
+  // tables (written a step ahead); fp32 stages synchronously into one of each
+  static constexpr int STAGES = F32 ? 1 : 2, ROW_TABLES = F32 ? 1 : 3;
+  static constexpr int STAGE = BLOCK_M * (LDQ + LDV) * (int)sizeof(T);         // bytes of one q, dO buffer
+  static constexpr int P = Q + STAGES * STAGE;                                 // fp32 only: float [BLOCK_N][LDP]
+  // a row table: five [BLOCK_M] arrays, at + t * TABLE for table t
+  static constexpr int ROW_LIM = P + (F32 ? BLOCK_N * LDP * 4 : 0);            // int: row + diag
+  static constexpr int OFF2 = ROW_LIM + BLOCK_M * 4;                           // float: lse2 - bias2
+  static constexpr int DELTA = OFF2 + BLOCK_M * 4;                             // float
+  static constexpr int RBLK = DELTA + BLOCK_M * 4;                             // int: QBlock of the row
+  static constexpr int ROWS = RBLK + BLOCK_M * 4;                              // int: the row (-1: none)
+  static constexpr int TABLE = 5 * BLOCK_M * 4;
+  static constexpr int BYTES = ROW_LIM + ROW_TABLES * TABLE;
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -308,15 +345,14 @@ struct DkdvSmem {
 // off2 / delta / row_lim: the thread's rows (g and g + 8 of each slice): lse2 (minus the keys' log
 // weight), delta, row + diag.
 template <typename T, int D_PAD, int DV_PAD, int BLOCK_N, int MT, bool CAUSAL, typename L>
-__device__ __forceinline__ void dq_step_mma(const unsigned char* smem, int warp_row0, int lane,
-                                            const float (&off2)[MT][2], const float (&delta)[MT][2],
+__device__ __forceinline__ void dq_step_mma(const unsigned char* smem, int stage, const int* s_key, int warp_row0,
+                                            int lane, const float (&off2)[MT][2], const float (&delta)[MT][2],
                                             const int (&row_lim)[MT][2], float scale, float scale_log2,
                                             int head_dim, int v_dim, float (&dq)[MT][D_PAD / 8][4]) {
   const T* Qs = reinterpret_cast<const T*>(smem + L::Q);
   const T* DOs = reinterpret_cast<const T*>(smem + L::DO);
-  const T* Ks = reinterpret_cast<const T*>(smem + L::K);
-  const T* Vs = reinterpret_cast<const T*>(smem + L::V);
-  const int* s_key = reinterpret_cast<const int*>(smem + L::KEY);
+  const T* Ks = reinterpret_cast<const T*>(smem + L::K + stage * L::STAGE);
+  const T* Vs = reinterpret_cast<const T*>(smem + L::V + stage * L::STAGE);
   constexpr int NT = BLOCK_N / 8;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -355,9 +391,8 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
   static_assert(BLOCK_N % 16 == 0, "dQ (fp16/bf16): BLOCK_N must be a multiple of 16");
   T* Qs = reinterpret_cast<T*>(smem + L::Q);
   T* DOs = reinterpret_cast<T*>(smem + L::DO);
-  T* Ks = reinterpret_cast<T*>(smem + L::K);
-  T* Vs = reinterpret_cast<T*>(smem + L::V);
-  int* s_key = reinterpret_cast<int*>(smem + L::KEY);
+  int* key_tables = reinterpret_cast<int*>(smem + L::KEY);  // [3][BLOCK_N]: the tables of steps s % 3
+  static_assert(BLOCK_N <= NTHREADS, "dQ (fp16/bf16): one thread per key slot of a step");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   auto row_of = [&](int r) -> int {
@@ -390,41 +425,63 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
 #pragma unroll
       for (int e = 0; e < 4; ++e) dq[mt][n][e] = 0.0f;
 
-  // the tile's keys
-  for (int start = a.k0; start < a.k1; start += BLOCK_N) {
-    auto key_of = [&](int r) -> int {
-      const int pos = start + r;
+  // Steps: the tile's keys [k0, k1) in BLOCK_N slots each, then (HAS_SAMPLES) the segment's sample
+  // slots, weighted by exp(log_w), those drawn from the rows' own key block left out.
+  const int block_steps = a.k1 > a.k0 ? (a.k1 - a.k0 + BLOCK_N - 1) / BLOCK_N : 0;
+  const int steps = block_steps + (HAS_SAMPLES ? (a.num_samples + BLOCK_N - 1) / BLOCK_N : 0);
+  auto key_at = [&](int step, int r) -> int {  // slot r's key (-1: does not count)
+    if (!HAS_SAMPLES || step < block_steps) {
+      const int pos = a.k0 + step * BLOCK_N + r;
       return pos < a.k1 ? (PERMUTED ? a.k_order[pos] : pos) : -1;
-    };
-    __syncthreads();  // the previous step is done with Ks, Vs, s_key
-    stage_rows<BLOCK_N, D_PAD, L::LDQ, NTHREADS>(Ks, a.k, a.sk_n, a.sk_d, a.head_dim, key_of);
-    stage_rows<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(Vs, a.v, a.sv_n, a.sv_d, a.v_dim, key_of);
-    for (int r = tid; r < BLOCK_N; r += NTHREADS) s_key[r] = key_of(r);
-    __syncthreads();
-    dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, CAUSAL, L>(smem, warp_row0, lane, lse2, delta, row_lim, a.scale,
-                                                          a.scale_log2, a.head_dim, a.v_dim, dq);
-  }
-  // the segment's sample slots, weighted by exp(log_w), those of the rows' own key block left out
-  if (HAS_SAMPLES) {
-    float off2[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) off2[mt][ri] = lse2[mt][ri] - a.log_w2;
-    for (int start = 0; start < a.num_samples; start += BLOCK_N) {
-      auto key_of = [&](int r) -> int {
-        const int slot = start + r;
-        return (slot < a.num_samples && a.sample_blocks[slot] != a.blk) ? a.samples[slot] : -1;
-      };
-      __syncthreads();
-      stage_rows<BLOCK_N, D_PAD, L::LDQ, NTHREADS>(Ks, a.k, a.sk_n, a.sk_d, a.head_dim, key_of);
-      stage_rows<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(Vs, a.v, a.sv_n, a.sv_d, a.v_dim, key_of);
-      for (int r = tid; r < BLOCK_N; r += NTHREADS) s_key[r] = key_of(r);
-      __syncthreads();
-      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, L>(smem, warp_row0, lane, off2, delta, row_lim, a.scale,
-                                                           a.scale_log2, a.head_dim, a.v_dim, dq);
     }
+    const int slot = (step - block_steps) * BLOCK_N + r;
+    return (slot < a.num_samples && a.sample_blocks[slot] != a.blk) ? a.samples[slot] : -1;
+  };
+  float off2[MT][2];  // sample slots: lse2 minus the slots' log weight
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) off2[mt][ri] = lse2[mt][ri] - a.log_w2;
+  // K/V of a step into buffer `stage`, through cp.async where the rows allow (one commit group per step)
+  auto issue = [&](int stage, const int* keys) {
+    auto key_of = [&](int r) -> int { return keys[r]; };
+    stage_rows_async<BLOCK_N, D_PAD, L::LDQ, NTHREADS>(reinterpret_cast<T*>(smem + L::K + stage * L::STAGE), a.k,
+                                                       a.sk_n, a.sk_d, a.head_dim, key_of);
+    stage_rows_async<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(reinterpret_cast<T*>(smem + L::V + stage * L::STAGE), a.v,
+                                                        a.sv_n, a.sv_d, a.v_dim, key_of);
+  };
+
+  // Pipeline: step s + 1's copies are in flight while step s computes.  A step's key table is
+  // written (from registers loaded a step earlier, so that their global latency hides behind a
+  // whole step) at the top of step s - 1, into table (s % 3), whose last reader was step s - 3.
+  int next = -1;
+  if (tid < BLOCK_N) {
+    if (steps > 0) key_tables[tid] = key_at(0, tid);
+    if (steps > 1) next = key_at(1, tid);
   }
+  __syncthreads();  // step 0's table (and the staged q, dO)
+  if (steps > 0) issue(0, key_tables);
+  cp_async_commit();
+#pragma unroll 1
+  for (int step = 0; step < steps; ++step) {
+    if (tid < BLOCK_N) {
+      if (step + 1 < steps) key_tables[((step + 1) % 3) * BLOCK_N + tid] = next;
+      if (step + 2 < steps) next = key_at(step + 2, tid);
+    }
+    __syncthreads();  // step s + 1's table is visible, and every warp is done with step s - 1's buffer
+    if (step + 1 < steps) issue((step + 1) & 1, key_tables + ((step + 1) % 3) * BLOCK_N);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of step s landed
+    __syncthreads();     // and everyone's
+    const int* keys = key_tables + (step % 3) * BLOCK_N;
+    if (!HAS_SAMPLES || step < block_steps)
+      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, CAUSAL, L>(smem, step & 1, keys, warp_row0, lane, lse2, delta, row_lim,
+                                                            a.scale, a.scale_log2, a.head_dim, a.v_dim, dq);
+    else
+      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, L>(smem, step & 1, keys, warp_row0, lane, off2, delta, row_lim,
+                                                           a.scale, a.scale_log2, a.head_dim, a.v_dim, dq);
+  }
+  cp_async_wait<0>();  // no copy outlives the block
 
   // the rows are this block's: read-add-write (or write) dq
 #pragma unroll
@@ -630,30 +687,36 @@ __device__ __forceinline__ void dkdv_stage_rows(const DkdvArgs<T, TDO>& a, unsig
 // Rows per pass of the dK/dV step (fp16/bf16): S^T and dP^T of a pass of RC rows take RC registers per
 // thread on top of the dk, dv accumulators' KT (D_PAD + DV_PAD) / 2; passes of 64 rows at D = 128
 // spill on sm_80, so the step takes the widest of 64, 32, 16 rows dividing BLOCK_M that keeps the sum
-// within 160 registers.
+// within a budget: 160 registers, 96 on sm_80 (where ptxas caps the pipelined kernel at 168
+// registers and passes of 64 rows at D = 64 spill).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int DKDV_PASS_REGISTERS = 96;
+#else
+constexpr int DKDV_PASS_REGISTERS = 160;
+#endif
 template <int BLOCK_M, int KT, int D_PAD, int DV_PAD>
 struct DkdvRowChunk {
   static constexpr int ACC = KT * (D_PAD + DV_PAD) / 2;
-  static constexpr int value = (BLOCK_M % 64 == 0 && ACC + 64 <= 160) ? 64
-                             : (BLOCK_M % 32 == 0 && ACC + 32 <= 160) ? 32 : 16;
+  static constexpr int value = (BLOCK_M % 64 == 0 && ACC + 64 <= DKDV_PASS_REGISTERS) ? 64
+                             : (BLOCK_M % 32 == 0 && ACC + 32 <= DKDV_PASS_REGISTERS) ? 32 : 16;
 };
 
 // dK/dV, tensor cores.  Warp w owns keys [16 w KT, 16 (w + 1) KT) of the tile (KT slices of 16);
 // per pass of ROW_CHUNK rows it forms S^T = K Q^T and dP^T = V dO^T (keys x rows) in registers.
 // keys / key_blocks: the thread's keys (g and g + 8 of each slice) and, for samples, their key blocks.
 template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int KT, bool CAUSAL, bool SAMPLES, typename L>
-__device__ __forceinline__ void dkdv_step_mma(const unsigned char* smem, int warp_key0, int lane,
+__device__ __forceinline__ void dkdv_step_mma(const unsigned char* smem, int stage, int table, int warp_key0, int lane,
                                               const int (&keys)[KT][2], const int (&key_blocks)[KT][2], float scale,
                                               float scale_log2, int head_dim, int v_dim, float (&dk)[KT][D_PAD / 8][4],
                                               float (&dv)[KT][DV_PAD / 8][4]) {
   const T* Ks = reinterpret_cast<const T*>(smem + L::K);
   const T* Vs = reinterpret_cast<const T*>(smem + L::V);
-  const T* Qs = reinterpret_cast<const T*>(smem + L::Q);
-  const T* DOs = reinterpret_cast<const T*>(smem + L::DO);
-  const float* s_off2 = reinterpret_cast<const float*>(smem + L::OFF2);
-  const float* s_delta = reinterpret_cast<const float*>(smem + L::DELTA);
-  const int* s_row_lim = reinterpret_cast<const int*>(smem + L::ROW_LIM);
-  const int* s_rblk = reinterpret_cast<const int*>(smem + L::RBLK);
+  const T* Qs = reinterpret_cast<const T*>(smem + L::Q + stage * L::STAGE);
+  const T* DOs = reinterpret_cast<const T*>(smem + L::DO + stage * L::STAGE);
+  const float* s_off2 = reinterpret_cast<const float*>(smem + L::OFF2 + table * L::TABLE);
+  const float* s_delta = reinterpret_cast<const float*>(smem + L::DELTA + table * L::TABLE);
+  const int* s_row_lim = reinterpret_cast<const int*>(smem + L::ROW_LIM + table * L::TABLE);
+  const int* s_rblk = reinterpret_cast<const int*>(smem + L::RBLK + table * L::TABLE);
   constexpr int RC = DkdvRowChunk<BLOCK_M, KT, D_PAD, DV_PAD>::value;
   constexpr int NR = RC / 8;
 #pragma unroll
@@ -739,16 +802,65 @@ __device__ __forceinline__ void dkdv_body_mma(const DkdvArgs<T, TDO>& a, unsigne
       for (int e = 0; e < 4; ++e) dv[kt][n][e] = 0.0f;
   }
 
-  for (int g = 0; g < a.group; ++g) {
-    const int h = a.hk * a.group + g;
-    for (int start = a.q0; start < a.q1; start += BLOCK_M) {
-      __syncthreads();  // the previous step is done with Qs, DOs and the row data
-      dkdv_stage_rows<T, TDO, BLOCK_M, D_PAD, DV_PAD, NTHREADS, PERMUTED, CAUSAL, SAMPLES, L>(a, smem, h, start);
-      __syncthreads();
-      dkdv_step_mma<T, D_PAD, DV_PAD, BLOCK_M, KT, CAUSAL, SAMPLES, L>(smem, warp_key0, lane, keys, key_blocks, a.scale,
-                                                                      a.scale_log2, a.head_dim, a.v_dim, dk, dv);
-    }
+  // Steps: rows [q0, q1) in BLOCK_M each, of every query head of the KV group.  Pipeline: step s + 1's
+  // copies of q and dO are in flight while step s computes.  A step's row table is filled at the top
+  // of step s - 1 (its row indices loaded a step before that, so that their global latency hides
+  // behind a whole step) into table s % 3, whose last reader was step s - 3.
+  static_assert(BLOCK_M <= NTHREADS, "dK/dV (fp16/bf16): one thread per row of a step");
+  const int row_steps = a.q1 > a.q0 ? (a.q1 - a.q0 + BLOCK_M - 1) / BLOCK_M : 0;
+  const int steps = row_steps * a.group;
+  auto head_of = [&](int step) -> int { return a.hk * a.group + step / row_steps; };
+  auto position_of = [&](int step, int r) -> int { return a.q0 + (step % row_steps) * BLOCK_M + r; };
+  auto row_at = [&](int step, int r) -> int {
+    const int pos = position_of(step, r);
+    return pos < a.q1 ? (PERMUTED ? a.q_order[a.b * a.sqo_b + head_of(step) * a.sqo_h + pos] : pos) : -1;
+  };
+  // row r of step `step`'s table t: masked rows get lse2 - bias2 = delta = 0 (P = 1, dS = 0, dO = 0)
+  auto fill_table = [&](int step, int t, int r, int row) {
+    unsigned char* base = smem + t * L::TABLE;
+    const long long l = a.b * a.sl_b + head_of(step) * a.sl_h + static_cast<long long>(row) * a.sl_n;
+    reinterpret_cast<int*>(base + L::ROWS)[r] = row;
+    reinterpret_cast<float*>(base + L::OFF2)[r] = row >= 0 ? a.lse[l] * LOG2E - a.bias2 : 0.0f;
+    reinterpret_cast<float*>(base + L::DELTA)[r] = row >= 0 ? a.delta[l] : 0.0f;
+    if (CAUSAL) reinterpret_cast<int*>(base + L::ROW_LIM)[r] = (row >= 0 ? row : 0) + a.diag;
+    if (SAMPLES) reinterpret_cast<int*>(base + L::RBLK)[r] = row >= 0 ? a.q_block[position_of(step, r)] : -2;
+  };
+  // q and dO of a step into buffer `stage`, through cp.async where the rows allow
+  auto issue = [&](int step, int stage, int t) {
+    const int* rows = reinterpret_cast<const int*>(smem + t * L::TABLE + L::ROWS);
+    auto row_of = [&](int r) -> int { return rows[r]; };
+    const int h = head_of(step);
+    stage_rows_async<BLOCK_M, D_PAD, L::LDQ, NTHREADS>(reinterpret_cast<T*>(smem + L::Q + stage * L::STAGE),
+                                                       a.q + a.b * a.sq_b + h * a.sq_h, a.sq_n, a.sq_d, a.head_dim,
+                                                       row_of);
+    stage_rows_async<BLOCK_M, DV_PAD, L::LDV, NTHREADS>(reinterpret_cast<T*>(smem + L::DO + stage * L::STAGE),
+                                                        a.dout + a.b * a.sdo_b + h * a.sdo_h, a.sdo_n, a.sdo_d,
+                                                        a.v_dim, row_of);
+  };
+  int next_row = -1;
+  if (tid < BLOCK_M) {
+    if (steps > 0) fill_table(0, 0, tid, row_at(0, tid));
+    if (steps > 1) next_row = row_at(1, tid);
   }
+  __syncthreads();  // step 0's table (and the staged k, v)
+  if (steps > 0) issue(0, 0, 0);
+  cp_async_commit();
+#pragma unroll 1
+  for (int step = 0; step < steps; ++step) {
+    if (tid < BLOCK_M) {
+      if (step + 1 < steps) fill_table(step + 1, (step + 1) % 3, tid, next_row);
+      if (step + 2 < steps) next_row = row_at(step + 2, tid);
+    }
+    __syncthreads();  // step s + 1's table is visible, and every warp is done with step s - 1's buffer
+    if (step + 1 < steps) issue(step + 1, (step + 1) & 1, (step + 1) % 3);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of step s landed
+    __syncthreads();     // and everyone's
+    dkdv_step_mma<T, D_PAD, DV_PAD, BLOCK_M, KT, CAUSAL, SAMPLES, L>(smem, step & 1, step % 3, warp_key0, lane, keys,
+                                                                    key_blocks, a.scale, a.scale_log2, a.head_dim,
+                                                                    a.v_dim, dk, dv);
+  }
+  cp_async_wait<0>();  // no copy outlives the block
 
 #pragma unroll
   for (int kt = 0; kt < KT; ++kt)

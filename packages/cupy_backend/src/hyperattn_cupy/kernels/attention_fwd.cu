@@ -67,18 +67,6 @@ struct SmemLayout {
   static constexpr int BYTES = KBIAS_OFF + 2 * BLOCK_N * 4;
 };
 
-// -- asynchronous copies -----------------------------------------------------------------------
-// 16 bytes global -> shared, or 16 zero bytes when !fill (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = fill ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Whether rows of a (batch, head) slice can be copied in 16-byte chunks: contiguous columns, a
 // whole number of chunks per row, and every row start 16-byte aligned.
 template <typename T, int DIM>
@@ -717,7 +705,7 @@ attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #ifdef HYPERATTN_COMPILE_CHECK
 // The tuned launches (launches.py, "forward"): exact pieces (not PERMUTED, causal or not, no
 // samples) and sparse pieces (PERMUTED, not causal, with samples), first piece (OVERWRITE) or
-// merged, fp16 / bf16 Out in the input dtype, at D = Dv = 64 (64 x 64, 4 warps) and 128
+// merged, fp16 / bf16 Out in the input dtype, at D = Dv = 64 (128 x 32, 4 warps) and 128
 // (64 x 64, 4 warps); one fp32 launch (fp32 Out) and one D = 256 launch (64 x 32, 4 warps).
 #define HYPERATTN_FWD_PARAMS(T, TOut)                                                                            \
   const T* __restrict__, const T* __restrict__, const T* __restrict__, TOut* __restrict__, float* __restrict__,  \
@@ -730,16 +718,16 @@ attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
   template __global__ void hyperattn::attention_fwd<T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER>( \
       HYPERATTN_FWD_PARAMS(T, TOut));
 
-HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 64, 64, 4, false, false, false, true)
-HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 64, 64, 4, false, true, false, true)
-HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 64, 64, 4, true, false, true, false)
-HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 64, 64, 4, true, false, true, true)
+HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, false, false, false, true)
+HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, false, true, false, true)
+HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, true, false, true, false)
+HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, true, false, true, true)
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 128, 128, 128, 128, 64, 64, 4, false, false, false, true)
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 128, 128, 128, 128, 64, 64, 4, false, true, false, true)
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 128, 128, 128, 128, 64, 64, 4, true, false, true, false)
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 128, 128, 128, 128, 64, 64, 4, true, false, true, true)
-HYPERATTN_FWD(__half, __half, 64, 64, 64, 64, 64, 64, 4, false, true, false, true)
-HYPERATTN_FWD(__half, __half, 64, 64, 64, 64, 64, 64, 4, true, false, true, false)
+HYPERATTN_FWD(__half, __half, 64, 64, 64, 64, 128, 32, 4, false, true, false, true)
+HYPERATTN_FWD(__half, __half, 64, 64, 64, 64, 128, 32, 4, true, false, true, false)
 HYPERATTN_FWD(__half, __half, 128, 128, 128, 128, 64, 64, 4, false, true, false, true)
 HYPERATTN_FWD(__half, __half, 128, 128, 128, 128, 64, 64, 4, true, false, true, false)
 HYPERATTN_FWD(__half, float, 128, 128, 128, 128, 64, 64, 4, true, false, true, false)
