@@ -35,9 +35,10 @@ DEFAULT_LAUNCHES: dict[str, Tiers] = {
     # forward: the fp16/bf16 kernel gives each warp 16 rows per m-tile: 128-row tiles of 4 warps (two
     # m-tiles a warp) in 32-key steps at D <= 64, 64-row tiles above (32-key steps at D = 256)
     "forward": Tiers(Launch(128, 32, 4), Launch(64, 64, 4), Launch(64, 32, 4)),
-    # dq, dkdv: the fp16/bf16 kernels give each warp 16 rows (dQ) or keys (dK/dV): D = 256 takes 32 x 32, 2 warps
+    # dq, dkdv: the fp16/bf16 kernels give each warp 16 rows (dQ) or keys (dK/dV); dK/dV steps over 32
+    # rows at D <= 64; D = 256 takes 32 x 32, 2 warps
     "dq": Tiers(Launch(64, 64, 4), Launch(64, 64, 4), Launch(32, 32, 2)),
-    "dkdv": Tiers(Launch(64, 64, 4), Launch(64, 64, 4), Launch(32, 32, 2)),
+    "dkdv": Tiers(Launch(32, 64, 4), Launch(64, 64, 4), Launch(32, 32, 2)),
     "lsh": Tiers.same(RowLaunch(block=1024, threads=128)),
     "sort": Tiers.same(RowLaunch(block=1024, threads=256)),
     "row_dot": Tiers.same(RowLaunch(block=64, threads=256)),
