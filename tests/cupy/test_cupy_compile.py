@@ -1,6 +1,8 @@
 """Every CUDA C++ source of the CuPy backend compiles with nvcc for sm_80 and sm_90 without a GPU
 (its ``HYPERATTN_COMPILE_CHECK`` instantiations: the tuned launches), and ptxas spills no register
-in them (the D = 256 launches excepted)."""
+in them, with two exceptions: the D = 256 launches, and on sm_90 the forward's 128 x 32 tiles, which
+are held to 168 registers (three blocks per SM, the launch measured fastest on an H200) and may
+spill a few bytes there (``SMALL_SPILL`` at most)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,18 @@ if NVCC is None and os.environ.get("CI"):
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, /usr/local/cuda/bin)")
 
 
+#: Bytes of spill stores or loads the sm_90 forward's 128 x 32 tiles may have at 168 registers.
+SMALL_SPILL = 64
+
+
+def allowed_spill(entry, arch: str) -> bool:
+    """The exceptions of the module docstring (template arguments appear mangled: Li256E is the int 256)."""
+    if "Li256E" in entry.function:
+        return True
+    held_forward = "attention_fwd" in entry.function and "Li128ELi32ELi4E" in entry.function
+    return arch == "90" and held_forward and max(entry.spill_stores, entry.spill_loads) <= SMALL_SPILL
+
+
 def test_the_backend_has_its_kernel_sources():
     assert {"attention_fwd.cu", "attention_bwd.cu", "lsh.cu", "sort.cu", "utility.cu"} <= set(compiler.sources())
 
@@ -25,8 +39,7 @@ def test_the_backend_has_its_kernel_sources():
 def test_source_compiles_without_spills(source, arch):
     entries = compiler.nvcc_check(source, arch)
     assert entries, f"{source}: no kernel instantiated under HYPERATTN_COMPILE_CHECK"
-    # template arguments appear mangled: Li256E is the int 256 (the widest heads' tiles may spill)
-    spilling = [e for e in entries if (e.spill_stores or e.spill_loads) and "Li256E" not in e.function]
+    spilling = [e for e in entries if (e.spill_stores or e.spill_loads) and not allowed_spill(e, str(arch))]
     assert not spilling, f"{source} sm_{arch}: spills in {spilling}"
 
 

@@ -552,11 +552,16 @@ struct SimtRows {
 // Blocks per SM that ptxas must leave registers for (__launch_bounds__).  Without it ptxas picks
 // its own cap for some instantiations and spills there; fp16/bf16 tiles up to 64 wide take up to
 // 168 registers a thread (3 blocks of 4 warps, 1 of 8), wider ones up to 255 (2 blocks of 4 warps,
-// 1 of 8); fp32 is not tuned.
+// 1 of 8); on sm_80 every tile takes up to 255 (at 168, 128-row tiles spill there); fp32 is not tuned.
 // (A constant, not a constexpr function: NVRTC refuses functions without __device__.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int NARROW_FOUR_WARP_BLOCKS = 2;
+#else
+constexpr int NARROW_FOUR_WARP_BLOCKS = 3;
+#endif
 template <typename T, int D_PAD, int DV_PAD, int WARPS>
 struct MinBlocks {
-  static constexpr int FOUR_WARPS = D_PAD <= 64 && DV_PAD <= 64 ? 3 : 2;  // blocks of 4 warps
+  static constexpr int FOUR_WARPS = D_PAD <= 64 && DV_PAD <= 64 ? NARROW_FOUR_WARP_BLOCKS : 2;  // blocks of 4 warps
   static constexpr int SCALED = FOUR_WARPS * 4 / WARPS;
   static constexpr int value = same_type<T, float>::value ? 1 : (SCALED < 1 ? 1 : SCALED);
 };
