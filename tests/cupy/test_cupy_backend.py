@@ -48,7 +48,26 @@ def test_options_are_validated_and_name_the_field():
         CupyOptions(launches={k: v for k, v in DEFAULT_LAUNCHES.items() if k != "forward"})
     with pytest.raises(TypeError, match="forward"):
         CupyOptions(launches={**DEFAULT_LAUNCHES, "forward": (64, 64)})
+    with pytest.raises(ValueError, match="CupyOptions.fused_kernels"):
+        CupyOptions(fused_kernels=("math",))
+    with pytest.raises(ValueError, match="CupyOptions.sdpa_order"):
+        CupyOptions(sdpa_order=())
+    with pytest.raises(ValueError, match="fused_backward_chunk_bytes"):
+        CupyOptions(fused_backward_chunk_bytes=0)
     hash(CupyOptions())
+
+
+def test_whole_exact_calls_go_to_sdpa_only_for_torch_cuda_tensors():
+    """``fused_attention`` is None for cupy / NumPy arrays, CPU tensors, GQA and causal Nq != Nk:
+    then the plan's exact piece runs in the backend's kernels."""
+    torch = pytest.importorskip("torch")
+    from hyperattn_cupy.backend import CupyBackend
+
+    backend = CupyBackend()
+    x = np.zeros((1, 2, 8, 8), np.float32)
+    assert backend.fused_attention(x, x, x, causal=False, scale=1.0) is None
+    t = torch.zeros(1, 2, 8, 8)
+    assert backend.fused_attention(t, t, t, causal=True, scale=1.0) is None  # not on a GPU
 
 
 def test_deterministic_backward_is_refused_with_its_reason():

@@ -248,3 +248,30 @@ def test_exact_leaves_through_the_fused_kernels_match_the_cupy_kernels(cp, overw
             np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
         else:
             assert testing.relative_error(got, want) < 1e-2, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_short_calls_with_torch_tensors_are_sdpa(causal, monkeypatch):
+    """Below min_seq_len the whole call is exact: with torch tensors it is SDPA's (output and
+    gradients), through ``fused_attention``; with cupy arrays the backend's own exact kernel."""
+    import torch
+
+    import hyperattn
+    from hyperattn.torch import fused
+
+    calls = []
+    real = fused.sdpa_in_order
+    monkeypatch.setattr(fused, "sdpa_in_order", lambda *a: calls.append(1) or real(*a))
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", generator=generator, dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    out = hyperattn.attention(q, k, v, causal=causal, backend="cupy")
+    out.float().square().sum().backward()
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    assert calls == [1]
+    for x in (q, k, v):
+        x.grad = None
+    want_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    want_out.float().square().sum().backward()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, [want_out.detach(), q.grad, k.grad, v.grad]):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)

@@ -95,6 +95,12 @@ class CupyBackend(Backend):
         target = like.dtype if dtype is None else arrays.cupy_dtype(dtype)
         return y if y.dtype == target else y.astype(target)
 
+    def fused_attention(self, q, k, v, *, causal: bool, scale: float):
+        """A whole exact call given torch CUDA tensors through PyTorch SDPA (``options.sdpa_order``
+        first, with SDPA's own backward), as on the Triton backend; None for cupy arrays, and where
+        SDPA's conventions differ (GQA, causal with Nq != Nk) or a deterministic backward is asked for."""
+        return fused.whole_call(q, k, v, causal, scale, self.options)
+
     def call_scope(self, like):
         """The inputs' device and the caller's stream (see ``arrays.on_device_of``) for a whole call:
         the core's allocations and fills too, not only this backend's kernels."""

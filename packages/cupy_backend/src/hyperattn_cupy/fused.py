@@ -2,15 +2,31 @@
 when the caller gave torch tensors: the cupy arrays are seen as torch tensors over the same memory
 (DLPack, no copies), and the kernels run on the caller's torch stream, as every launch of the call.
 
-Each function returns False where the CuPy kernels must run: cupy inputs (torch need not be
-installed, and its stream is not the caller's), or segments and shapes the fused kernels do not
-take (see ``hyperattn.torch.fused.fold``).
+:func:`whole_call` is a whole exact call through SDPA (or None); the piece functions return False
+where the CuPy kernels must run: cupy inputs (torch need not be installed, and its stream is not
+the caller's), or segments and shapes the fused kernels do not take (see
+``hyperattn.torch.fused.fold``).
 """
 
 from __future__ import annotations
 
 from . import arrays
 from .options import CupyOptions
+
+
+def whole_call(q, k, v, causal: bool, scale: float, options: CupyOptions):
+    """``hyperattn.torch.fused.sdpa_in_order`` on the caller's torch CUDA tensors, or None (see
+    ``CupyBackend.fused_attention``)."""
+    if not arrays.is_torch(q) or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
+        return None
+    import torch
+
+    from hyperattn.torch import fused
+
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and torch.are_deterministic_algorithms_enabled():  # SDPA's backwards are not deterministic
+        return None
+    return fused.sdpa_in_order(q, k, v, causal, scale, options.sdpa_order)
 
 
 def _may_fold(q, v) -> bool:
