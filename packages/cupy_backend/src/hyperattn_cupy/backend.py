@@ -5,7 +5,8 @@ Hashing (``lsh.py``), the segment sort (``sorting.py``) and the small kernels (`
 one or a few launches each; every attention piece is one forward launch (``attention_forward.py``)
 or a dQ and a dK/dV launch (``attention_backward.py``) over a tile table from ``hyperattn.tiles``,
 copied to the GPU once per shape (``staging.py``).  Inputs are read through their strides.
-Launches come from ``options.launches`` (``launches.py``).
+With torch inputs, exact pieces that fold and whole exact calls go through PyTorch's fused kernels
+instead (``fused.py``).  Launches come from ``options.launches`` (``launches.py``).
 """
 
 from __future__ import annotations
