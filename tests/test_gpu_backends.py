@@ -49,6 +49,11 @@ GPU_CASES = [
     # no GQA, D == Dv: on Triton the exact pieces go through PyTorch's fused kernels (leaves, a whole call)
     (1, 4, 4, 2048, 2048, 64, 64, True, dict(block_size=128, sample_size=64, lsh_num_projs=5, min_seq_len=256)),
     (2, 2, 2, 1000, 1000, 128, 128, False, dict(block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096)),
+    # attention sinks: exact pieces of the first keys (a whole-rows rectangle, and rows below the first leaf)
+    (1, 4, 2, 4096, 4096, 64, 64, True, dict(block_size=256, sample_size=128, lsh_num_projs=7, min_seq_len=512,
+                                              sink_keys=64)),
+    (1, 4, 4, 3000, 3000, 64, 64, False, dict(block_size=256, sample_size=128, lsh_num_projs=7, min_seq_len=512,
+                                               sink_keys=64)),
 ]
 
 

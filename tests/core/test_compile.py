@@ -103,9 +103,11 @@ def test_operators_pass_opcheck():
     seed = torch.tensor(3)
     padding = torch.ones(1, 1, 150, 150, dtype=torch.bool)
     padding[..., :7] = False  # the first keys are padding: exact masked attention runs
-    for causal, exact, mask in ((False, False, None), (True, False, None), (True, True, None), (True, False, padding),
-                                (False, False, torch.ones(1, 1, 150, 150, dtype=torch.bool))):
-        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, exact)
+    cases = ((False, False, None, 0), (True, False, None, 0), (True, True, None, 0), (True, False, padding, 0),
+             (False, False, torch.ones(1, 1, 150, 150, dtype=torch.bool), 0), (False, False, None, 8),
+             (True, False, None, 8))
+    for causal, exact, mask, sinks in cases:
+        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, sinks, exact)
         torch.library.opcheck(attention_op, args)
 
 

@@ -60,6 +60,20 @@ def test_same_plan_matches_reference(case, dtype):
         assert error_or_absolute(got, want) < tolerance, name
 
 
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1], (1, 2, 1, 100, 100, 16, 8, True)])
+def test_same_plan_with_sink_keys_matches_reference(case):
+    """The sinks' exact pieces (all rows x the first keys; rows below the first leaf x the sink keys
+    of the causal square) and the sparse pieces cut around them, on Triton as on the reference."""
+    from hyperattn.algorithm import ExactPiece
+
+    q, k, v, causal = inputs(case, torch.float32, seed=7)
+    results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sink_keys": 6})
+    assert sum(isinstance(piece, ExactPiece) for piece in plan.pieces) >= 2 - (not causal)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert np.isfinite(got).all(), name
+        assert error_or_absolute(got, want) < 1e-5, name
+
+
 def test_causal_forward_keeps_its_running_output_in_the_input_dtype():
     """A causal plan's pieces merge into an fp16 running output (Capabilities.running_out_dtype is
     "input": fp32 arithmetic, one rounding per piece) and still match the reference's fp32 one."""

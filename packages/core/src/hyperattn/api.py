@@ -21,6 +21,7 @@ def attention(
     lsh_num_projs: int = 7,
     min_seq_len: int = 4096,
     exact_crossover: bool = True,
+    sink_keys: int = 0,
     seed=None,
     return_lse: bool = False,
     projections=None,
@@ -44,11 +45,14 @@ def attention(
     :func:`configure`).  With ``exact_crossover=False``
     only ``min_seq_len`` decides: the approximation at any length above it (to measure it, or to
     compare backends with one seed).
+
+    ``sink_keys``: the first keys every row attends to exactly, the approximation covering the
+    others (see :class:`hyperattn.config.HyperAttentionConfig`); 0 is the paper's estimator.
     """
     if pipeline.compiling():  # traced by torch.compile: the config is checked when the operator runs
-        config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
+        config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys)
     else:
-        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
+        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys)
     return pipeline.run(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                         return_lse=return_lse, projections=projections)
 

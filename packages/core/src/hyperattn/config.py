@@ -35,6 +35,10 @@ class HyperAttentionConfig:
     exact_crossover: also compute exactly the calls that the backend's exact attention runs
                     faster (its options' ``exact_below``); False: only ``min_seq_len`` decides,
                     so the approximation runs at any length above it.
+    sink_keys:      the first keys every row attends to exactly (attention sinks: where trained
+                    models' heads put much of their mass); the block diagonal and the samples
+                    then cover the other keys.  0 (the default): the paper's estimator.  At most
+                    ``min_seq_len`` (a causal call's first leaf computes them exactly for its rows).
     """
 
     block_size: int = 256
@@ -42,6 +46,7 @@ class HyperAttentionConfig:
     lsh_num_projs: int = 7
     min_seq_len: int = 4096
     exact_crossover: bool = True
+    sink_keys: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_size", check_int("block_size", self.block_size, minimum=1))
@@ -53,6 +58,8 @@ class HyperAttentionConfig:
         )
         object.__setattr__(self, "min_seq_len", check_int("min_seq_len", self.min_seq_len, minimum=1))
         object.__setattr__(self, "exact_crossover", check_bool("exact_crossover", self.exact_crossover))
+        object.__setattr__(self, "sink_keys",
+                           check_int("sink_keys", self.sink_keys, minimum=0, maximum=self.min_seq_len))
 
 
 def check_bool(name: str, value) -> bool:
@@ -64,15 +71,16 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True) -> HyperAttentionConfig:
+def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True,
+                sink_keys=0) -> HyperAttentionConfig:
     """The validated config, made once per distinct plain parameters (short calls are host-bound)."""
     params = (block_size, sample_size, lsh_num_projs, min_seq_len)
-    if all(type(x) is int for x in params) and type(exact_crossover) is bool:
-        return _cached_config(*params, exact_crossover)
-    return HyperAttentionConfig(*params, exact_crossover)
+    if all(type(x) is int for x in (*params, sink_keys)) and type(exact_crossover) is bool:
+        return _cached_config(*params, exact_crossover, sink_keys)
+    return HyperAttentionConfig(*params, exact_crossover, sink_keys)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_config(block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-                   exact_crossover: bool) -> HyperAttentionConfig:
-    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover)
+                   exact_crossover: bool, sink_keys: int) -> HyperAttentionConfig:
+    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys)

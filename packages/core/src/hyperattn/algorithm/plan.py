@@ -138,23 +138,10 @@ def plan_attention(
     come here with it off (``Request.plan_config``: the request decided, knowing the mode).
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    exact, sparse_calls = None, []
-    if is_exact_call(n_q, n_k, causal, config, backend, q.shape[-1]):  # one exact rectangle, the causal prefix included
-        exact = ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal)
-    elif not causal:
-        sparse_calls.append([(0, n_q, 0, n_k)])
-    else:
-        leaves, levels = causal_split(n_q, config.min_seq_len)
-        offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
-        if offset > 0:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
-            sparse_calls.append([(0, n_q, 0, offset)])
-        leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
-        exact = ExactPiece(Segments.from_ranges(leaf_ranges), causal=True)
-        sparse_calls += [[(mid, end, start + offset, mid + offset) for start, mid, end in level] for level in levels]
+    exact_pieces, sparse_calls = piece_ranges(n_q, n_k, causal, config, backend, q.shape[-1])
 
     def make_pieces():
-        if exact is not None:  # first: it needs no hashing, so it runs while the rest is planned
-            yield exact
+        yield from exact_pieces  # first: they need no hashing, so they run while the rest is planned
         if not sparse_calls:
             return
         projs = projections() if callable(projections) else projections
@@ -170,7 +157,49 @@ def plan_attention(
             segments = Segments.from_ranges(ranges)
             yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream))
 
-    return Plan(Pieces((exact is not None) + len(sparse_calls), make_pieces()), float(scale))
+    return Plan(Pieces(len(exact_pieces) + len(sparse_calls), make_pieces()), float(scale))
+
+
+def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig, backend: Backend,
+                 head_dim: int) -> tuple[list[ExactPiece], list[list[tuple[int, int, int, int]]]]:
+    """A call's exact pieces (the first covers every row) and its sparse calls' (q0, q1, k0, k1)
+    rectangles, whose supports together tile what the call attends to, each (row, key) once.
+
+    ``config.sink_keys`` = s > 0: keys [0, s) are attended exactly by every row, and cut out of the
+    sparse rectangles (their block diagonals and samples cover the other keys).  Non-causal: one
+    exact rectangle [all rows] x [0, s).  Causal: the prefix keys (every row sees them) up to s in
+    one exact rectangle; sink keys inside the causal square are the first leaf's (computed exactly
+    there) and, for the rows below it, one more exact rectangle, cut from the lower-left
+    rectangles that start at key 0.
+    """
+    if is_exact_call(n_q, n_k, causal, config, backend, head_dim):  # one exact rectangle, the causal prefix included
+        return [ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal)], []
+    sinks = min(config.sink_keys, n_k)
+    if not causal:
+        if sinks == n_k:  # every key is a sink
+            return [ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=False)], []
+        exact = [ExactPiece(Segments.from_ranges([(0, n_q, 0, sinks)]), causal=False)] if sinks else []
+        return exact, [[(0, n_q, sinks, n_k)]]
+    leaves, levels = causal_split(n_q, config.min_seq_len)
+    offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
+    leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
+    exact = [ExactPiece(Segments.from_ranges(leaf_ranges), causal=True)]
+    sparse_calls = []
+    prefix_sinks = min(sinks, offset)
+    if prefix_sinks:
+        exact.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, prefix_sinks)]), causal=False))
+    if offset > prefix_sinks:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
+        sparse_calls.append([(0, n_q, prefix_sinks, offset)])
+    square_sinks = sinks - prefix_sinks  # sink keys [offset, offset + square_sinks) of the causal square
+    if square_sinks:
+        first_leaf_end = min(end for start, end in leaves if start == 0)  # >= min_seq_len >= sink_keys
+        exact.append(ExactPiece(Segments.from_ranges([(first_leaf_end, n_q, offset, offset + square_sinks)]),
+                                causal=False))
+    for level in levels:
+        ranges = [(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
+                  for start, mid, end in level]
+        sparse_calls.append([r for r in ranges if r[2] < r[3]])
+    return exact, [ranges for ranges in sparse_calls if ranges]
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0) -> SparseStructure:
