@@ -53,7 +53,7 @@ def cupy_launch_fits(kernel: str, fields: dict) -> bool:
     threads = 32 * fields["warps"]
     owned = fields["block_n"] if kernel == "dkdv" else fields["block_m"]
     stepped = fields["block_m"] if kernel == "dkdv" else fields["block_n"]
-    return owned % (16 * fields["warps"]) == 0 and stepped % 16 == 0 and (kernel != "forward" or stepped <= threads)
+    return owned % (16 * fields["warps"]) == 0 and stepped % 16 == 0 and stepped <= threads
 
 
 def call_measures(kernel: str, q, k, v, backend: str = "triton"):

@@ -47,6 +47,10 @@ def test_launches_the_kernels_cannot_take_are_refused():
     with pytest.raises(ValueError, match="block_n a multiple of 16 \\* warps"):
         ab.check_launch("dkdv", np.float16, Launch(64, 32, 4))
     ab.check_launch("dq", np.float32, Launch(32, 32, 4))  # fp32: a 16-column thread grid
+    with pytest.raises(ValueError, match="block_n <= 32 \\* warps \\(one thread per key"):
+        ab.check_launch("dq", BF16, Launch(16, 64, 1))
+    with pytest.raises(ValueError, match="block_m <= 32 \\* warps \\(one thread per row"):
+        ab.check_launch("dkdv", BF16, Launch(128, 32, 2))
 
 
 # -- one backward with NumPy stand-ins --------------------------------------------------------------------

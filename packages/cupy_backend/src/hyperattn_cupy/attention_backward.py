@@ -79,7 +79,8 @@ def dkdv_shared_bytes(dtype, d_pad: int, dv_pad: int, launch: Launch) -> int:
 
 def check_launch(kernel_kind: str, dtype, launch: Launch) -> None:
     """Raise ValueError unless the kernel's static_asserts hold for ``launch``: the fp16/bf16 kernels give
-    each warp slices of 16 rows (dQ) or keys (dK/dV); the fp32 kernels use a 16-column thread grid."""
+    each warp slices of 16 rows (dQ) or keys (dK/dV) and one thread per key (dQ) or row (dK/dV) of a
+    step; the fp32 kernels use a 16-column thread grid."""
     bm, bn, warps = launch.block_m, launch.block_n, launch.warps
     if warps < 1:
         raise ValueError(f"attention backward {kernel_kind}: warps must be >= 1, got {launch}")
@@ -92,6 +93,10 @@ def check_launch(kernel_kind: str, dtype, launch: Launch) -> None:
     if not ok:
         raise ValueError(f"attention backward {kernel_kind} ({np.dtype(dtype).name}): {launch} needs "
                          f"{need} and {names[1]} a multiple of 16")
+    # the pipelined fp16/bf16 kernels: one thread per key slot (dQ) or row (dK/dV) of a step
+    if np.dtype(dtype).name != "float32" and other > 32 * warps:
+        raise ValueError(f"attention backward {kernel_kind} ({np.dtype(dtype).name}): {launch} needs "
+                         f"{names[1]} <= 32 * warps (one thread per {'key' if kernel_kind == 'dq' else 'row'} of a step)")
 
 
 def leading_strides(x, n: int) -> tuple:

@@ -303,7 +303,8 @@ struct DqSmem {
   static constexpr int Q = 0;                                                  // T [BLOCK_M][LDQ]
   static constexpr int DO = Q + BLOCK_M * LDQ * (int)sizeof(T);                // T [BLOCK_M][LDV]
   // 16-bit: two K/V buffers (a step's copies land in one while the other is read) and three key
-  // tables (written two steps ahead); fp32 stages synchronously into one of each
+  // tables (written a step ahead, from indices loaded two steps ahead); fp32 stages synchronously
+  // into one of each
   static constexpr int STAGES = F32 ? 1 : 2, KEY_TABLES = F32 ? 1 : 3;
   static constexpr int K = DO + BLOCK_M * LDV * (int)sizeof(T);                // T [BLOCK_N][LDQ]
   static constexpr int V = K + BLOCK_N * LDQ * (int)sizeof(T);                 // T [BLOCK_N][LDV]
@@ -687,8 +688,8 @@ __device__ __forceinline__ void dkdv_stage_rows(const DkdvArgs<T, TDO>& a, unsig
 // Rows per pass of the dK/dV step (fp16/bf16): S^T and dP^T of a pass of RC rows take RC registers per
 // thread on top of the dk, dv accumulators' KT (D_PAD + DV_PAD) / 2; passes of 64 rows at D = 128
 // spill on sm_80, so the step takes the widest of 64, 32, 16 rows dividing BLOCK_M that keeps the sum
-// within a budget: 160 registers, 96 on sm_80 (where ptxas caps the pipelined kernel at 168
-// registers and passes of 64 rows at D = 64 spill).
+// within a budget: 160 registers, 96 below sm_90 (on sm_80 ptxas caps the pipelined kernel at 168
+// registers and passes of 64 rows at D = 64 spill; sm_86 / sm_89 take the same budget, not measured).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int DKDV_PASS_REGISTERS = 96;
 #else
