@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +80,19 @@ def test_single_layer_reports_single_call_latency_on_the_cpu(harness, tmp_path):
     assert row["single_speedup"] == row["sdpa"]["single_ms"] / row["hyper"]["single_ms"]
     assert row["graph_speedup"] is None
     assert (tmp_path / "t.png").exists()
+
+
+def test_estimators_benchmark_writes_every_family_setting_and_mode(monkeypatch, tmp_path):
+    """benchmarks/estimators.py on a small N: one row per family x causal x setting, the exact
+    window's normaliser below the true one, HyperAttention's errors finite."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import estimators
+
+    estimators.main(["--n", "256", "--seeds", "1", "--heads", "1", "--dim", "16", "--block_size", "32",
+                     "--sample_size", "32", "--sinks", "8", "--min_seq_len", "64", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "estimators.json").read_text())["rows"]
+    assert len(rows) == 4 * 2 * 4
+    assert all(np.isfinite(row["rel_to_v"]) for row in rows)
+    assert all(row["normaliser_ratio"] < 1 for row in rows if row["setting"].startswith("window"))
