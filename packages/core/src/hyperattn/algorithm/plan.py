@@ -17,6 +17,7 @@ the backend, on its device where it can.  So a seed gives every backend identica
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,33 +154,42 @@ def plan_attention(
         else:
             proj = backend.to_native(projs)
         q_codes, k_codes = backend.lsh_codes_pair(q, k, proj)
-        for stream, ranges in enumerate(sparse_calls):
-            segments = Segments.from_ranges(ranges)
+        for stream, segments in enumerate(sparse_calls):
             yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream))
 
     return Plan(Pieces(len(exact_pieces) + len(sparse_calls), make_pieces()), float(scale))
 
 
 def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig, backend: Backend,
-                 head_dim: int) -> tuple[list[ExactPiece], list[list[tuple[int, int, int, int]]]]:
-    """A call's exact pieces (the first covers every row) and its sparse calls' (q0, q1, k0, k1)
-    rectangles, whose supports together tile what the call attends to, each (row, key) once.
+                 head_dim: int) -> tuple[tuple[ExactPiece, ...], tuple[Segments, ...]]:
+    """A call's exact pieces (the first covers every row) and its sparse calls' segments, whose
+    supports together tile what the call attends to, each (row, key) once; made once per shape
+    and parameters (the same shapes come back on every call of a layer), so read only.
 
     ``config.sink_keys`` = s > 0: keys [0, s) are attended exactly by every row, and cut out of the
     sparse rectangles (their block diagonals and samples cover the other keys).  Non-causal: one
     exact rectangle [all rows] x [0, s).  Causal: the prefix keys (every row sees them) up to s in
     one exact rectangle; sink keys inside the causal square are the first leaf's (computed exactly
     there) and, for the rows below it, one more exact rectangle, cut from the lower-left
-    rectangles that start at key 0.
+    rectangles that start at key 0 (sink keys past the first leaf's, possible only for
+    ``sink_keys == min_seq_len``, are approximated as the others).
     """
-    if is_exact_call(n_q, n_k, causal, config, backend, head_dim):  # one exact rectangle, the causal prefix included
-        return [ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal)], []
+    exact_call = is_exact_call(n_q, n_k, causal, config, backend, head_dim)
+    return _pieces_of_shape(int(n_q), int(n_k), bool(causal), config, exact_call)
+
+
+@functools.lru_cache(maxsize=256)
+def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
+                     exact_call: bool) -> tuple[tuple[ExactPiece, ...], tuple[Segments, ...]]:
+    """``piece_ranges`` once the exact decision is made (the backend's crossover is not a key)."""
+    if exact_call:  # one exact rectangle, the causal prefix included
+        return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal),), ()
     sinks = min(config.sink_keys, n_k)
     if not causal:
         if sinks == n_k:  # every key is a sink
-            return [ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=False)], []
-        exact = [ExactPiece(Segments.from_ranges([(0, n_q, 0, sinks)]), causal=False)] if sinks else []
-        return exact, [[(0, n_q, sinks, n_k)]]
+            return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=False),), ()
+        exact = (ExactPiece(Segments.from_ranges([(0, n_q, 0, sinks)]), causal=False),) if sinks else ()
+        return exact, (Segments.from_ranges([(0, n_q, sinks, n_k)]),)
     leaves, levels = causal_split(n_q, config.min_seq_len)
     offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
     leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
@@ -190,16 +200,18 @@ def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
         exact.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, prefix_sinks)]), causal=False))
     if offset > prefix_sinks:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
         sparse_calls.append([(0, n_q, prefix_sinks, offset)])
-    square_sinks = sinks - prefix_sinks  # sink keys [offset, offset + square_sinks) of the causal square
+    # sink keys [offset, offset + square_sinks) of the causal square: at most the first leaf's keys
+    # (it has min_seq_len - 1 rows or more, so only sink_keys = min_seq_len can lose one)
+    first_leaf_end = min(end for start, end in leaves if start == 0)
+    square_sinks = min(sinks - prefix_sinks, first_leaf_end)
     if square_sinks:
-        first_leaf_end = min(end for start, end in leaves if start == 0)  # >= min_seq_len >= sink_keys
         exact.append(ExactPiece(Segments.from_ranges([(first_leaf_end, n_q, offset, offset + square_sinks)]),
                                 causal=False))
     for level in levels:
         ranges = [(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
                   for start, mid, end in level]
         sparse_calls.append([r for r in ranges if r[2] < r[3]])
-    return exact, [ranges for ranges in sparse_calls if ranges]
+    return tuple(exact), tuple(Segments.from_ranges(ranges) for ranges in sparse_calls if ranges)
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0) -> SparseStructure:
