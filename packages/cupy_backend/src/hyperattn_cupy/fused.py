@@ -15,18 +15,13 @@ from .options import CupyOptions
 
 
 def whole_call(q, k, v, causal: bool, scale: float, options: CupyOptions):
-    """``hyperattn.torch.fused.sdpa_in_order`` on the caller's torch CUDA tensors, or None (see
-    ``CupyBackend.fused_attention``)."""
-    if not arrays.is_torch(q) or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
+    """``hyperattn.torch.fused.whole_exact_call`` on the caller's torch tensors; None for cupy arrays
+    (see ``CupyBackend.fused_attention``)."""
+    if not arrays.is_torch(q):
         return None
-    import torch
-
     from hyperattn.torch import fused
 
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad and torch.are_deterministic_algorithms_enabled():  # SDPA's backwards are not deterministic
-        return None
-    return fused.sdpa_in_order(q, k, v, causal, scale, options.sdpa_order)
+    return fused.whole_exact_call(q, k, v, causal, scale, options.sdpa_order)
 
 
 def _may_fold(q, v) -> bool:

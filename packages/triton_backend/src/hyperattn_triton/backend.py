@@ -111,12 +111,9 @@ class TritonBackend(Backend):
         """A whole exact call through PyTorch SDPA (cuDNN or FlashAttention, with its own backward):
         as fast as SDPA itself wherever HyperAttention computes exactly.  None where SDPA's
         conventions differ (GQA, causal with Nq != Nk: SDPA aligns the mask top-left)."""
-        if interpreting() or not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
+        if interpreting():
             return None
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if needs_grad and torch.are_deterministic_algorithms_enabled():  # SDPA's backwards are not deterministic
-            return None
-        return fused.sdpa_in_order(q, k, v, causal, scale, self.options.sdpa_order)
+        return fused.whole_exact_call(q, k, v, causal, scale, self.options.sdpa_order)
 
     def row_dot(self, a, b):
         """float32 [B, H, N]: ``sum(a * b, -1)`` of two [B, H, N, D] tensors in one launch (the

@@ -3,7 +3,8 @@
 Public for backend authors, like :mod:`hyperattn.kernel_utils`: the Triton and CuPy backends both
 send exact pieces here when their inputs are torch CUDA tensors.
 
-* :func:`sdpa_in_order`: a whole exact call through SDPA, the given kernels first.
+* :func:`whole_exact_call` / :func:`sdpa_in_order`: a whole exact call through SDPA, the given
+  kernels first.
 * :func:`fused_exact_forward` / :func:`fused_exact_backward`: exact pieces whose segments fold
   into the head axis (see :func:`fold`) through the fused kernels that return the log-sum-exp
   (first of ``kernels`` that accepts the inputs), merged into the running output or added into the
@@ -68,6 +69,18 @@ def sdpa_in_order(q, k, v, causal: bool, scale: float, order):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     finally:
         torch._C._set_sdp_priority_order(previous)
+
+
+def whole_exact_call(q, k, v, causal: bool, scale: float, order):
+    """A whole exact call of torch CUDA tensors through :func:`sdpa_in_order` (SDPA's own backward),
+    or None where SDPA's conventions differ (GQA; causal with Nq != Nk: SDPA aligns the mask
+    top-left) or a deterministic backward is asked for (SDPA's backwards are not deterministic)."""
+    if not q.is_cuda or q.shape[1] != k.shape[1] or (causal and q.shape[2] != k.shape[2]):
+        return None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and torch.are_deterministic_algorithms_enabled():
+        return None
+    return sdpa_in_order(q, k, v, causal, scale, order)
 
 
 def first_fused(kernels, cudnn, flash):
