@@ -42,6 +42,23 @@ def plan_on(plan, backend, like):
     return Plan(tuple(pieces), plan.scale)
 
 
+def piece_segments(piece):
+    """The Segments of a plan piece, exact or sparse."""
+    from hyperattn.algorithm import ExactPiece
+
+    return piece.segments if isinstance(piece, ExactPiece) else piece.structure.segments
+
+
+def first_piece_row_counts(plan, n_q: int) -> np.ndarray:
+    """[n_q] how many of the first piece's segments hold each row (run_forward needs 1 everywhere:
+    the first piece writes every row without reading)."""
+    segments = piece_segments(next(iter(plan.pieces)))
+    covered = np.zeros(n_q, dtype=int)
+    for start, end in zip(segments.q_start, segments.q_end):
+        covered[start:end] += 1
+    return covered
+
+
 def run_both(q, k, v, *, causal, params, seed=0, backward=True, other="triton"):
     """Forward (and backward) of one reference-built plan on the reference and on backend ``other``.
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
-from helpers import make_inputs
+from helpers import first_piece_row_counts, make_inputs, piece_segments
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status
@@ -29,8 +29,6 @@ def test_sinks_are_attended_once_with_weight_one_and_nothing_else_changes_suppor
     """The plan's pieces still tile what the call attends to: the allowed pairs of the sink keys
     have weight exactly 1 (exact, not also in a block or sampled), every allowed pair is attended
     by some piece, no disallowed pair is, and the first piece covers every row once."""
-    from hyperattn.algorithm import ExactPiece
-
     n_k = n_q + extra_keys if causal else max(1, n_q + extra_keys - 20)
     sinks = min(sinks, min_seq_len)
     q, k, _ = make_inputs((1, 2, n_q, 4), kv_heads=1, n_k=n_k, v_dim=4, seed=n_q)
@@ -52,14 +50,9 @@ def test_sinks_are_attended_once_with_weight_one_and_nothing_else_changes_suppor
             exact_sinks = min(sinks, n_k - n_q + first_leaf)
     sink_pairs = allowed[:, :exact_sinks]
     assert (weights[..., :exact_sinks][..., sink_pairs] == 1).all()
-    first = next(iter(plan.pieces))
-    segments = first.segments if isinstance(first, ExactPiece) else first.structure.segments
-    covered = np.zeros(n_q, dtype=int)
-    for start, end in zip(segments.q_start, segments.q_end):
-        covered[start:end] += 1
-    assert (covered == 1).all()
+    assert (first_piece_row_counts(plan, n_q) == 1).all()
     for piece in plan.pieces:  # within a piece, rows and keys of its segments are disjoint
-        seg = piece.segments if isinstance(piece, ExactPiece) else piece.structure.segments
+        seg = piece_segments(piece)
         for starts, ends in ((seg.q_start, seg.q_end), (seg.k_start, seg.k_end)):
             order = np.argsort(starts)
             assert (np.asarray(starts)[order][1:] >= np.asarray(ends)[order][:-1]).all()
