@@ -113,51 +113,28 @@ def kernel_measures(kernel: str, q, k, v):
     return [(label, lambda: triton.testing.do_bench(fn, return_mode="median", warmup=5, rep=30))]
 
 
-def sweep(kernel: str, dim: int, grid: dict, measures) -> None:
-    table = hyperattn.configure("triton").launches
+def sweep(backend: str, kernel: str, dim: int, grid: dict, measures, *, launch_for, with_fields,
+          fits=lambda fields: True) -> None:
+    """Time ``measures`` for each point of ``grid`` ({field: values}) as ``backend``'s launch of
+    ``kernel`` at ``dim``'s tier: ``with_fields(table, fields)`` makes the launch table, ``fits``
+    skips points the kernels cannot take; the table in force before is restored afterwards."""
+    table = hyperattn.configure(backend).launches
     print(f"{kernel} D<={dim} tier now: {launch_for(table, kernel, dim)}", flush=True)
     try:
-        for values in itertools.product(*(grid[name] for name in FIELDS)):
-            launch = Launch(*values)
-            hyperattn.configure("triton", launches=table.with_launch(kernel, dim, launch))
-            row = []
-            for label, fn in measures:
-                try:
-                    row.append(f"{label} {fn():8.3f} ms")
-                except Exception as error:  # out of shared memory etc.
-                    row.append(f"{label} {type(error).__name__}")
-            print(" ".join(f"{name}={value!s:<4}" for name, value in zip(FIELDS, values)), "|", " | ".join(row),
-                  flush=True)
-    finally:
-        hyperattn.configure("triton", launches=table)
-
-
-def cupy_sweep(kernel: str, dim: int, grid: dict, measures) -> None:
-    """``sweep`` on the CuPy backend's launch table (``CupyOptions.launches``)."""
-    from hyperattn_cupy.launches import Launch as CupyLaunch
-    from hyperattn_cupy.launches import RowLaunch, replaced
-    from hyperattn_cupy.launches import launch_for as cupy_launch_for
-
-    table = dict(hyperattn.configure("cupy").launches)
-    print(f"{kernel} D<={dim} tier now: {cupy_launch_for(table, kernel, dim)}", flush=True)
-    names = tuple(grid)
-    kind = RowLaunch if kernel == "lsh" else CupyLaunch
-    try:
-        for values in itertools.product(*(grid[name] for name in names)):
-            fields = dict(zip(names, values))
-            if not cupy_launch_fits(kernel, fields):
+        for values in itertools.product(*grid.values()):
+            fields = dict(zip(grid, values))
+            if not fits(fields):
                 continue
-            hyperattn.configure("cupy", launches=replaced(table, kernel, dim, **fields))
-            assert isinstance(cupy_launch_for(hyperattn.configure("cupy").launches, kernel, dim), kind)
+            hyperattn.configure(backend, launches=with_fields(table, fields))
             row = []
             for label, fn in measures:
                 try:
                     row.append(f"{label} {fn():8.3f} ms")
-                except Exception as error:  # a launch the kernel cannot take
+                except Exception as error:  # out of shared memory, a launch the kernel cannot take, etc.
                     row.append(f"{label} {type(error).__name__}: {str(error)[:80]}")
             print(" ".join(f"{name}={value!s:<4}" for name, value in fields.items()), "|", " | ".join(row), flush=True)
     finally:
-        hyperattn.configure("cupy", launches=table)
+        hyperattn.configure(backend, launches=table)
 
 
 def main(argv=None) -> int:
@@ -184,12 +161,18 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(1, args.heads, args.n, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     if args.backend == "cupy":
+        from hyperattn_cupy.launches import launch_for as cupy_launch_for
+        from hyperattn_cupy.launches import replaced
+
         grid = {name: tuple(getattr(args, name) or values) for name, values in CUPY_GRIDS[args.kernel].items()}
-        cupy_sweep(args.kernel, args.dim, grid, call_measures(args.kernel, q, k, v, backend="cupy"))
+        sweep("cupy", args.kernel, args.dim, grid, call_measures(args.kernel, q, k, v, backend="cupy"),
+              launch_for=cupy_launch_for, with_fields=lambda table, fields: replaced(table, args.kernel, args.dim, **fields),
+              fits=lambda fields: cupy_launch_fits(args.kernel, fields))
         return 0
     grid = {name: tuple(getattr(args, name) or GRIDS[args.kernel][name]) for name in FIELDS}
     measures = (call_measures if args.measure == "call" else kernel_measures)(args.kernel, q, k, v)
-    sweep(args.kernel, args.dim, grid, measures)
+    sweep("triton", args.kernel, args.dim, grid, measures, launch_for=launch_for,
+          with_fields=lambda table, fields: table.with_launch(args.kernel, args.dim, Launch(**fields)))
     return 0
 
 
