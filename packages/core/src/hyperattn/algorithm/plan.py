@@ -182,12 +182,10 @@ def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
 def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
                      exact_call: bool) -> tuple[tuple[ExactPiece, ...], tuple[Segments, ...]]:
     """``piece_ranges`` once the exact decision is made (the backend's crossover is not a key)."""
-    if exact_call:  # one exact rectangle, the causal prefix included
-        return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal),), ()
     sinks = min(config.sink_keys, n_k)
+    if exact_call or (not causal and sinks == n_k):  # one exact rectangle (the causal prefix included; or all sinks)
+        return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal),), ()
     if not causal:
-        if sinks == n_k:  # every key is a sink
-            return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=False),), ()
         exact = (ExactPiece(Segments.from_ranges([(0, n_q, 0, sinks)]), causal=False),) if sinks else ()
         return exact, (Segments.from_ranges([(0, n_q, sinks, n_k)]),)
     leaves, levels = causal_split(n_q, config.min_seq_len)
