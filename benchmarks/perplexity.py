@@ -44,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt", "merges.txt")
 BYTE_SEPARATOR = b"\x00"  # between files, as benchmarks/lm/corpus.py joins them
 HYPER_SETTING_KEYS = {"block_size": int, "sample_size": int, "lsh_num_projs": int, "min_seq_len": int,
-                      "sink_keys": int, "backend": str}
+                      "sink_keys": int, "band_keys": int, "backend": str}
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -63,6 +63,7 @@ def parse_args(argv=None):
     add("--lsh_num_projs", type=int, default=7)
     add("--min_seq_len", type=int, default=4096)
     add("--sink_keys", type=int, default=0, help="first keys attended exactly (0: the paper's estimator)")
+    add("--band_keys", type=int, default=0, help="previous keys of each row attended exactly (0: the paper's estimator)")
     add("--backend", default="auto")
     add("--settings", nargs="+", default=[""],
         help="parameter sets, each 'name=value,...' over the flags above ('' = the flags): one row per layers x setting")
@@ -213,8 +214,10 @@ def register_window(window: int) -> str:
 
 
 def hyper_label(spec: str, setting: dict) -> str:
-    """'hyper last:4 b256 s256 r7 m4096 k0': layers, block, sample, LSH projections, min_seq_len, sinks."""
-    short = {"block_size": "b", "sample_size": "s", "lsh_num_projs": "r", "min_seq_len": "m", "sink_keys": "k"}
+    """'hyper last:4 b256 s256 r7 m4096 k0 w0': layers, block, sample, LSH projections, min_seq_len,
+    sinks, band."""
+    short = {"block_size": "b", "sample_size": "s", "lsh_num_projs": "r", "min_seq_len": "m", "sink_keys": "k",
+             "band_keys": "w"}
     return " ".join([f"hyper {spec}"] + [f"{short[k]}{setting[k]}" for k in short])
 
 

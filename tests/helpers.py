@@ -59,6 +59,27 @@ def first_piece_row_counts(plan, n_q: int) -> np.ndarray:
     return covered
 
 
+def assert_pieces_are_disjoint_within(plan) -> None:
+    """Within each piece of ``plan``, the segments' query ranges are disjoint, and so are their key
+    ranges (what one kernel call may hold without write races)."""
+    for piece in plan.pieces:
+        seg = piece_segments(piece)
+        for starts, ends in ((seg.q_start, seg.q_end), (seg.k_start, seg.k_end)):
+            order = np.argsort(starts)
+            assert (np.asarray(starts)[order][1:] >= np.asarray(ends)[order][:-1]).all()
+
+
+def without_samples(plan):
+    """``plan`` with every sparse piece's samples dropped: its block diagonals and exact pieces."""
+    import dataclasses
+
+    from hyperattn.algorithm import Plan, SparsePiece
+
+    pieces = tuple(SparsePiece(dataclasses.replace(p.structure, samples=None)) if isinstance(p, SparsePiece) else p
+                   for p in plan.pieces)
+    return Plan(pieces, plan.scale)
+
+
 def run_both(q, k, v, *, causal, params, seed=0, backward=True, other="triton"):
     """Forward (and backward) of one reference-built plan on the reference and on backend ``other``.
 

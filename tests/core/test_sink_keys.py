@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
-from helpers import first_piece_row_counts, make_inputs, piece_segments
+from helpers import assert_pieces_are_disjoint_within, first_piece_row_counts, make_inputs, without_samples
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status
@@ -38,8 +38,8 @@ def test_sinks_are_attended_once_with_weight_one_and_nothing_else_changes_suppor
     weights = testing.plan_weights(plan, 1, 2, n_q, n_k)
     allowed = testing.causal_mask(n_q, n_k) if causal else np.ones((n_q, n_k), bool)
     assert (weights[..., ~allowed] == 0).all()
-    without_samples = testing.plan_weights(_without_samples(plan), 1, 2, n_q, n_k)
-    assert (without_samples[..., allowed] <= 1).all()  # no pair in two pieces' exact parts or blocks
+    blocks_and_exact = testing.plan_weights(without_samples(plan), 1, 2, n_q, n_k)
+    assert (blocks_and_exact[..., allowed] <= 1).all()  # no pair in two pieces' exact parts or blocks
     exact_sinks = sinks
     if causal and n_q > 1:  # the sinks of the causal square: at most the first leaf's keys
         from hyperattn.algorithm import causal_split
@@ -51,11 +51,7 @@ def test_sinks_are_attended_once_with_weight_one_and_nothing_else_changes_suppor
     sink_pairs = allowed[:, :exact_sinks]
     assert (weights[..., :exact_sinks][..., sink_pairs] == 1).all()
     assert (first_piece_row_counts(plan, n_q) == 1).all()
-    for piece in plan.pieces:  # within a piece, rows and keys of its segments are disjoint
-        seg = piece_segments(piece)
-        for starts, ends in ((seg.q_start, seg.q_end), (seg.k_start, seg.k_end)):
-            order = np.argsort(starts)
-            assert (np.asarray(starts)[order][1:] >= np.asarray(ends)[order][:-1]).all()
+    assert_pieces_are_disjoint_within(plan)
 
 
 def _without_samples(plan):

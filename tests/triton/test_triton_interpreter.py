@@ -61,13 +61,14 @@ def test_same_plan_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1], (1, 2, 1, 100, 100, 16, 8, True)])
-def test_same_plan_with_sink_keys_matches_reference(case):
+def test_same_plan_with_sink_and_band_keys_matches_reference(case):
     """The sinks' exact pieces (all rows x the first keys; rows below the first leaf x the sink keys
-    of the causal square) and the sparse pieces cut around them, on Triton as on the reference."""
+    of the causal square), a causal call's band pieces (each rectangle's last keys), and the
+    sparse pieces cut around them, on Triton as on the reference."""
     from hyperattn.algorithm import ExactPiece
 
     q, k, v, causal = inputs(case, torch.float32, seed=7)
-    results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sink_keys": 6})
+    results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sink_keys": 6, "band_keys": 5 * causal})
     assert sum(isinstance(piece, ExactPiece) for piece in plan.pieces) >= 2 - (not causal)
     for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
         assert np.isfinite(got).all(), name

@@ -39,6 +39,11 @@ class HyperAttentionConfig:
                     models' heads put much of their mass); the block diagonal and the samples
                     then cover the other keys.  0 (the default): the paper's estimator.  At most
                     ``min_seq_len`` (a causal call's first leaf computes them exactly for its rows).
+    band_keys:      causal calls only: every row also attends exactly to (at least) its previous
+                    ``band_keys`` keys, which the causal recursion's exact leaves miss for the rows
+                    just past a leaf's start; the approximation covers the keys before the band.
+                    0 (the default): the paper's estimator.  A non-causal call with a band is
+                    refused (there is no "previous" there).
     """
 
     block_size: int = 256
@@ -47,6 +52,7 @@ class HyperAttentionConfig:
     min_seq_len: int = 4096
     exact_crossover: bool = True
     sink_keys: int = 0
+    band_keys: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_size", check_int("block_size", self.block_size, minimum=1))
@@ -60,6 +66,14 @@ class HyperAttentionConfig:
         object.__setattr__(self, "exact_crossover", check_bool("exact_crossover", self.exact_crossover))
         object.__setattr__(self, "sink_keys",
                            check_int("sink_keys", self.sink_keys, minimum=0, maximum=self.min_seq_len))
+        object.__setattr__(self, "band_keys", check_int("band_keys", self.band_keys, minimum=0))
+
+
+def check_band(config: HyperAttentionConfig, causal: bool) -> None:
+    """Refuse a band of previous keys (``config.band_keys``) on a non-causal call."""
+    if config.band_keys and not causal:
+        raise ValueError(f"band_keys={config.band_keys} needs causal=True (a band of each row's previous keys); "
+                         "got causal=False: use band_keys=0 for non-causal calls")
 
 
 def check_bool(name: str, value) -> bool:
@@ -72,15 +86,16 @@ def check_bool(name: str, value) -> bool:
 
 
 def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True,
-                sink_keys=0) -> HyperAttentionConfig:
+                sink_keys=0, band_keys=0) -> HyperAttentionConfig:
     """The validated config, made once per distinct plain parameters (short calls are host-bound)."""
     params = (block_size, sample_size, lsh_num_projs, min_seq_len)
-    if all(type(x) is int for x in (*params, sink_keys)) and type(exact_crossover) is bool:
-        return _cached_config(*params, exact_crossover, sink_keys)
-    return HyperAttentionConfig(*params, exact_crossover, sink_keys)
+    if all(type(x) is int for x in (*params, sink_keys, band_keys)) and type(exact_crossover) is bool:
+        return _cached_config(*params, exact_crossover, sink_keys, band_keys)
+    return HyperAttentionConfig(*params, exact_crossover, sink_keys, band_keys)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_config(block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-                   exact_crossover: bool, sink_keys: int) -> HyperAttentionConfig:
-    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys)
+                   exact_crossover: bool, sink_keys: int, band_keys: int) -> HyperAttentionConfig:
+    return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
+                                band_keys)

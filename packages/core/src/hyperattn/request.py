@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .algorithm import CallSpec, is_exact_call
-from .config import HyperAttentionConfig
+from .config import HyperAttentionConfig, check_band
 from .dispatch import resolve_backend
 from .protocol import Backend, Problem
 from .validate import check_flag, check_projections, check_seed, resolve_scale, resolve_seed, validate_inputs
@@ -54,6 +54,8 @@ def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | N
         check_projections(projections, problem.head_dim, config.lsh_num_projs)
     impl = resolve_backend(backend, problem)
     causal = bool(causal)
+    if config is not None:
+        check_band(config, causal)
     exact = config is None or is_exact_call(problem.n_q, problem.n_k, causal, config, impl, max(problem.head_dims),
                                             problem.requires_grad)
     if not isinstance(seed, int):
