@@ -1,9 +1,10 @@
 """Estimators at (about) the same cost, on the synthetic families of ``quality.py``: the paper's
-(sorted block diagonal + uniform samples), with attention sinks (``sink_keys``), and the local
-window that attends to as many keys per row exactly (the yardstick every user asks about).
+(sorted block diagonal + uniform samples), with attention sinks (``sink_keys``), with a band of
+previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
+per row exactly (the yardstick every user asks about).
 
-Cost here is keys attended per row (block + samples + sinks; the window's width): the GPU kernel
-time is measured separately (``scripts/gpu_tune.py``).  Per family, causal or not, averaged over
+Cost here is keys attended per row (block + samples + sinks + band; the window's width): the GPU
+kernel time is measured separately (``benchmarks/estimator_cost.py``).  Per family, causal or not, averaged over
 seeds: ‖O − O*‖/‖V‖, the mean |lse − lse*|, and the normaliser's mean ratio exp(lse − lse*)
 over seeds (1 for an unbiased normaliser; an exact window's is below 1: it drops the mass
 outside it).
@@ -31,15 +32,22 @@ except ImportError:  # pragma: no cover
     from benchmarks.quality import FAMILIES
 
 
-def settings(block: int, samples: int, sinks: int) -> dict[str, dict | int]:
-    """name -> HyperAttention parameters, or the width of a local window (an int)."""
-    return {
+def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> dict[str, dict | int]:
+    """name -> HyperAttention parameters, or the width of a local window (an int).  The band
+    settings are for causal calls only."""
+    chosen = {
         f"paper b{block} s{samples}": dict(block_size=block, sample_size=samples),
         f"sinks {sinks} + b{block} s{samples - sinks}": dict(block_size=block, sample_size=samples - sinks,
                                                             sink_keys=sinks),
         f"sinks {sinks} + b{block} s{samples}": dict(block_size=block, sample_size=samples, sink_keys=sinks),
-        f"window {block + samples}": block + samples,
     }
+    if causal:
+        chosen[f"band {band} + b{block} s{samples - band}"] = dict(block_size=block, sample_size=samples - band,
+                                                                   band_keys=band)
+        chosen[f"sinks {sinks} + band {band} + b{block} s{samples - band}"] = dict(
+            block_size=block, sample_size=samples - band, band_keys=band, sink_keys=sinks)
+    chosen[f"window {block + samples}"] = block + samples
+    return chosen
 
 
 def window_weights(n: int, width: int, causal: bool) -> np.ndarray:
@@ -59,7 +67,8 @@ def measure(args) -> list[dict]:
             for seed in range(args.seeds):
                 q, k, v = make(np.random.default_rng(1000 * seed + args.n), args.heads, args.n, args.dim)
                 want_out, want_lse = testing.exact_attention_f64(q, k, v, causal=causal)
-                for name, setting in settings(args.block_size, args.sample_size, args.sinks).items():
+                for name, setting in settings(args.block_size, args.sample_size, args.sinks, args.band,
+                                               causal).items():
                     if isinstance(setting, int):
                         weights = np.broadcast_to(window_weights(args.n, setting, causal), (1, args.heads, args.n, args.n))
                         out, lse = testing.weighted_softmax_attention(q, k, v, weights, args.dim ** -0.5)
@@ -75,7 +84,7 @@ def measure(args) -> list[dict]:
                        "rel_to_v": float(np.mean([r[0] for r in runs])), "lse_abs": float(np.mean([r[1] for r in runs])),
                        "normaliser_ratio": float(np.mean([r[2] for r in runs]))}
                 rows.append(row)
-                print(f"{family:9s} causal={causal!s:5} {name:26s} ‖ΔO‖/‖V‖ {row['rel_to_v']:.4f}  "
+                print(f"{family:9s} causal={causal!s:5} {name:38s} ‖ΔO‖/‖V‖ {row['rel_to_v']:.4f}  "
                       f"|Δlse| {row['lse_abs']:.4f}  E[exp Δlse] {row['normaliser_ratio']:.3f}", flush=True)
     return rows
 
@@ -89,6 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--sample_size", type=int, default=256)
     parser.add_argument("--sinks", type=int, default=64)
+    parser.add_argument("--band", type=int, default=128, help="previous keys of the band settings (causal)")
     parser.add_argument("--lsh_num_projs", type=int, default=7)
     parser.add_argument("--min_seq_len", type=int, default=512, help="causal leaves below 2x this are exact")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

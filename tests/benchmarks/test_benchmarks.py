@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,8 +92,26 @@ def test_estimators_benchmark_writes_every_family_setting_and_mode(monkeypatch, 
     import estimators
 
     estimators.main(["--n", "256", "--seeds", "1", "--heads", "1", "--dim", "16", "--block_size", "32",
-                     "--sample_size", "32", "--sinks", "8", "--min_seq_len", "64", "--out", str(tmp_path)])
+                     "--sample_size", "32", "--sinks", "8", "--band", "16", "--min_seq_len", "64",
+                     "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "estimators.json").read_text())["rows"]
-    assert len(rows) == 4 * 2 * 4
+    assert len(rows) == 4 * (4 + 6)  # families x (non-causal settings + causal ones: the band's two more)
+    assert {row["setting"] for row in rows if not row["causal"]} == {
+        "paper b32 s32", "sinks 8 + b32 s24", "sinks 8 + b32 s32", "window 64"}
     assert all(np.isfinite(row["rel_to_v"]) for row in rows)
     assert all(row["normaliser_ratio"] < 1 for row in rows if row["setting"].startswith("window"))
+
+
+def test_estimator_cost_parses_settings_and_refuses_without_a_gpu(monkeypatch):
+    """benchmarks/estimator_cost.py: settings as perplexity.py takes them, a clear error for an
+    unknown name, and without CUDA a clear refusal (it times GPU kernels)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import estimator_cost
+
+    assert estimator_cost.parse_setting("band_keys=128, sample_size=128") == {"band_keys": 128, "sample_size": 128}
+    assert estimator_cost.parse_setting("") == {}
+    with pytest.raises(SystemExit, match="expected name=value"):
+        estimator_cost.parse_setting("bands=3")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            estimator_cost.main(["--settings", ""])

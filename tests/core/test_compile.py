@@ -107,7 +107,8 @@ def test_operators_pass_opcheck():
              (False, False, torch.ones(1, 1, 150, 150, dtype=torch.bool), 0), (False, False, None, 8),
              (True, False, None, 8))
     for causal, exact, mask, sinks in cases:
-        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, sinks, exact)
+        band = 16 if causal and sinks else 0  # a band of previous keys: causal calls only
+        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, sinks, band, exact)
         torch.library.opcheck(attention_op, args)
 
 

@@ -550,20 +550,18 @@ struct SimtRows {
 };
 
 // Blocks per SM that ptxas must leave registers for (__launch_bounds__).  Without it ptxas picks
-// its own cap for some instantiations and spills there.  fp16/bf16 tiles up to 64 wide with one
-// m-tile (16 rows) per warp take up to 168 registers a thread (3 blocks of 4 warps, 1 of 8); two
-// m-tiles per warp (BLOCK_M = 32 * WARPS) or wider tiles up to 255 (2 blocks of 4 warps, 1 of 8),
-// where 168 spills; on sm_80 every tile takes up to 255 (at 168, 128-row tiles spill there); fp32
-// is not tuned.  (A constant, not a constexpr function: NVRTC refuses functions without __device__.)
+// its own cap for some instantiations and spills there; fp16/bf16 tiles up to 64 wide take up to
+// 168 registers a thread (3 blocks of 4 warps, 1 of 8), wider ones up to 255 (2 blocks of 4 warps,
+// 1 of 8); on sm_80 every tile takes up to 255 (at 168, 128-row tiles spill there); fp32 is not tuned.
+// (A constant, not a constexpr function: NVRTC refuses functions without __device__.)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int NARROW_FOUR_WARP_BLOCKS = 2;
 #else
 constexpr int NARROW_FOUR_WARP_BLOCKS = 3;
 #endif
-template <typename T, int D_PAD, int DV_PAD, int WARPS, int BLOCK_M>
+template <typename T, int D_PAD, int DV_PAD, int WARPS>
 struct MinBlocks {
-  static constexpr bool NARROW = D_PAD <= 64 && DV_PAD <= 64 && BLOCK_M <= 16 * WARPS;
-  static constexpr int FOUR_WARPS = NARROW ? NARROW_FOUR_WARP_BLOCKS : 2;  // blocks of 4 warps
+  static constexpr int FOUR_WARPS = D_PAD <= 64 && DV_PAD <= 64 ? NARROW_FOUR_WARP_BLOCKS : 2;  // blocks of 4 warps
   static constexpr int SCALED = FOUR_WARPS * 4 / WARPS;
   static constexpr int value = same_type<T, float>::value ? 1 : (SCALED < 1 ? 1 : SCALED);
 };
@@ -581,7 +579,7 @@ struct MinBlocks {
 // scale * log2(e), num_samples = m.  Positions, indices and diag fit in int32 (the orders do).
 template <typename T, typename TOut, int HEAD_DIM, int D_PAD, int V_DIM, int DV_PAD, int BLOCK_M, int BLOCK_N,
           int WARPS, bool PERMUTED, bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE>
-__global__ void __launch_bounds__(WARPS * 32, fwd_detail::MinBlocks<T, D_PAD, DV_PAD, WARPS, BLOCK_M>::value)
+__global__ void __launch_bounds__(WARPS * 32, fwd_detail::MinBlocks<T, D_PAD, DV_PAD, WARPS>::value)
 attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, TOut* __restrict__ Out,
               float* __restrict__ Lse, const long long* __restrict__ Tiles, const int* __restrict__ QOrder,
               const int* __restrict__ KOrder, const int* __restrict__ Samples, const int* __restrict__ SampleBlock,
