@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import torch
-
-from harness import make_inputs, make_step, measure_graph_replay, measure_steps_interleaved, pairs_of_method
 from perplexity import HYPER_SETTING_KEYS
 from single_layer import _git_commit, device_name
+
+from harness import make_inputs, make_step, measure_graph_replay, measure_steps_interleaved, pairs_of_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = {"block_size": 256, "sample_size": 256, "lsh_num_projs": 7, "min_seq_len": 4096}

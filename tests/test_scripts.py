@@ -38,3 +38,31 @@ def test_gpu_tune_prints_the_launch_table(capsys):
     assert load(Path(__file__).parents[1] / "scripts" / "gpu_tune.py").main(["--show"]) == 0
     printed = capsys.readouterr().out
     assert "forward" in printed and "dkdv" in printed and "maxnreg=168" in printed
+
+
+def test_gpu_distributed_runs_on_two_cpu_processes_and_agrees_with_one(tmp_path):
+    """scripts/gpu_distributed.py under torchrun with gloo: the check against the single-device call
+    is exact in float64, and every row has its step and exchange times."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_distributed.py"
+    out = tmp_path / "rows.json"
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script),
+         "--cpu", "--seq_lens", "256", "--heads", "4", "--kv_heads", "1", "--dim", "16", "--check", "128",
+         "--repeats", "1", "--min_seq_len", "32", "--block_size", "16", "--sample_size", "16", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = next(json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"check"'))
+    assert max(check["relative_errors"].values()) < 1e-12
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(r["step_ms"] > 0 and r["exchange_ms"] > 0 for r in rows)

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 import hyperattn
 from helpers import assert_pieces_are_disjoint_within, first_piece_row_counts, make_inputs, without_samples
 from hyperattn import testing
-from hyperattn.algorithm import ExactPiece
 from hyperattn.algorithm.plan import disjoint_groups
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status

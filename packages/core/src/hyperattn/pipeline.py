@@ -17,21 +17,25 @@ from .torch.arguments import plan_projections  # NumPy only: torch is not import
 
 
 def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None, seed, return_lse,
-        projections=None, head_dim: int | None = None):
+        projections=None, head_dim: int | None = None, global_heads=None):
     """Attention of q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] -> out (, lse).
 
     ``config`` None: exact attention.  ``seed`` None draws a fresh one (the plan is then still
     decided by one int, shared by the forward and its backward); under ``torch.compile`` it may be
     an int64 tensor.  ``projections``: the LSH hyperplanes [D, r] (a tensor or NumPy array), else
     drawn from the seed.  ``head_dim``: the head dim a caller requires (the module's ``input_dim``).
+    ``global_heads``: the call is some heads of a larger one (``hyperattn.algorithm.GlobalHeads``).
     """
     if compiling():
+        if global_heads is not None:
+            raise NotImplementedError("a call of some heads of a larger one (hyperattn.distributed) does not run "
+                                      "under torch.compile yet: call it outside the compiled region")
         from .torch.op import compiled_attention
 
         return compiled_attention(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                                   return_lse=return_lse, projections=projections, head_dim=head_dim)
     request = prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
-                      return_lse=return_lse, head_dim=head_dim, projections=projections)
+                      return_lse=return_lse, head_dim=head_dim, projections=projections, global_heads=global_heads)
     impl = request.backend
     if request.exact and not request.return_lse:  # one fused differentiable kernel, where there is one
         out = impl.fused_attention(q, k, v, causal=request.causal, scale=request.scale)

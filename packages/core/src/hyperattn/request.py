@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .algorithm import CallSpec, is_exact_call
+from .algorithm import CallSpec, GlobalHeads, is_exact_call
 from .config import HyperAttentionConfig, check_band
 from .dispatch import resolve_backend
 from .protocol import Backend, Problem
@@ -25,6 +25,8 @@ class Request:
     return_lse: bool
     #: The plan is one exact piece (``config`` None, too short, or below the backend's crossover).
     exact: bool
+    #: Some heads of a larger call, whose samples this one takes (``hyperattn.distributed``).
+    global_heads: GlobalHeads | None = None
 
     @property
     def plan_config(self) -> HyperAttentionConfig | None:
@@ -35,11 +37,11 @@ class Request:
         return dataclasses.replace(self.config, exact_crossover=False) if self.config.exact_crossover else self.config
 
     def spec(self, projections=None) -> CallSpec:
-        return CallSpec(self.causal, self.scale, self.plan_config, self.seed, projections)
+        return CallSpec(self.causal, self.scale, self.plan_config, self.seed, projections, self.global_heads)
 
 
 def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None, seed, return_lse,
-            head_dim: int | None = None, projections=None) -> Request:
+            head_dim: int | None = None, projections=None, global_heads: GlobalHeads | None = None) -> Request:
     """Check the arguments (raising with the argument, expected and actual value), choose the
     backend, and decide whether the call is exact.  ``seed`` None draws a fresh int; a device
     seed is read on the host by backends that draw samples there and needs ``projections`` for an
@@ -65,4 +67,6 @@ def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | N
         elif projections is None and not exact:
             raise ValueError("projections must be given with a device seed (the LSH hyperplanes are drawn on the "
                              "host from an int seed)")
-    return Request(problem, impl, causal, scale, config, seed, return_lse, exact)
+    if global_heads is not None and len(global_heads.kv_index) != problem.kv_heads:
+        raise ValueError(f"global_heads names {len(global_heads.kv_index)} KV heads, the call has {problem.kv_heads}")
+    return Request(problem, impl, causal, scale, config, seed, return_lse, exact, global_heads)

@@ -10,6 +10,7 @@ from .call import CallSpec, ForwardResult, forward_call, lse_dtype, seed_project
 from .forward import accumulator_dtype, run_forward
 from .plan import (
     ExactPiece,
+    GlobalHeads,
     Pieces,
     Plan,
     SparsePiece,
@@ -22,7 +23,7 @@ from .plan import (
 )
 
 __all__ = [
-    "CallSpec", "ExactPiece", "ForwardResult", "Pieces", "Plan", "SparsePiece", "accumulator_dtype", "backward_chunk_heads", "causal_split",
+    "CallSpec", "ExactPiece", "ForwardResult", "GlobalHeads", "Pieces", "Plan", "SparsePiece", "accumulator_dtype", "backward_chunk_heads", "causal_split",
     "draw_projections", "forward_call", "is_exact_call", "is_exact_shape", "lse_dtype", "plan_attention", "run_backward", "run_forward",
     "seed_projections", "sparse_structure",
 ]

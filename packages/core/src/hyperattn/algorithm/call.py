@@ -11,7 +11,7 @@ from .._arrays import dtype_name
 from ..config import HyperAttentionConfig
 from ..protocol import Backend, Segments
 from .forward import run_forward
-from .plan import ExactPiece, Plan, draw_projections, plan_attention
+from .plan import ExactPiece, GlobalHeads, Plan, draw_projections, plan_attention
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class CallSpec:
     on the inputs' device, read only by the kernels) decides the samples
     (``hyperattn.sampling``); the LSH projections are drawn from an int seed's NumPy generator
     unless ``projections`` is given (host float64 [D, r], a native array on the inputs' device, or
-    a function returning one).  So one seed gives every backend the same plan.
+    a function returning one).  So one seed gives every backend the same plan.  ``global_heads``:
+    the call is some heads of a larger one, whose samples it takes (:class:`GlobalHeads`).
     """
 
     causal: bool
@@ -30,6 +31,7 @@ class CallSpec:
     config: HyperAttentionConfig | None
     seed: object
     projections: object = None
+    global_heads: GlobalHeads | None = None
 
     def plan(self, backend: Backend, q, k) -> Plan:
         """The plan for native q, k [B, H, N, D] (sparse pieces made lazily, see ``Pieces``)."""
@@ -43,7 +45,7 @@ class CallSpec:
                                  "host from an int seed)")
             projections = functools.partial(seed_projections, seed, q.shape[-1], config.lsh_num_projs)
         return plan_attention(backend, q, k, causal=self.causal, scale=self.scale, config=config,
-                              projections=projections, seed=seed)
+                              projections=projections, seed=seed, global_heads=self.global_heads)
 
 
 @dataclass

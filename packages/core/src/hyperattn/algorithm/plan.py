@@ -62,6 +62,23 @@ class Pieces:
 
 
 @dataclass(frozen=True)
+class GlobalHeads:
+    """This call's KV heads are heads ``kv_index`` of a call with ``kv_total`` KV heads (one rank's
+    share of a head-sharded call, see ``hyperattn.distributed``): its samples are drawn as that
+    call's for those heads, so the shares together compute exactly the whole call's plan."""
+
+    kv_total: int
+    kv_index: tuple[int, ...]
+
+    def take(self, samples):
+        """This call's heads of ``samples`` [B, kv_total, S, m] (a view where they are a range)."""
+        first, count = self.kv_index[0], len(self.kv_index)
+        if self.kv_index == tuple(range(first, first + count)):
+            return samples[:, first:first + count]
+        return samples[:, list(self.kv_index)]
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything random or data-dependent about one call; reused by its backward.
 
@@ -129,6 +146,7 @@ def plan_attention(
     config: HyperAttentionConfig,
     projections,
     seed,
+    global_heads: GlobalHeads | None = None,
 ) -> Plan:
     """Decide the pieces of one call.  q, k native [B, H, N, D].
 
@@ -137,6 +155,7 @@ def plan_attention(
     has a sparse piece.  ``seed``: an int or a device seed (see ``Backend.draw_samples``).
     A config with ``exact_crossover`` applies the forward-only crossover of q's head dim; calls
     come here with it off (``Request.plan_config``: the request decided, knowing the mode).
+    ``global_heads``: the samples are those of a larger call's heads (see :class:`GlobalHeads`).
     """
     n_q, n_k = q.shape[2], k.shape[2]
     exact_pieces, sparse_calls = piece_ranges(n_q, n_k, causal, config, backend, q.shape[-1])
@@ -155,7 +174,8 @@ def plan_attention(
             proj = backend.to_native(projs)
         q_codes, k_codes = backend.lsh_codes_pair(q, k, proj)
         for stream, segments in enumerate(sparse_calls):
-            yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream))
+            yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream,
+                                               global_heads))
 
     return Plan(Pieces(len(exact_pieces) + len(sparse_calls), make_pieces()), float(scale))
 
@@ -244,8 +264,10 @@ def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
     return groups
 
 
-def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0) -> SparseStructure:
-    """Sort each segment by LSH code and draw its samples (``backend.draw_samples``, stream ``stream``)."""
+def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0,
+                     global_heads: GlobalHeads | None = None) -> SparseStructure:
+    """Sort each segment by LSH code and draw its samples (``backend.draw_samples``, stream ``stream``;
+    with ``global_heads``, the larger call's draws of these heads)."""
     bits = config.lsh_num_projs
     q_order, k_order, k_rank = backend.sort_pair(q_codes, k_codes, segments, code_bits=bits)
     m = config.sample_size
@@ -254,6 +276,10 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, st
     if m > 0:
         if len(n_k) and int(n_k.max()) > sampling.MAX_SPAN:  # the draws' multiply-shift covers 2**32 keys
             raise ValueError(f"a sparse piece may span at most 2**32 keys (the samples' range), got {int(n_k.max())}")
-        samples = backend.draw_samples(seed, stream, (k.shape[0], k.shape[1]), segments, m, k.shape[2], k)
+        if global_heads is None:
+            samples = backend.draw_samples(seed, stream, (k.shape[0], k.shape[1]), segments, m, k.shape[2], k)
+        else:  # all heads' draws (a few KiB each), then this call's
+            samples = global_heads.take(backend.draw_samples(seed, stream, (k.shape[0], global_heads.kv_total),
+                                                             segments, m, k.shape[2], k))
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
