@@ -33,7 +33,7 @@ def parse_setting(text: str) -> dict:
         name, _, value = item.partition("=")
         if name not in HYPER_SETTING_KEYS or name == "backend" or not value:
             raise SystemExit(f"--settings: {item!r}: expected name=value with name in {sorted(HYPER_SETTING_KEYS)}")
-        params[name] = int(value)
+        params[name] = HYPER_SETTING_KEYS[name](value)
     return params
 
 

@@ -1,6 +1,6 @@
 """Estimators at (about) the same cost, on the synthetic families of ``quality.py``: the paper's
-(sorted block diagonal + uniform samples), with attention sinks (``sink_keys``), with a band of
-previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
+(sorted block diagonal + uniform samples), with stratified samples, with attention sinks
+(``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
 per row exactly (the yardstick every user asks about).
 
 Cost here is keys attended per row (block + samples + sinks + band; the window's width): the GPU
@@ -37,6 +37,7 @@ def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> d
     settings are for causal calls only."""
     chosen = {
         f"paper b{block} s{samples}": dict(block_size=block, sample_size=samples),
+        f"stratified b{block} s{samples}": dict(block_size=block, sample_size=samples, sampling="stratified"),
         f"sinks {sinks} + b{block} s{samples - sinks}": dict(block_size=block, sample_size=samples - sinks,
                                                             sink_keys=sinks),
         f"sinks {sinks} + b{block} s{samples}": dict(block_size=block, sample_size=samples, sink_keys=sinks),

@@ -44,7 +44,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt", "merges.txt")
 BYTE_SEPARATOR = b"\x00"  # between files, as benchmarks/lm/corpus.py joins them
 HYPER_SETTING_KEYS = {"block_size": int, "sample_size": int, "lsh_num_projs": int, "min_seq_len": int,
-                      "sink_keys": int, "band_keys": int, "backend": str}
+                      "sink_keys": int, "band_keys": int, "sampling": str,
+                      "backend": str}
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     add("--min_seq_len", type=int, default=4096)
     add("--sink_keys", type=int, default=0, help="first keys attended exactly (0: the paper's estimator)")
     add("--band_keys", type=int, default=0, help="previous keys of each row attended exactly (0: the paper's estimator)")
+    add("--sampling", choices=["uniform", "stratified"], default="uniform", help="how the residual's keys are drawn")
     add("--backend", default="auto")
     add("--settings", nargs="+", default=[""],
         help="parameter sets, each 'name=value,...' over the flags above ('' = the flags): one row per layers x setting")
@@ -218,7 +220,8 @@ def hyper_label(spec: str, setting: dict) -> str:
     sinks, band."""
     short = {"block_size": "b", "sample_size": "s", "lsh_num_projs": "r", "min_seq_len": "m", "sink_keys": "k",
              "band_keys": "w"}
-    return " ".join([f"hyper {spec}"] + [f"{short[k]}{setting[k]}" for k in short])
+    stratified = [" stratified"] if setting.get("sampling", "uniform") == "stratified" else []
+    return " ".join([f"hyper {spec}"] + [f"{short[k]}{setting[k]}" for k in short]) + "".join(stratified)
 
 
 # --- the runs --------------------------------------------------------------------------------

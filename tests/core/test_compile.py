@@ -108,7 +108,8 @@ def test_operators_pass_opcheck():
              (True, False, None, 8))
     for causal, exact, mask, sinks in cases:
         band = 16 if causal and sinks else 0  # a band of previous keys: causal calls only
-        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, sinks, band, exact)
+        sampling = "stratified" if sinks and not causal else "uniform"
+        args = (q, k, v, seed, None, mask, "reference", causal, 0.25, 32, 24, 4, 64, True, sinks, band, sampling, exact)
         torch.library.opcheck(attention_op, args)
 
 

@@ -64,15 +64,16 @@ def test_segment_sort_matches_the_reference(cp, bits):
         np.testing.assert_array_equal(cp.asnumpy(rank), want_rank)
 
 
-def test_drawn_samples_equal_the_specification(cp):
+@pytest.mark.parametrize("stratified", [False, True])
+def test_drawn_samples_equal_the_specification(cp, stratified):
     from hyperattn.protocol import Segments
     from hyperattn.sampling import sample_keys
 
     segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000), (20, 30, 1000, 4099)])
     like = cp.empty((1, 1, 1, 32), dtype=cp.float16)
     for seed, stream in [(0, 0), (12345, 2), (2**63 - 1, 1)]:
-        got = cp.asnumpy(CUPY.backend.draw_samples(seed, stream, (2, 3), segments, 70, 4099, like))
-        want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099)
+        got = cp.asnumpy(CUPY.backend.draw_samples(seed, stream, (2, 3), segments, 70, 4099, like, stratified))
+        want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099, stratified)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
 

@@ -24,7 +24,8 @@ U64 = np.uint64
 
 
 # -- draw_samples ----------------------------------------------------------------------------------
-def mirror_draw(seed: int, stream: int, batch: int, kv_heads: int, k_start, k_len, m: int, n_k: int):
+def mirror_draw(seed: int, stream: int, batch: int, kv_heads: int, k_start, k_len, m: int, n_k: int,
+                stratified: bool = False):
     """The draw kernel's operations in uint64, element by flat index i, as ``utility.cu`` does them."""
     k_start, k_len = np.asarray(k_start, np.int64), np.asarray(k_len, np.int64)
     per_head = len(k_start) * m
@@ -37,25 +38,31 @@ def mirror_draw(seed: int, stream: int, batch: int, kv_heads: int, k_start, k_le
         z = z ^ (z >> U64(31))
     bits = z >> U64(32)
     segment = (i.astype(np.int64) % per_head) // m
-    drawn = ((bits * k_len[segment].astype(np.uint64)) >> U64(32)).astype(np.int64) + k_start[segment]
+    span = k_len[segment].astype(np.uint64)
+    offset = (bits * span) >> U64(32)
+    if stratified:  # (j * span + offset) / m with j = i % m, in uint64
+        offset = ((i % U64(m)) * span + offset) // U64(m)
+    drawn = offset.astype(np.int64) + k_start[segment]
     return drawn.astype(utility.sample_dtype(n_k)).reshape(batch, kv_heads, len(k_start), m)
 
 
+@pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize("seed, stream", [(0, 0), (1, 3), (12345, 2), (2**63 - 1, 1), (2**62 + 7, 11)])
-def test_the_draw_arithmetic_is_the_specification(seed, stream):
+def test_the_draw_arithmetic_is_the_specification(seed, stream, stratified):
     k_start = np.array([0, 7, 1000, 5, 2**31 - 10])
     k_len = np.array([7, 993, 3099, 0, 3])
     for n_k in (4099, 2**31 + 5):
-        want = sampling.sample_keys(seed, stream, (2, 3), k_start, k_len, 70, n_k)
-        got = mirror_draw(seed, stream, 2, 3, k_start, k_len, 70, n_k)
+        want = sampling.sample_keys(seed, stream, (2, 3), k_start, k_len, 70, n_k, stratified)
+        got = mirror_draw(seed, stream, 2, 3, k_start, k_len, 70, n_k, stratified)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
 
 
-def test_the_widest_span_is_drawn_like_the_specification():
+@pytest.mark.parametrize("stratified", [False, True])
+def test_the_widest_span_is_drawn_like_the_specification(stratified):
     k_start, k_len = np.array([3]), np.array([sampling.MAX_SPAN])
-    want = sampling.sample_keys(99, 4, (1, 2), k_start, k_len, 50, 2**33)
-    np.testing.assert_array_equal(mirror_draw(99, 4, 1, 2, k_start, k_len, 50, 2**33), want)
+    want = sampling.sample_keys(99, 4, (1, 2), k_start, k_len, 50, 2**33, stratified)
+    np.testing.assert_array_equal(mirror_draw(99, 4, 1, 2, k_start, k_len, 50, 2**33, stratified), want)
 
 
 def test_the_kernel_constants_are_the_specification():
@@ -292,7 +299,8 @@ def test_row_dot_and_cast_launches(launches):
 def test_draw_and_sample_block_launches(launches):
     out = np.zeros((2, 3, 4, 70), np.int32)
     k_start, k_len = np.zeros(4, np.int64), np.ones(4, np.int64)
-    utility.launch_draw_samples(out, k_start, k_len, 2**63 - 1, False, 5, 70, RowLaunch(block=1024, threads=256))
+    utility.launch_draw_samples(out, k_start, k_len, 2**63 - 1, False, 5, 70, RowLaunch(block=1024, threads=256),
+                                True)
     device_seed = np.zeros((), np.int64)
     utility.launch_draw_samples(out.astype(np.int64), k_start, k_len, device_seed, True, 5, 70,
                                 RowLaunch(block=1024, threads=256))
@@ -302,7 +310,8 @@ def test_draw_and_sample_block_launches(launches):
         check_arguments(call)
     (_, draw, grid, _, args, _), (_, wide, _, _, in_memory, _), (_, blocks, _, _, sample_args, _) = launches
     assert draw == "hyperattn::draw_samples<int>" and grid == (2,)
-    assert args[3] == 2**63 - 1 and args[5] == 0 and args[6] == 5 and args[7:] == (1680, 280, 70, 1024)
+    assert args[3] == 2**63 - 1 and args[5] == 0 and args[6] == 5 and args[7:] == (1680, 280, 70, 1, 1024)
+    assert in_memory[-2] == 0  # uniform draws unless asked
     assert wide == "hyperattn::draw_samples<long long>" and in_memory[4] is device_seed and in_memory[5] == 1
     assert blocks == "hyperattn::sample_blocks<int, int>"
     assert sample_args[3:] == (1680, 280, 3, 3000, 1000, 2, 64, 1024)

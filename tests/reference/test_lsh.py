@@ -72,3 +72,23 @@ def test_drawn_samples_are_uniform_inside_their_segment(n_k):
         assert len(counts) == end - start and counts.min() > 0  # in range, every key reachable
         expected = drawn[:, :, s].size / (end - start)
         assert np.abs(counts - expected).max() < 6 * np.sqrt(expected)  # binomial spread
+
+
+def test_stratified_samples_keep_to_their_strata_and_every_key_is_equally_likely():
+    """Draw j lies in the j-th of m equal strata of its segment (fractional bounds), and over seeds
+    every key is drawn m / span times in expectation, as with uniform draws (so the weights
+    span / m stay unbiased); the strata hold the draws' spread to about one key per stratum."""
+    from hyperattn.sampling import sample_keys
+
+    k_start, k_len, m = np.array([0, 7, 1000]), np.array([7, 993, 10]), 3
+    counts = [np.zeros(n) for n in k_len]
+    for seed in range(4000):
+        drawn = sample_keys(seed, 1, (1, 1), k_start, k_len, m, 1010, stratified=True)[0, 0]
+        for s, (start, span) in enumerate(zip(k_start, k_len)):
+            offsets = drawn[s] - start
+            j = np.arange(m)
+            assert ((offsets >= j * span // m) & (offsets <= ((j + 1) * span - 1) // m)).all()
+            counts[s] += np.bincount(offsets, minlength=span)
+    for s, span in enumerate(k_len):
+        expected = 4000 * m / span
+        assert np.abs(counts[s] - expected).max() < 6 * np.sqrt(expected) + 1, s

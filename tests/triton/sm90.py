@@ -90,7 +90,8 @@ def compile_all() -> None:
         compiles(_source(utility.draw_samples_kernel,
                          {"Out": out_type, "KStart": "*i64", "KLen": "*i64", "Seed": "*i64", "stream": "i32",
                           "per_head": "i32", "m": "i32"},
-                         dict(SEED_IN_MEMORY=in_memory, BLOCK=launch_for(options.launches, "draw_samples", 64).block)))
+                         dict(SEED_IN_MEMORY=in_memory, STRATIFIED=in_memory,
+                              BLOCK=launch_for(options.launches, "draw_samples", 64).block)))
     compiles(_source(utility.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"},
                      dict(DIM=64, D_PAD=64, BLOCK=launch_for(options.launches, "row_dot", 64).block)))
     for fn in (sort.chunk_histogram_kernel, sort.chunk_scatter_kernel, sort.bucket_starts_kernel,

@@ -64,11 +64,12 @@ def test_same_plan_matches_reference(case, dtype):
 def test_same_plan_with_sink_and_band_keys_matches_reference(case):
     """The sinks' exact pieces (all rows x the first keys; rows below the first leaf x the sink keys
     of the causal square), a causal call's band pieces (each rectangle's last keys), and the
-    sparse pieces cut around them, on Triton as on the reference."""
+    sparse pieces cut around them, with stratified samples, on Triton as on the reference."""
     from hyperattn.algorithm import ExactPiece
 
     q, k, v, causal = inputs(case, torch.float32, seed=7)
-    results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sink_keys": 6, "band_keys": 5 * causal})
+    results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sink_keys": 6, "band_keys": 5 * causal,
+                                                                 "sampling": "stratified"})
     assert sum(isinstance(piece, ExactPiece) for piece in plan.pieces) >= 2 - (not causal)
     for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
         assert np.isfinite(got).all(), name
@@ -570,10 +571,12 @@ def test_deterministic_mode_stores_slot_gradients_then_adds_them_in_order(case, 
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize("seed_in_memory", [False, True])
-def test_drawn_samples_equal_the_specification(seed_in_memory):
+def test_drawn_samples_equal_the_specification(seed_in_memory, stratified):
     """The draw kernel (interpreted) against ``hyperattn.sampling``, bit for bit: an int seed as a
-    launch argument and a seed read from memory, several streams, uneven segments."""
+    launch argument and a seed read from memory, several streams, uneven segments, uniform and
+    stratified draws."""
     from hyperattn.protocol import Segments
     from hyperattn.sampling import sample_keys
 
@@ -581,8 +584,8 @@ def test_drawn_samples_equal_the_specification(seed_in_memory):
     like = torch.empty(1, 1, 1, 32)
     for seed, stream in [(0, 0), (12345, 2), (2**63 - 1, 1)]:
         given = torch.tensor(seed) if seed_in_memory else seed
-        got = TRITON.backend.draw_samples(given, stream, (2, 3), segments, 70, 4099, like).numpy()
-        want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099)
+        got = TRITON.backend.draw_samples(given, stream, (2, 3), segments, 70, 4099, like, stratified).numpy()
+        want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099, stratified)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
 

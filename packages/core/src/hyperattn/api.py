@@ -23,6 +23,7 @@ def attention(
     exact_crossover: bool = True,
     sink_keys: int = 0,
     band_keys: int = 0,
+    sampling: str = "uniform",
     seed=None,
     return_lse: bool = False,
     projections=None,
@@ -50,13 +51,15 @@ def attention(
     ``sink_keys``: the first keys every row attends to exactly, the approximation covering the
     others (see :class:`hyperattn.config.HyperAttentionConfig`); 0 is the paper's estimator.
     ``band_keys`` (causal only): every row also attends exactly to its previous ``band_keys``
-    keys, the approximation covering those before; 0 is the paper's estimator.
+    keys, the approximation covering those before; 0 is the paper's estimator.  ``sampling``:
+    ``"uniform"`` (the paper's draws) or ``"stratified"`` (one draw per stratum of the key range).
     """
     if pipeline.compiling():  # traced by torch.compile: the config is checked when the operator runs
         config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
-                                      band_keys)
+                                      band_keys, sampling)
     else:
-        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys)
+        config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys,
+                             sampling)
     return pipeline.run(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                         return_lse=return_lse, projections=projections)
 

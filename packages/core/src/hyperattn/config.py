@@ -10,6 +10,8 @@ import numpy as np
 
 #: Codes are sorted together with a 31-bit row label in one int64 key, so at most 32 bits.
 MAX_LSH_NUM_PROJS = 32
+#: The ways of drawing the residual's samples (``HyperAttentionConfig.sampling``).
+SAMPLINGS = ("uniform", "stratified")
 
 
 def check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
@@ -44,6 +46,10 @@ class HyperAttentionConfig:
                     just past a leaf's start; the approximation covers the keys before the band.
                     0 (the default): the paper's estimator.  A non-causal call with a band is
                     refused (there is no "previous" there).
+    sampling:       how the residual's keys are drawn: ``"uniform"`` (the paper's: independent,
+                    with replacement) or ``"stratified"`` (sample j uniform in the j-th of
+                    ``sample_size`` equal strata of the key range: the same expected count of
+                    every key, so the same unbiased weights, with the draws spread evenly).
     """
 
     block_size: int = 256
@@ -53,6 +59,7 @@ class HyperAttentionConfig:
     exact_crossover: bool = True
     sink_keys: int = 0
     band_keys: int = 0
+    sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_size", check_int("block_size", self.block_size, minimum=1))
@@ -67,6 +74,8 @@ class HyperAttentionConfig:
         object.__setattr__(self, "sink_keys",
                            check_int("sink_keys", self.sink_keys, minimum=0, maximum=self.min_seq_len))
         object.__setattr__(self, "band_keys", check_int("band_keys", self.band_keys, minimum=0))
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
 
 
 def check_band(config: HyperAttentionConfig, causal: bool) -> None:
@@ -86,16 +95,17 @@ def check_bool(name: str, value) -> bool:
 
 
 def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True,
-                sink_keys=0, band_keys=0) -> HyperAttentionConfig:
+                sink_keys=0, band_keys=0, sampling="uniform") -> HyperAttentionConfig:
     """The validated config, made once per distinct plain parameters (short calls are host-bound)."""
     params = (block_size, sample_size, lsh_num_projs, min_seq_len)
-    if all(type(x) is int for x in (*params, sink_keys, band_keys)) and type(exact_crossover) is bool:
-        return _cached_config(*params, exact_crossover, sink_keys, band_keys)
-    return HyperAttentionConfig(*params, exact_crossover, sink_keys, band_keys)
+    if all(type(x) is int for x in (*params, sink_keys, band_keys)) and type(exact_crossover) is bool \
+            and type(sampling) is str:
+        return _cached_config(*params, exact_crossover, sink_keys, band_keys, sampling)
+    return HyperAttentionConfig(*params, exact_crossover, sink_keys, band_keys, sampling)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_config(block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-                   exact_crossover: bool, sink_keys: int, band_keys: int) -> HyperAttentionConfig:
+                   exact_crossover: bool, sink_keys: int, band_keys: int, sampling: str) -> HyperAttentionConfig:
     return HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
-                                band_keys)
+                                band_keys, sampling)

@@ -34,7 +34,7 @@ __all__ = ["attention"]
 
 def attention(q, k, v, *, group=None, causal: bool = False, scale: float | None = None, backend: str = "auto",
               block_size: int = 256, sample_size: int = 256, lsh_num_projs: int = 7, min_seq_len: int = 4096,
-              exact_crossover: bool = True, sink_keys: int = 0, band_keys: int = 0, seed=None,
+              exact_crossover: bool = True, sink_keys: int = 0, band_keys: int = 0, sampling: str = "uniform", seed=None,
               return_lse: bool = False):
     """HyperAttention of this rank's sequence shard: q [B, H, n_r, D], k [B, Hk, m_r, D],
     v [B, Hk, m_r, Dv] -> out [B, H, n_r, Dv] (and lse [B, H, n_r] with ``return_lse``).
@@ -58,7 +58,7 @@ def attention(q, k, v, *, group=None, causal: bool = False, scale: float | None 
     heads, kv_heads = q.shape[1], k.shape[1]
     repeat = repeat_factor(heads, kv_heads, world)
     config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
-                         band_keys)
+                         band_keys, sampling)
     seed = _common_seed(seed, q.device, group)
     q_lens, k_lens = _shard_lengths(q.shape[2], k.shape[2], q.device, group)
     if k.shape[2] != v.shape[2]:

@@ -367,14 +367,15 @@ class Backend(abc.ABC):
         return q_order, k_order, k_rank
 
     def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int,
-                     like: Array) -> Array:
+                     like: Array, stratified: bool = False) -> Array:
         """[B, Hk, S, m] integer key samples of sparse piece ``stream``: ``hyperattn.sampling``'s
         function of ``seed`` (an int, or where the backend draws on its device an int64 0-d array
-        there, read when the kernel runs), exactly.  This default draws on the host."""
+        there, read when the kernel runs), exactly; one per stratum with ``stratified``.  This
+        default draws on the host."""
         if not isinstance(seed, int):
             raise TypeError(f"{self.name}: seed must be an int here (this backend draws samples on the host), "
                             f"got {type(seed).__name__}")
-        drawn = sampling.sample_keys(seed, stream, heads, segments.k_start, segments.k_len, m, n_k)
+        drawn = sampling.sample_keys(seed, stream, heads, segments.k_start, segments.k_len, m, n_k, stratified)
         return self.from_host(drawn, like)
 
     def fused_attention(self, q, k, v, *, causal: bool, scale: float):

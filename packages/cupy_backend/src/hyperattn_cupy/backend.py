@@ -135,7 +135,8 @@ class CupyBackend(Backend):
             counted = sorting.segment_sort(codes, starts, ends, code_bits, launches=self.options.launches, stage=stage)
             return counted if counted is not None else sorting.fallback_sort(codes, starts, ends, code_bits)
 
-    def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int, like):
+    def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int, like,
+                     stratified: bool = False):
         """One launch on the device (``kernels/utility.cu``), equal to ``hyperattn.sampling``'s draws:
         an int seed is a launch argument, a device seed (0-d int64) is read when the kernel runs."""
         from . import utility
@@ -145,7 +146,7 @@ class CupyBackend(Backend):
         with arrays.on_device_of(like, self.streams):
             k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
             return utility.draw_samples(seed, stream, heads[0], heads[1], k_start, k_len, m, n_k,
-                                        self.options.launches)
+                                        self.options.launches, stratified)
 
     def row_dot(self, a, b):
         from . import utility

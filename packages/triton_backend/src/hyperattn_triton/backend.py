@@ -90,7 +90,8 @@ class TritonBackend(Backend):
         a seed are copied once, and a CUDA graph captured after the first call copies nothing."""
         return self.device_tables.get(_as_is, like, np.ascontiguousarray(values))
 
-    def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int, like):
+    def draw_samples(self, seed, stream: int, heads: tuple[int, int], segments: Segments, m: int, n_k: int, like,
+                     stratified: bool = False):
         """One launch on the device (``kernels.utility.draw_samples_kernel``): an int seed is a
         launch argument, a device seed (0-d int64 on ``like``'s device) is read when it runs."""
         batch, kv_heads = heads
@@ -103,7 +104,7 @@ class TritonBackend(Backend):
         per_head = count * m
         direct(draw_samples_kernel)[(cdiv(per_head, launch.block), batch * kv_heads)](
             out, k_start, k_len, 0 if in_memory else seed, seed if in_memory else k_start, stream, per_head, m,
-            SEED_IN_MEMORY=in_memory, BLOCK=launch.block, num_warps=launch.warps,
+            SEED_IN_MEMORY=in_memory, STRATIFIED=bool(stratified), BLOCK=launch.block, num_warps=launch.warps,
         )
         return out
 

@@ -59,6 +59,7 @@ class HyperParams:
     exact_crossover: bool = True
     sink_keys: int = 0
     band_keys: int = 0
+    sampling: str = "uniform"
 
 
 DEFAULT_PARAMS = HyperParams()
@@ -176,7 +177,8 @@ def configure(model, layers="all", **params) -> list[int]:
 
     ``layers``: see :func:`select_layers` (the paper patches the last ones: ``"last:N"``).
     ``params``: ``block_size``, ``sample_size``, ``lsh_num_projs``, ``min_seq_len``, ``seed``,
-    ``backend``, ``exact_crossover``, ``sink_keys``, ``band_keys`` (as :func:`hyperattn.attention`).
+    ``backend``, ``exact_crossover``, ``sink_keys``, ``band_keys``, ``sampling``
+    (as :func:`hyperattn.attention`).
     They are stored on each layer's attention module (attribute ``hyperattn_params``), not in this
     module: two models can be configured differently.  With ``seed=s``, layer ``i`` draws from ``s + i``; ``seed=None``
     draws afresh on every call.  Registers ``"hyper"`` and switches the model to it if needed.
@@ -250,12 +252,13 @@ def _hyper_call(q, k, v, *, causal: bool, scale: float | None, params: HyperPara
                                    block_size=params.block_size, sample_size=params.sample_size,
                                    lsh_num_projs=params.lsh_num_projs, min_seq_len=params.min_seq_len,
                                    exact_crossover=params.exact_crossover, sink_keys=params.sink_keys,
-                                   band_keys=params.band_keys, seed=params.seed)
+                                   band_keys=params.band_keys, sampling=params.sampling, seed=params.seed)
     from hyperattn.config import HyperAttentionConfig
     from hyperattn.torch.op import compiled_attention
 
     config = HyperAttentionConfig(params.block_size, params.sample_size, params.lsh_num_projs, params.min_seq_len,
-                                  params.exact_crossover, params.sink_keys, params.band_keys)
+                                  params.exact_crossover, params.sink_keys, params.band_keys,
+                                  params.sampling)
     return compiled_attention(q, k, v, causal=causal, scale=scale, backend=params.backend, config=config,
                               seed=params.seed, return_lse=False, mask=mask)
 

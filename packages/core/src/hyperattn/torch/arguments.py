@@ -7,17 +7,17 @@ import numpy as np
 from ..config import HyperAttentionConfig
 
 #: Stand-ins for the parameters of an exact call (no config): never read.
-_EXACT_PARAMS = (1, 0, 1, 1, True, 0, 0)
+_EXACT_PARAMS = (1, 0, 1, 1, True, 0, 0, "uniform")
 
 
 def config_arguments(config: HyperAttentionConfig | None) -> tuple:
     """(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys,
-    exact): a
+    sampling, exact): a
     config as the plain values the operators take."""
     if config is None:
         return (*_EXACT_PARAMS, True)
     return (config.block_size, config.sample_size, config.lsh_num_projs, config.min_seq_len, config.exact_crossover,
-            config.sink_keys, config.band_keys, False)
+            config.sink_keys, config.band_keys, config.sampling, False)
 
 
 def plan_projections(projections, like):

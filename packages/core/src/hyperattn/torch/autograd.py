@@ -22,10 +22,10 @@ class PlannedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projections, backend: str, causal: bool, scale: float, block_size: int,
                 sample_size: int, lsh_num_projs: int, min_seq_len: int, exact_crossover: bool, sink_keys: int,
-                band_keys: int, exact: bool, seed, global_heads):
+                band_keys: int, sampling: str, exact: bool, seed, global_heads):
         impl = backend_status(backend).backend
         config = None if exact else make_config(block_size, sample_size, lsh_num_projs, min_seq_len,
-                                             exact_crossover, sink_keys, band_keys)
+                                             exact_crossover, sink_keys, band_keys, sampling)
         spec = CallSpec(causal, scale, config, seed, plan_projections(projections, q), global_heads)
         result = forward_call(impl, q, k, v, spec)
         out, lse = result.outputs(impl, q)
@@ -64,7 +64,7 @@ class PlannedAttention(torch.autograd.Function):
         del dq, dk, dv
         for i, like in enumerate((q, k, v)):
             grads[i] = backend.from_native(grads[i], like)
-        return (*grads, *([None] * 14))
+        return (*grads, *([None] * 15))
 
 
 def planned_attention(q, k, v, request, projections=None):

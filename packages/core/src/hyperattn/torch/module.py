@@ -34,10 +34,11 @@ class HyperAttention(torch.nn.Module):
         backend: str = "auto",
         sink_keys: int = 0,
         band_keys: int = 0,
+        sampling: str = "uniform",
     ):
         super().__init__()
         self.config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, sink_keys=sink_keys,
-                                           band_keys=band_keys)
+                                           band_keys=band_keys, sampling=sampling)
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
             raise ValueError(f"input_dim must be an int >= 1 (the head dim D), got {input_dim!r}")
         self.input_dim = input_dim

@@ -28,9 +28,9 @@ from .masks import is_plain_mask, masked_exact_backward, masked_exact_forward
 
 
 def _request(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs,
-             min_seq_len, exact_crossover, sink_keys, band_keys, exact):
+             min_seq_len, exact_crossover, sink_keys, band_keys, sampling, exact):
     config = None if exact else make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover,
-                                         sink_keys, band_keys)
+                                         sink_keys, band_keys, sampling)
     return prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                    return_lse=True, projections=projections)
 
@@ -39,13 +39,13 @@ def _request(q, k, v, seed, projections, backend, causal, scale, block_size, sam
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
                  projections: torch.Tensor | None, mask: torch.Tensor | None, backend: str, causal: bool,
                  scale: float, block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
-                 exact_crossover: bool, sink_keys: int, band_keys: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 exact_crossover: bool, sink_keys: int, band_keys: int, sampling: str, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] float32 (float64 for float64 inputs)).
 
     ``exact``: the plan is one exact piece (``compiled_attention`` passes the crossover's decision
     here and ``exact_crossover=False``, so the backward makes the same plan)."""
     request = _request(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs,
-                       min_seq_len, exact_crossover, sink_keys, band_keys, exact)
+                       min_seq_len, exact_crossover, sink_keys, band_keys, sampling, exact)
     if _needs_mask(mask, request):  # the mask alone decides (as SDPA given a mask: no is_causal)
         out, lse = masked_exact_forward(q, k, v, mask, request.scale, causal=False)
         return out.contiguous(), lse.contiguous()
@@ -57,7 +57,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.
 
 @attention_op.register_fake
 def _(q, k, v, seed, projections, mask, backend, causal, scale, block_size, sample_size, lsh_num_projs,
-      min_seq_len, exact_crossover, sink_keys, band_keys, exact):
+      min_seq_len, exact_crossover, sink_keys, band_keys, sampling, exact):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
@@ -71,10 +71,11 @@ def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torc
                           scale: float,
                           block_size: int, sample_size: int, lsh_num_projs: int, min_seq_len: int,
                           exact_crossover: bool, sink_keys: int, band_keys: int,
+                          sampling: str,
                           exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``hyperattn::attention`` with the same inputs, given its (out, lse)."""
     request = _request(q, k, v, seed, projections, backend, causal, scale, block_size, sample_size, lsh_num_projs,
-                       min_seq_len, exact_crossover, sink_keys, band_keys, exact)
+                       min_seq_len, exact_crossover, sink_keys, band_keys, sampling, exact)
     if _needs_mask(mask, request):
         grads = masked_exact_backward(dout, dlse, q, k, v, mask, request.scale, causal=False)
         return tuple(g.contiguous() for g in grads)
@@ -88,7 +89,7 @@ def attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torc
 
 @attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, seed, projections, mask, backend, causal, scale, block_size,
-      sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys, exact):
+      sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys, sampling, exact):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
@@ -153,7 +154,7 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
         below = _crossover_of(backend, str(q.device), str(q.dtype).removeprefix("torch."), tier_dim, grad,
                               registry._options_generation)
         exact = is_exact_shape(q.shape[2], k.shape[2], bool(causal), config.min_seq_len, below)
-        arguments = (*arguments[:4], False, *arguments[5:7], bool(exact))
+        arguments = (*arguments[:4], False, *arguments[5:8], bool(exact))
     out, lse = attention_op(q, k, v, seed, projections, mask, backend, bool(causal), float(scale), *arguments)
     return (out, lse) if return_lse else out
 

@@ -69,9 +69,10 @@ def sample_blocks_kernel(Samples, KRank, Blocks, count, kv_heads, ss_b, ss_h, sr
 
 @triton.jit(do_not_specialize=["seed", "stream"])
 def draw_samples_kernel(Out, KStart, KLen, seed, Seed, stream, per_head, m,
-                        SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+                        SEED_IN_MEMORY: tl.constexpr, STRATIFIED: tl.constexpr, BLOCK: tl.constexpr):
     """Out[bh, s, j] (contiguous [B * Hk, S, m]) = ``hyperattn.sampling.sample_keys`` exactly:
-    SplitMix64 of the counter in uint64 arithmetic, then a multiply-shift into segment s's keys.
+    SplitMix64 of the counter in uint64 arithmetic, then a multiply-shift into segment s's keys
+    (with ``STRATIFIED``, into its j-th of m strata).
     The seed is ``seed`` (an int baked into the launch) or, with ``SEED_IN_MEMORY``, read from
     ``Seed`` when the kernel runs (a device seed: a CUDA graph replay reads its current value)."""
     bh = tl.program_id(1).to(tl.int64)
@@ -91,5 +92,8 @@ def draw_samples_kernel(Out, KStart, KLen, seed, Seed, stream, per_head, m,
     segment = offs // m
     start = tl.load(KStart + segment, mask=mask, other=0).to(tl.int64)
     span = tl.load(KLen + segment, mask=mask, other=0).to(tl.uint64)
-    drawn = ((bits * span) >> 32).to(tl.int64, bitcast=True) + start
+    offset = ((bits * span) >> 32).to(tl.int64, bitcast=True)
+    if STRATIFIED:  # j * span < 2**63 (m <= 2**31, span <= 2**32): int64 is exact
+        offset = ((offs % m) * span.to(tl.int64, bitcast=True) + offset) // m
+    drawn = offset + start
     tl.store(Out + bh * per_head + offs, drawn.to(Out.dtype.element_ty), mask=mask)
