@@ -26,7 +26,8 @@ U64 = np.uint64
 # -- draw_samples ----------------------------------------------------------------------------------
 def mirror_draw(seed: int, stream: int, batch: int, kv_heads: int, k_start, k_len, m: int, n_k: int,
                 stratified: bool = False):
-    """The draw kernel's operations in uint64, element by flat index i, as ``utility.cu`` does them."""
+    """The draw kernel's operations in uint64, element by flat index i, as ``utility.cu`` does them
+    (then, ``stratified``, the backend's ``stratify`` on NumPy arrays)."""
     k_start, k_len = np.asarray(k_start, np.int64), np.asarray(k_len, np.int64)
     per_head = len(k_start) * m
     i = np.arange(batch * kv_heads * per_head, dtype=np.uint64)
@@ -38,12 +39,9 @@ def mirror_draw(seed: int, stream: int, batch: int, kv_heads: int, k_start, k_le
         z = z ^ (z >> U64(31))
     bits = z >> U64(32)
     segment = (i.astype(np.int64) % per_head) // m
-    span = k_len[segment].astype(np.uint64)
-    offset = (bits * span) >> U64(32)
-    if stratified:  # (j * span + offset) / m with j = i % m, in uint64
-        offset = ((i % U64(m)) * span + offset) // U64(m)
-    drawn = offset.astype(np.int64) + k_start[segment]
-    return drawn.astype(utility.sample_dtype(n_k)).reshape(batch, kv_heads, len(k_start), m)
+    drawn = ((bits * k_len[segment].astype(np.uint64)) >> U64(32)).astype(np.int64) + k_start[segment]
+    drawn = drawn.astype(utility.sample_dtype(n_k)).reshape(batch, kv_heads, len(k_start), m)
+    return utility.stratify(np, drawn, k_start, k_len, m) if stratified else drawn
 
 
 @pytest.mark.parametrize("stratified", [False, True])
@@ -299,8 +297,7 @@ def test_row_dot_and_cast_launches(launches):
 def test_draw_and_sample_block_launches(launches):
     out = np.zeros((2, 3, 4, 70), np.int32)
     k_start, k_len = np.zeros(4, np.int64), np.ones(4, np.int64)
-    utility.launch_draw_samples(out, k_start, k_len, 2**63 - 1, False, 5, 70, RowLaunch(block=1024, threads=256),
-                                True)
+    utility.launch_draw_samples(out, k_start, k_len, 2**63 - 1, False, 5, 70, RowLaunch(block=1024, threads=256))
     device_seed = np.zeros((), np.int64)
     utility.launch_draw_samples(out.astype(np.int64), k_start, k_len, device_seed, True, 5, 70,
                                 RowLaunch(block=1024, threads=256))
@@ -310,8 +307,7 @@ def test_draw_and_sample_block_launches(launches):
         check_arguments(call)
     (_, draw, grid, _, args, _), (_, wide, _, _, in_memory, _), (_, blocks, _, _, sample_args, _) = launches
     assert draw == "hyperattn::draw_samples<int>" and grid == (2,)
-    assert args[3] == 2**63 - 1 and args[5] == 0 and args[6] == 5 and args[7:] == (1680, 280, 70, 1, 1024)
-    assert in_memory[-2] == 0  # uniform draws unless asked
+    assert args[3] == 2**63 - 1 and args[5] == 0 and args[6] == 5 and args[7:] == (1680, 280, 70, 1024)
     assert wide == "hyperattn::draw_samples<long long>" and in_memory[4] is device_seed and in_memory[5] == 1
     assert blocks == "hyperattn::sample_blocks<int, int>"
     assert sample_args[3:] == (1680, 280, 3, 3000, 1000, 2, 64, 1024)

@@ -153,7 +153,8 @@ def sample_dtype(n_k: int):
 def draw_samples(seed, stream: int, batch: int, kv_heads: int, k_start, k_len, m: int, n_k: int, launches,
                  stratified: bool = False):
     """[B, Hk, S, m] key samples equal bit for bit to ``hyperattn.sampling.sample_keys(seed, stream,
-    (batch, kv_heads), k_start, k_len, m, n_k, stratified)``, in one launch.  ``k_start``, ``k_len``: int64
+    (batch, kv_heads), k_start, k_len, m, n_k, stratified)``, in one launch (and, ``stratified``,
+    three elementwise CuPy operations: :func:`stratify`).  ``k_start``, ``k_len``: int64
     [S] device arrays; ``seed``: an int in [0, 2**63), or a 0-d int64 device array, read when the
     kernel runs (a CUDA graph replays its current value)."""
     import cupy
@@ -172,15 +173,26 @@ def draw_samples(seed, stream: int, batch: int, kv_heads: int, k_start, k_len, m
         if not 0 <= seed < sampling.SEED_LIMIT:
             raise ValueError(f"draw_samples: seed {seed} is outside [0, 2**63)")
         seed_in_memory = False
-    launch_draw_samples(out, k_start, k_len, seed, seed_in_memory, stream, m, row_launch(launches, "draw_samples"),
-                        stratified)
+    launch_draw_samples(out, k_start, k_len, seed, seed_in_memory, stream, m, row_launch(launches, "draw_samples"))
+    if stratified:
+        out[...] = stratify(cupy, out, k_start, k_len, m)
     return out
 
 
+def stratify(xp, drawn, k_start, k_len, m: int):
+    """Uniform draws [B, Hk, S, m] (``hyperattn.sampling``'s) turned into its stratified ones: the
+    uniform draw's offset is ``(bits * span) >> 32``, and draw j of the stratified ones is
+    ``k_start + (j * span + offset) // m`` (int64: j * span < 2**63).  ``xp``: the array module."""
+    start = xp.asarray(k_start, dtype=xp.int64).reshape(1, 1, -1, 1)
+    span = xp.asarray(k_len, dtype=xp.int64).reshape(1, 1, -1, 1)
+    slot = xp.arange(m, dtype=xp.int64)
+    return (start + (slot * span + (drawn.astype(xp.int64) - start)) // m).astype(drawn.dtype)
+
+
 def launch_draw_samples(out, k_start, k_len, seed, seed_in_memory: bool, stream: int, m: int,
-                        launch: RowLaunch, stratified: bool = False) -> None:
+                        launch: RowLaunch) -> None:
     """``draw_samples<OutT>(out, k_start, k_len, seed, seed_ptr, seed_in_memory, stream, total,
-    per_head, m, stratified, block_elems)``; grid ceil(total / block).  ``seed``: an int, or (seed_in_memory)
+    per_head, m, block_elems)``; grid ceil(total / block).  ``seed``: an int, or (seed_in_memory)
     the device array the kernel reads it from (then the seed argument is 0; else seed_ptr is
     k_start, never read)."""
     total = int(np.prod(out.shape))
@@ -188,7 +200,7 @@ def launch_draw_samples(out, k_start, k_len, seed, seed_in_memory: bool, stream:
     seed_value, seed_ptr = (u64(0), seed) if seed_in_memory else (u64(seed), k_start)
     name = f"hyperattn::draw_samples<{int_type(out.dtype)}>"
     args = (out, k_start, k_len, seed_value, seed_ptr, i32(seed_in_memory), u64(stream), i64(total), i64(per_head),
-            i64(m), i32(stratified), i32(launch.block))
+            i64(m), i32(launch.block))
     compiler.kernel(SOURCE, name).launch((cdiv(total, launch.block),), (launch.threads,), args)
 
 

@@ -90,15 +90,14 @@ constexpr unsigned long long SAMPLE_STREAM = 0xD1B54A32D192ED03ull;
 //     key  = seed + stream * STREAM                          (mod 2**64)
 //     z    = key + (i + 1) * GOLDEN; z = (z ^ z >> 30) * MIX1; z = (z ^ z >> 27) * MIX2; z ^= z >> 31
 //     out  = k_start[s] + ((z >> 32) * k_len[s]) >> 32       (s = (i % per_head) / m)
-// or, with `stratified`, k_start[s] + (j * k_len[s] + (((z >> 32) * k_len[s]) >> 32)) / m
-// (j = i % m: one draw per stratum), all in uint64, as hyperattn.sampling.mix / sample_keys.  The seed is `seed`, or with
+// all in uint64, as hyperattn.sampling.mix / sample_keys.  The seed is `seed`, or with
 // seed_in_memory the int64 at seed_ptr, read when the kernel runs (a CUDA graph replays the
 // current value).  Grid: ceil(total / block_elems) blocks of block_elems elements.
 template <typename OutT>
 __global__ void draw_samples(OutT* __restrict__ out, const long long* __restrict__ k_start,
                              const long long* __restrict__ k_len, unsigned long long seed,
                              const long long* __restrict__ seed_ptr, int seed_in_memory, unsigned long long stream,
-                             long long total, long long per_head, long long m, int stratified, int block_elems) {
+                             long long total, long long per_head, long long m, int block_elems) {
   const unsigned long long s0 = seed_in_memory ? static_cast<unsigned long long>(*seed_ptr) : seed;
   const unsigned long long key = s0 + stream * SAMPLE_STREAM;
   const long long begin = static_cast<long long>(blockIdx.x) * block_elems;
@@ -111,9 +110,7 @@ __global__ void draw_samples(OutT* __restrict__ out, const long long* __restrict
     const unsigned long long bits = z >> 32;
     const long long segment = (i % per_head) / m;
     const unsigned long long span = static_cast<unsigned long long>(k_len[segment]);
-    unsigned long long offset = (bits * span) >> 32;
-    if (stratified) offset = (static_cast<unsigned long long>(i % m) * span + offset) / static_cast<unsigned long long>(m);
-    const long long drawn = static_cast<long long>(offset) + k_start[segment];
+    const long long drawn = static_cast<long long>((bits * span) >> 32) + k_start[segment];
     out[i] = static_cast<OutT>(drawn);
   }
 }
@@ -161,8 +158,7 @@ HYPERATTN_CAST_ALL(true)
 #define HYPERATTN_DRAW(O)                                                                                  \
   template __global__ void hyperattn::draw_samples<O>(O*, const long long*, const long long*,              \
                                                       unsigned long long, const long long*, int,           \
-                                                      unsigned long long, long long, long long, long long, int, \
-                                                      int);
+                                                      unsigned long long, long long, long long, long long, int);
 HYPERATTN_DRAW(int)
 HYPERATTN_DRAW(long long)
 
