@@ -54,7 +54,7 @@ def attention(
     keys, the approximation covering those before; 0 is the paper's estimator.  ``sampling``:
     ``"uniform"`` (the paper's draws) or ``"stratified"`` (one draw per stratum of the key range).
     """
-    if pipeline.compiling():  # traced by torch.compile: the config is checked when the operator runs
+    if pipeline.compiling(q):  # traced by torch.compile: the config is checked when the operator runs
         config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
                                       band_keys, sampling)
     else:

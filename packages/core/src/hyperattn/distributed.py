@@ -44,7 +44,7 @@ def attention(q, k, v, *, group=None, causal: bool = False, scale: float | None 
     group (default: the world).  ``seed``: every rank must pass the same int; None draws one on the
     group's first rank and broadcasts it.
     """
-    if pipeline.compiling():
+    if pipeline.compiling(q):
         raise NotImplementedError("hyperattn.distributed.attention does not run under torch.compile yet: "
                                   "call it outside the compiled region")
     if not dist.is_available() or not dist.is_initialized():

@@ -8,8 +8,6 @@ Torch is imported only when one of those needs it.
 
 from __future__ import annotations
 
-import sys
-
 from .algorithm import forward_call
 from .config import HyperAttentionConfig
 from .request import prepare
@@ -26,7 +24,7 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
     drawn from the seed.  ``head_dim``: the head dim a caller requires (the module's ``input_dim``).
     ``global_heads``: the call is some heads of a larger one (``hyperattn.algorithm.GlobalHeads``).
     """
-    if compiling():
+    if compiling(q):
         if global_heads is not None:
             raise NotImplementedError("a call of some heads of a larger one (hyperattn.distributed) does not run "
                                       "under torch.compile yet: call it outside the compiled region")
@@ -51,8 +49,13 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
     return (out, lse) if request.return_lse else out
 
 
-def compiling() -> bool:
-    """True while torch.compile traces the call (torch is then imported)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and torch.compiler.is_compiling()
+def compiling(q) -> bool:
+    """True while torch.compile traces a call on ``q`` (then a torch tensor).  It looks at q's type,
+    not at ``sys.modules``: dynamo would wrap that whole dictionary, and a module imported while it
+    walks it breaks the trace."""
+    if not any(cls.__module__.startswith("torch") for cls in type(q).__mro__):
+        return False
+    import torch
+
+    return torch.compiler.is_compiling()
 
