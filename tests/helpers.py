@@ -80,6 +80,22 @@ def without_samples(plan):
     return Plan(pieces, plan.scale)
 
 
+def assert_matches_plan_oracle(q, k, v, *, causal: bool, seed: int, params: dict) -> None:
+    """The reference backend's call with ``params`` equals the dense float64 oracle of its own
+    seeded plan (out to 1e-9, lse to 1e-12 relative)."""
+    import hyperattn
+    from hyperattn import testing
+    from hyperattn.config import HyperAttentionConfig
+    from hyperattn.registry import backend_status
+
+    out, lse = hyperattn.attention(q, k, v, causal=causal, seed=seed, return_lse=True, backend="reference", **params)
+    plan = testing.seeded_plan(backend_status("reference").backend, q, k, causal=causal, scale=q.shape[-1] ** -0.5,
+                               config=HyperAttentionConfig(**params), seed=seed)
+    want_out, want_lse = testing.dense_attention_from_plan(plan, q, k, v)
+    np.testing.assert_allclose(out, want_out, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-12)
+
+
 def run_both(q, k, v, *, causal, params, seed=0, backward=True, other="triton"):
     """Forward (and backward) of one reference-built plan on the reference and on backend ``other``.
 

@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
-from helpers import assert_pieces_are_disjoint_within, first_piece_row_counts, make_inputs, without_samples
+from helpers import (
+    assert_matches_plan_oracle,
+    assert_pieces_are_disjoint_within,
+    first_piece_row_counts,
+    make_inputs,
+    without_samples,
+)
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status
@@ -74,12 +80,7 @@ def test_any_call_with_sinks_matches_the_dense_oracle_of_its_plan(n_q, extra_key
     q, k, v = make_inputs((1, kv_heads * group, n_q, 6), kv_heads=kv_heads, n_k=n_k, v_dim=5, seed=seed % 997)
     params = dict(block_size=8, sample_size=6, lsh_num_projs=3, min_seq_len=min_seq_len,
                   sink_keys=min(sinks, min_seq_len), exact_crossover=False)
-    out, lse = hyperattn.attention(q, k, v, causal=causal, seed=seed, return_lse=True, backend="reference", **params)
-    plan = testing.seeded_plan(REFERENCE, q, k, causal=causal, scale=6**-0.5, config=HyperAttentionConfig(**params),
-                               seed=seed)
-    want_out, want_lse = testing.dense_attention_from_plan(plan, q, k, v)
-    np.testing.assert_allclose(out, want_out, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-12)
+    assert_matches_plan_oracle(q, k, v, causal=causal, seed=seed, params=params)
 
 
 @pytest.mark.parametrize("case", [(13, 13, False), (17, 17, True), (9, 14, True)])

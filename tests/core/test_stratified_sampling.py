@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
-from helpers import make_inputs
+from helpers import assert_matches_plan_oracle, make_inputs
 from hyperattn import testing
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status
@@ -30,12 +30,7 @@ def test_any_stratified_call_matches_the_dense_oracle_of_its_plan(n_q, extra_key
     q, k, v = make_inputs((1, 2, n_q, 6), kv_heads=1, n_k=n_k, v_dim=5, seed=seed % 997)
     params = dict(block_size=8, sample_size=sample_size, lsh_num_projs=3, min_seq_len=min_seq_len,
                   sampling="stratified", exact_crossover=False)
-    out, lse = hyperattn.attention(q, k, v, causal=causal, seed=seed, return_lse=True, backend="reference", **params)
-    plan = testing.seeded_plan(REFERENCE, q, k, causal=causal, scale=6**-0.5, config=HyperAttentionConfig(**params),
-                               seed=seed)
-    want_out, want_lse = testing.dense_attention_from_plan(plan, q, k, v)
-    np.testing.assert_allclose(out, want_out, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(lse, want_lse, rtol=1e-12, atol=1e-12)
+    assert_matches_plan_oracle(q, k, v, causal=causal, seed=seed, params=params)
 
 
 def test_finite_differences_with_stratified_samples():
