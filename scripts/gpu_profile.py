@@ -4,6 +4,7 @@
     python scripts/gpu_profile.py host [--causal]         # host: cProfile of the Python side of forward calls
     python scripts/gpu_profile.py launch                  # host: microseconds per Triton launch and torch op
     python scripts/gpu_profile.py split --n 32768         # host: ms per call with and without the launches
+    python scripts/gpu_profile.py ops --n 32768           # host: the torch operators one call dispatches
 """
 
 from __future__ import annotations
@@ -52,19 +53,28 @@ def gpu_tables(n: int, heads: int, dim: int, rows: int, backend: str = "triton")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
-def host_profile(n: int, heads: int, dim: int, causal: bool, rows: int) -> None:
-    """cProfile of five forward calls after three warm-up calls: where the GPU waits for the CPU."""
-    q, k, v = inputs(n, heads, dim, requires_grad=False)
-    with torch.no_grad():
-        for _ in range(3):
-            hyperattn.attention(q, k, v, causal=causal, backend="triton")
-        torch.cuda.synchronize()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(5):
-            hyperattn.attention(q, k, v, causal=causal, backend="triton")
-        torch.cuda.synchronize()
-        profiler.disable()
+def call_of(q, k, v, causal: bool, backward: bool):
+    """One forward (under ``no_grad``) or forward+backward call, its seed fixed."""
+    def call():
+        with torch.set_grad_enabled(backward):
+            out = hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton")
+            if backward:
+                out.backward(torch.ones_like(out))
+    return call
+
+
+def host_profile(n: int, heads: int, dim: int, causal: bool, rows: int, backward: bool = False) -> None:
+    """cProfile of five calls after three warm-up calls: where the GPU waits for the CPU."""
+    call = call_of(*inputs(n, heads, dim, requires_grad=backward), causal, backward)
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(5):
+        call()
+    torch.cuda.synchronize()
+    profiler.disable()
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(rows)
     stats.sort_stats("cumulative").print_stats("hyperattn", rows)
@@ -155,14 +165,45 @@ def host_split(n: int, heads: int, dim: int) -> None:
               flush=True)
 
 
+def dispatched_ops(n: int, heads: int, dim: int) -> None:
+    """The torch operators (``aten``) one warm call dispatches, by name and count, per (causal, mode):
+    each costs microseconds of host time on a CUDA tensor, whatever its size."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    for causal in (False, True):
+        for backward in (False, True):
+            call = call_of(*inputs(n, heads, dim, requires_grad=backward), causal, backward)
+            for _ in range(2):
+                call()
+            with Count() as counted:
+                call()
+            torch.cuda.synchronize()
+            mode = "fwd+bwd" if backward else "fwd"
+            print(f"=== causal={causal} {mode} N={n}: {sum(counted.ops.values())} operators", flush=True)
+            for name, count in counted.ops.most_common():
+                print(f"  {count:4d} {name}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Profile one HyperAttention step on a GPU backend: GPU "
                                                  "kernel tables, or the host's Python time.")
-    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch", "split"), default="gpu")
+    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch", "split", "ops"), default="gpu")
     parser.add_argument("--n", type=int, default=131072, help="sequence length")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--causal", action="store_true", help="host: profile causal calls")
+    parser.add_argument("--backward", action="store_true", help="host: profile forward+backward calls")
     parser.add_argument("--rows", type=int, default=None, help="rows of each table")
     parser.add_argument("--backend", default="triton", help="gpu: the backend profiled (triton, cupy)")
     args = parser.parse_args(argv)
@@ -172,8 +213,10 @@ def main(argv=None) -> int:
         launch_costs()
     elif args.what == "split":
         host_split(args.n, args.heads, args.dim)
+    elif args.what == "ops":
+        dispatched_ops(args.n, args.heads, args.dim)
     else:
-        host_profile(args.n, args.heads, args.dim, args.causal, args.rows or 22)
+        host_profile(args.n, args.heads, args.dim, args.causal, args.rows or 22, args.backward)
     return 0
 
 
