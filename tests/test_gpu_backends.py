@@ -60,9 +60,6 @@ GPU_CASES = [
                                              sink_keys=16, band_keys=192)),
     (1, 4, 2, 3000, 3000, 64, 64, False, dict(block_size=128, sample_size=128, lsh_num_projs=7, min_seq_len=512,
                                               sampling="stratified")),
-    # a band with no GQA at a power of two: each level's band folds into one fused call on Triton
-    (1, 4, 4, 4096, 4096, 64, 64, True, dict(block_size=128, sample_size=128, lsh_num_projs=7, min_seq_len=512,
-                                             band_keys=128, sampling="stratified")),
 ]
 
 

@@ -22,6 +22,7 @@ from helpers import (
     without_samples,
 )
 from hyperattn import testing
+from hyperattn.algorithm.plan import disjoint_groups
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status
 
@@ -69,25 +70,9 @@ def test_the_band_costs_one_exact_piece_a_level_and_keeps_the_sparse_calls():
         np.testing.assert_array_equal(after.k_len, before.k_len - 256)
 
 
-def test_a_power_of_two_levels_band_folds_into_one_fused_call():
-    """Each level's band rectangles are equal and evenly spaced, period times count = N, so GPU
-    backends run each level's band as one fused-kernel call; with extra keys (Nk > Nq) the keys'
-    period no longer matches their head stride, and the fold is refused (the backend's kernel runs)."""
-    from hyperattn.algorithm.plan import _pieces_of_shape
-
-    band_pieces = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(band_keys=256), False)[0][1:]
-    for piece in band_pieces:
-        tiling = piece.segments.equal_tiling(32768, causal=False, spaced=True)
-        assert tiling is not None and tiling.keys == 256
-        assert tiling.count == 1 or tiling.count * tiling.q_period == 32768 == tiling.count * tiling.k_period
-    assert band_pieces[0].segments.equal_tiling(32768, causal=False) is None  # spaced only when asked
-    q = torch.empty(1, 2, 32768, 8)
-    assert all(piece.segments.equal_tiling(32768, False, spaced=True).fold_rows(q) is not None for piece in band_pieces)
-    extra = _pieces_of_shape(32768, 33000, True, HyperAttentionConfig(band_keys=256), False)[0]
-    k = torch.empty(1, 2, 33000, 8)
-    spaced = [piece.segments.equal_tiling(32768, piece.causal, spaced=True) for piece in extra]
-    several = [tiling for tiling in spaced if tiling is not None and tiling.k_period and tiling.count > 1]
-    assert several and all(tiling.fold_keys(k) is None for tiling in several)
+def test_disjoint_groups_pack_in_order_and_never_overlap():
+    ranges = [(0, 10, 0, 10), (10, 20, 10, 20), (5, 15, 20, 30), (20, 30, 5, 8)]
+    assert disjoint_groups(ranges) == [[(0, 10, 0, 10), (10, 20, 10, 20)], [(5, 15, 20, 30), (20, 30, 5, 8)]]
 
 
 @settings(max_examples=30, deadline=None)

@@ -25,35 +25,6 @@ def test_fold_views_are_views_or_nothing():
     assert fold_views(prefixed, q, longer, longer) is None
 
 
-def test_spaced_rectangles_fold_into_strided_views_that_attend_like_each_rectangle():
-    """Equal rectangles at even periods (a causal level's band: rows [h + 2hl, 2h + 2hl) x keys
-    [h + 2hl - w, h + 2hl)) fold as strided views of every head; attention over the folded views
-    equals attention per (head, rectangle), and writes through the folded output land in place.
-    Layouts whose head stride is not count * period are refused (None), never copied."""
-    from hyperattn.protocol import Segments
-    from hyperattn.torch.fused import fold_views
-
-    n, h, w = 16, 2, 1
-    ranges = [(h + 2 * h * i, 2 * h + 2 * h * i, h + 2 * h * i - w, h + 2 * h * i) for i in range(n // (2 * h))]
-    tiling = Segments.from_ranges(ranges).equal_tiling(n, causal=False, spaced=True)
-    assert (tiling.count, tiling.rows, tiling.keys, tiling.q_period, tiling.k_period) == (4, 2, 1, 4, 4)
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 5, generator=generator, dtype=torch.float64) for _ in range(3))
-    out = torch.zeros(2, 3, n, 5, dtype=torch.float64)
-    qf, kf, vf, out_f = fold_views(tiling, q, k, v, query_side=(out,))
-    out_f.copy_(torch.nn.functional.scaled_dot_product_attention(qf, kf, vf))
-    expected = torch.zeros_like(out)
-    for r0, r1, k0, k1 in ranges:
-        expected[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1])
-    torch.testing.assert_close(out, expected)
-    shorter = k[:, :, :n - 1].contiguous()
-    assert fold_views(tiling, q, shorter, shorter) is None  # head stride != count * period
-    assert fold_views(tiling, q.transpose(1, 2).contiguous().transpose(1, 2), k, v) is None  # [B, N, H, D] layout
-    unequal = Segments.from_ranges([(2, 4, 1, 2), (6, 9, 5, 6)])
-    assert unequal.equal_tiling(n, causal=False, spaced=True) is None
-
-
 def test_first_fused_follows_the_order_and_falls_back(monkeypatch):
     """cuDNN first while enabled, FlashAttention when cuDNN rejects the inputs or is off."""
     from hyperattn.torch.fused import FUSED_KERNELS, first_fused

@@ -111,45 +111,6 @@ def test_gpu_flash_exact_backward_matches_the_kernels(fused, chunk_bytes, backen
     assert not flash_exact_backward(q, k[:, :2], v[:, :2], out, lse, dout, leaves, True, 0.125, *kernel, False, options)
 
 
-@pytest.mark.parametrize("fused", ["cudnn", "flash"])
-def test_gpu_a_levels_band_runs_as_one_fused_call_like_the_kernels(fused, backend_options, monkeypatch):
-    """A causal level's band pieces (equal rectangles at an even period: rows [128 + 256 l, + 128)
-    x keys [64 + 256 l, + 64)) fold as strided views into ONE fused call forward and one backward,
-    with out, lse and gradients equal to the Triton kernels' on the same segments."""
-    from hyperattn.protocol import Segments
-    from hyperattn.tiles import exact_tiles
-    from hyperattn.torch import fused as fused_module
-    from hyperattn_triton.exact import flash_exact_backward, flash_exact_forward
-    from hyperattn_triton.launches import launch_for
-
-    options = backend_options("triton", fused_kernels=(fused,))
-    band = Segments.from_ranges([(128 + 256 * i, 256 + 256 * i, 64 + 256 * i, 128 + 256 * i) for i in range(4)])
-    calls = []
-    for name in ("fused_attention_forward", "fused_attention_backward"):
-        original = getattr(fused_module, name)
-        monkeypatch.setattr(fused_module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
-    q, k, v = (torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = torch.zeros(2, 4, 1024, 64, device="cuda")
-    lse = torch.full((2, 4, 1024), -torch.inf, device="cuda")
-    assert flash_exact_forward(q, k, v, band, False, 0.125, out, lse, False, options)
-    kernel_out, kernel_lse = torch.zeros_like(out), torch.full_like(lse, -torch.inf)
-    tiles = TRITON.backend.device_tables.get(exact_tiles, q, band, False, 128)
-    TRITON.backend._forward(q, k, v, tiles, None, 0.125, kernel_out, kernel_lse, True, True,
-                            launch_for(options.launches, "forward", 64, 64))
-    torch.testing.assert_close(out, kernel_out, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(lse, kernel_lse, atol=1e-3, rtol=1e-4)
-    assert torch.isinf(lse[:, :, :128]).all() and torch.isfinite(lse[:, :, 128:256]).all()
-    dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16).float()
-    delta = (dout * out).sum(-1)
-    through_fused = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
-    assert flash_exact_backward(q, k, v, out, lse, dout, band, False, 0.125, *through_fused, False, options)
-    kernel = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
-    TRITON.backend.exact_backward(q, k, v, lse, dout, delta, band, False, 0.125, *kernel)
-    for name, got, want in zip(("dq", "dk", "dv"), through_fused, kernel):
-        assert testing.relative_error(got, want) < 1e-2, name
-    assert calls == ["fused_attention_forward", "fused_attention_backward"]
-
-
 def test_gpu_pinned_ring_copies_survive_wraparound():
     """Index tables staged through the pinned ring arrive intact even when the ring wraps."""
     from hyperattn_triton.staging import PinnedRing

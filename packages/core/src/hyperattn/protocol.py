@@ -71,17 +71,13 @@ class Segments:
     def __len__(self) -> int:
         return len(self.q_start)
 
-    def equal_tiling(self, n_q: int, causal: bool, spaced: bool = False) -> Tiling | None:
+    def equal_tiling(self, n_q: int, causal: bool) -> Tiling | None:
         """The :class:`Tiling` when these segments are one batch of L equal attentions: L equal
         squares tiling all rows [0, n_q) with their keys shifted alike (the causal leaves), or one
-        non-causal rectangle over all rows (any key range); with ``spaced``, also L > 1 equal
-        non-causal rectangles whose rows and keys start at even periods (a causal level's band
-        pieces).  Else None.
+        non-causal rectangle over all rows (any key range).  Else None.
 
         Such segments fold into the head axis: q [B, H, n_q, D] as [B, H * L, rows, D] and
         k[:, :, k_start:k_end] as [B, H * L, keys, D], so one fused attention call runs them all.
-        Spaced ones fold only as strided torch views (see ``Tiling.fold_rows``), where each
-        period times L is the array's head stride.
         """
         table = self.table
         n = int(table[0, 1] - table[0, 0])
@@ -95,63 +91,27 @@ class Segments:
         )
         one_rectangle = len(table) == 1 and not causal and table[0, 0] == 0 and table[0, 1] == n_q
         if not (squares or one_rectangle):
-            return _spaced_tiling(table) if spaced and not causal else None
+            return None
         k_start, k_end = int(table[0, 2]), int(table[-1, 3])
         return Tiling(len(table), n, (k_end - k_start) // len(table), k_start, k_end)
 
 
-def _spaced_tiling(table: np.ndarray) -> Tiling | None:
-    """``Segments.equal_tiling(spaced=True)`` of non-causal rectangles, or None (one rectangle:
-    its own lengths as periods)."""
-    rows, keys = table[:, 1] - table[:, 0], table[:, 3] - table[:, 2]
-    q_steps, k_steps = (np.diff(table[:, 0]), np.diff(table[:, 2])) if len(table) > 1 else (rows, keys)
-    even = ((rows == rows[0]).all() and (keys == keys[0]).all() and (q_steps == q_steps[0]).all()
-            and (k_steps == k_steps[0]).all() and q_steps[0] >= rows[0] > 0 and k_steps[0] >= keys[0] > 0)
-    if not even:
-        return None
-    return Tiling(len(table), int(rows[0]), int(keys[0]), int(table[0, 2]), int(table[-1, 3]),
-                  q_start=int(table[0, 0]), q_period=int(q_steps[0]), k_period=int(k_steps[0]))
-
-
 class Tiling(NamedTuple):
-    """See :meth:`Segments.equal_tiling`.  ``q_period`` / ``k_period`` > 0: a spaced tiling, whose
-    L rectangles start at rows ``q_start + l * q_period`` and keys ``k_start + l * k_period``."""
+    """See :meth:`Segments.equal_tiling`."""
 
     count: int
     rows: int
     keys: int
     k_start: int
     k_end: int
-    q_start: int = 0
-    q_period: int = 0
-    k_period: int = 0
 
     def fold_rows(self, x):
-        """x [B, H, n_q, .] as [B, H * count, rows, .] (a view where the layout allows; for a
-        spaced tiling, x is a torch tensor and the result a view, or None where none exists)."""
-        if self.q_period:
-            return _strided_fold(x, self.count, self.q_start, self.q_period, self.rows)
+        """x [B, H, n_q, .] as [B, H * count, rows, .] (a view where the layout allows)."""
         return x.reshape(x.shape[0], x.shape[1] * self.count, self.rows, *x.shape[3:])
 
     def fold_keys(self, x):
-        """x[:, :, k_start:k_end] of x [B, H, Nk, .] as [B, H * count, keys, .] (as ``fold_rows``)."""
-        if self.k_period:
-            return _strided_fold(x, self.count, self.k_start, self.k_period, self.keys)
+        """x[:, :, k_start:k_end] of x [B, H, Nk, .] as [B, H * count, keys, .]."""
         return x[:, :, self.k_start:self.k_end].reshape(x.shape[0], x.shape[1] * self.count, self.keys, x.shape[3])
-
-
-def _strided_fold(x, count: int, start: int, period: int, size: int):
-    """Torch x [B, H, N, .]'s ranges [start + l * period, + size), l < count, as the view
-    [B, H * count, size, .], or None.  The merged axis needs head stride = count * period * row
-    stride (count > 1): the last range of head h continues, at the same period, into head h + 1's
-    first."""
-    stride = x.stride()
-    merged = stride[1] if count == 1 else period * stride[2]
-    if count > 1 and stride[1] != count * merged or start + (count - 1) * period + size > x.shape[2]:
-        return None
-    return x.as_strided((x.shape[0], x.shape[1] * count, size, *x.shape[3:]),
-                        (stride[0], merged, stride[2], *stride[3:]),
-                        x.storage_offset() + start * stride[2])
 
 
 def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):

@@ -198,10 +198,8 @@ def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
     keys begin (the prefix ends at the square, a level's lower-left rectangle at its diagonal
     block), so its last w keys (fewer if it is narrower) are cut out and computed exactly: a row
     then sees at least its previous w keys exactly, the leaf it lies in covering the rest.  The
-    band rectangles of one sparse call (the prefix, a level) make one exact piece: their rows and
-    keys are disjoint, and a level's are equal and evenly spaced, so on a GPU backend they fold
-    into one fused-kernel call (``Segments.equal_tiling(spaced=True)``) where N is a power of two
-    times the leaf size.
+    band rectangles are packed into as few exact pieces as keep each piece's rows and keys
+    disjoint (about one per level).
     """
     exact_call = is_exact_call(n_q, n_k, causal, config, backend, head_dim)
     return _pieces_of_shape(int(n_q), int(n_k), bool(causal), config, exact_call)
@@ -222,27 +220,21 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
     offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
     leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
     exact = [ExactPiece(Segments.from_ranges(leaf_ranges), causal=True)]
-    sparse_calls, band_pieces = [], []
+    sparse_calls, band_ranges = [], []
 
-    def cut_band(rectangles):
-        """The sparse parts of one sparse call's rectangles (rows [r0, r1) x keys [k0, k1), whose
-        keys end where the rows' causal keys begin); their last band_keys keys make one piece of
-        ``band_pieces``."""
-        band, sparse = [], []
-        for r0, r1, k0, k1 in rectangles:
-            width = min(config.band_keys, k1 - k0)
-            if width:
-                band.append((r0, r1, k1 - width, k1))
-            sparse.append((r0, r1, k0, k1 - width))
-        if band:
-            band_pieces.append(ExactPiece(Segments.from_ranges(band), causal=False))
-        return sparse
+    def cut_band(r0, r1, k0, k1):
+        """The sparse part of rectangle rows [r0, r1) x keys [k0, k1), whose keys end where the
+        rows' causal keys begin; its last band_keys keys go to ``band_ranges``."""
+        width = min(config.band_keys, k1 - k0)
+        if width:
+            band_ranges.append((r0, r1, k1 - width, k1))
+        return r0, r1, k0, k1 - width
 
     prefix_sinks = min(sinks, offset)
     if prefix_sinks:
         exact.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, prefix_sinks)]), causal=False))
     if offset > prefix_sinks:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
-        sparse_calls.append(cut_band([(0, n_q, prefix_sinks, offset)]))
+        sparse_calls.append([cut_band(0, n_q, prefix_sinks, offset)])
     # sink keys [offset, offset + square_sinks) of the causal square: at most the first leaf's keys
     # (it has min_seq_len - 1 rows or more, so only sink_keys = min_seq_len can lose one)
     first_leaf_end = min(end for start, end in leaves if start == 0)
@@ -251,11 +243,25 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
         exact.append(ExactPiece(Segments.from_ranges([(first_leaf_end, n_q, offset, offset + square_sinks)]),
                                 causal=False))
     for level in levels:
-        sparse_calls.append(cut_band([(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
-                                      for start, mid, end in level]))
-    exact += band_pieces
+        sparse_calls.append([cut_band(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
+                             for start, mid, end in level])
+    exact += [ExactPiece(Segments.from_ranges(group), causal=False) for group in disjoint_groups(band_ranges)]
     sparse = (Segments.from_ranges([r for r in ranges if r[2] < r[3]]) for ranges in sparse_calls)
     return tuple(exact), tuple(segments for segments in sparse if len(segments.q_start))
+
+
+def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
+    """``ranges`` (q_start, q_end, k_start, k_end) packed greedily, in order, into groups whose
+    query ranges are disjoint and whose key ranges are disjoint (what one kernel call may hold)."""
+    groups: list[list] = []
+    for r in ranges:
+        for group in groups:
+            if all(r[1] <= g[0] or g[1] <= r[0] for g in group) and all(r[3] <= g[2] or g[3] <= r[2] for g in group):
+                group.append(r)
+                break
+        else:
+            groups.append([r])
+    return groups
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0,

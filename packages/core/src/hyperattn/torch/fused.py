@@ -125,9 +125,8 @@ def fused_attention_backward(q, k, v, out, dout, lse, causal: bool, scale: float
 def fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=()):
     """Views of the exact segments as one batched attention, or None when they do not fold.
 
-    They fold when the segments are one rectangle over all rows, equal causal squares tiling
-    the rows (the recursion's leaves), or equal non-causal rectangles at even periods whose
-    periods times their count are the arrays' head strides (a causal level's band), with fp16/bf16 CUDA tensors, D == Dv <= 256 and as many KV
+    They fold when the segments are one rectangle over all rows, or equal causal squares tiling
+    the rows (the recursion's leaves), with fp16/bf16 CUDA tensors, D == Dv <= 256 and as many KV
     heads as query heads: then (heads, segments) merge into one head axis without copies.  Returns
     ``(q, k, v, *query_side, *key_side)`` as [B, H * S, n, .] views (``query_side`` arrays have
     q's rows, ``key_side`` arrays k's keys), or None.
@@ -136,7 +135,7 @@ def fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=()):
         return None
     if q.shape[3] != v.shape[3] or q.shape[3] > MAX_FUSED_HEAD_DIM or q.shape[1] != k.shape[1]:
         return None
-    tiling = segments.equal_tiling(q.shape[2], causal, spaced=True)
+    tiling = segments.equal_tiling(q.shape[2], causal)
     return None if tiling is None else fold_views(tiling, q, k, v, query_side, key_side)
 
 
@@ -146,8 +145,7 @@ def fold_views(tiling, q, k, v, query_side=(), key_side=()):
     sources = (q, *query_side, k, v, *key_side)
     rows = [tiling.fold_rows(x) for x in (q, *query_side)]
     keys = [tiling.fold_keys(x) for x in (k, v, *key_side)]
-    if any(f is None or f.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-           for f, x in zip(rows + keys, sources)):
+    if any(f.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for f, x in zip(rows + keys, sources)):
         return None  # strides that do not fold
     return (rows[0], keys[0], keys[1], *rows[1:], *keys[2:])
 
