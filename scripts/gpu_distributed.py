@@ -64,12 +64,15 @@ def main(argv=None) -> int:
     params = dict(causal=not args.no_causal, backend=backend, seed=0, exact_crossover=False,
                   min_seq_len=args.min_seq_len, block_size=args.block_size, sample_size=args.sample_size)
     kv_heads = args.kv_heads or args.heads
+    for n in args.seq_lens:
+        if n % world:
+            _fail(f"--seq_lens: {n} is not divisible by the {world} ranks")
     if args.check:
+        if args.check % world:
+            _fail(f"--check: {args.check} is not divisible by the {world} ranks (each holds N / P rows)")
         _check(args.check, args, kv_heads, dtype, device, params)
     rows = []
     for n in args.seq_lens:
-        if n % world:
-            raise SystemExit(f"--seq_lens: {n} is not divisible by the {world} ranks")
         for mode in args.modes:
             row = dict(seq_len=n, mode=mode, ranks=world, heads=args.heads, kv_heads=kv_heads, dim=args.dim,
                        causal=params["causal"], device=_device_name(device))
@@ -83,6 +86,12 @@ def main(argv=None) -> int:
             json.dump(dict(what="scripts/gpu_distributed.py", ranks=world, rows=rows), f, indent=1)
     dist.destroy_process_group()
     return 0
+
+
+def _fail(message: str):
+    """Leave the group (every rank fails alike: the arguments are the same) and exit with ``message``."""
+    dist.destroy_process_group()
+    raise SystemExit(message)
 
 
 def _measure(n, mode, args, kv_heads, dtype, device, params) -> dict:
@@ -123,14 +132,28 @@ def _device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
+#: Positions per independently seeded block of the inputs: a rank draws only the blocks of its shard.
+CHUNK = 1024
+
+
 def _shard_inputs(n, world, rank, heads, kv_heads, dim, dtype, device, grad):
-    """This rank's shard of the whole sequence's Gaussian q, k, v (the same on every rank count)."""
+    """This rank's shard of the whole sequence's Gaussian q, k, v (the same on every rank count).
+
+    Position block c of tensor t is drawn on ``device`` from a generator seeded by (t, c), so a rank
+    draws only the blocks its shard covers (never the whole sequence) and ``world=1`` rebuilds the
+    whole sequence that the shards of any rank count cut."""
     shard = n // world
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    start, stop = rank * shard, (rank + 1) * shard
+    generator = torch.Generator(device=device)
     out = []
-    for h in (heads, kv_heads, kv_heads):
-        whole = torch.randn((1, h, n, dim), generator=generator, dtype=torch.float32)
-        out.append(whole[:, :, rank * shard:(rank + 1) * shard].to(device, dtype).requires_grad_(grad))
+    for t, h in enumerate((heads, kv_heads, kv_heads)):
+        x = torch.empty((1, h, shard, dim), dtype=dtype, device=device)
+        for c in range(start // CHUNK, (stop - 1) // CHUNK + 1):
+            generator.manual_seed(t * 2**40 + c)
+            block = torch.randn((1, h, CHUNK, dim), generator=generator, dtype=torch.float32, device=device)
+            lo, hi = max(start, c * CHUNK), min(stop, (c + 1) * CHUNK)
+            x[:, :, lo - start:hi - start] = block[:, :, lo - c * CHUNK:hi - c * CHUNK]
+        out.append(x.requires_grad_(grad))
     return out
 
 
@@ -148,12 +171,11 @@ def _exchange(q, k, v, mode):
     lengths = [q.shape[2]] * world
     repeat = hd.repeat_factor(q.shape[1], k.shape[1], world)
     k, v = (x.repeat_interleave(repeat, dim=1) if repeat > 1 else x for x in (k, v))
-    moved = [hd.sequence_to_heads(x.detach(), lengths, None) for x in (q, k, v)]
+    moved = hd.sequences_to_heads([x.detach() for x in (q, k, v)], [lengths] * 3, None)
     back = hd.heads_to_sequence(moved[0], lengths, None)
     if mode == "fwd+bwd":  # the backward moves dout in and dq, dk, dv back
         hd.sequence_to_heads(back, lengths, None)
-        for x in moved:
-            hd.heads_to_sequence(x, lengths, None)
+        hd.heads_to_sequences(moved, [lengths] * 3, None)
 
 
 def _synchronize(device):
