@@ -16,7 +16,7 @@ staging = pytest.importorskip("hyperattn_triton.staging")
 @pytest.fixture
 def capturing(monkeypatch):
     state = {"on": False}
-    monkeypatch.setattr(staging, "capturing_on", lambda like: state["on"])
+    monkeypatch.setattr(staging, "graph_pool_on", lambda like: state["on"])
     return state
 
 
@@ -77,3 +77,35 @@ def test_derived_tuples_made_during_a_capture_are_shared_while_alive(capturing):
     del pair
     again = derived.get(source, "presort", lambda: (source * 6, source * 7))
     assert torch.equal(again[0], source * 6)
+
+
+def test_the_graph_pool_includes_cuda_graph_trees_warm_up(monkeypatch):
+    """torch.compile(mode="reduce-overhead") warms a function up eagerly on the trees' own stream,
+    allocating from the pool it captures in: the caches must treat that like a capture (else an
+    entry made then outlives the warm-up, and the trees refuse the pool).  Simulated with a stand-in
+    for inductor's manager; off its stream, or out of warm-up, or without inductor, it is not."""
+    import sys
+    import types
+
+    class Device:
+        type, index = "cuda", 0
+
+    class Like:
+        device = Device()
+
+    manager = types.SimpleNamespace(in_warmup=True, stream="trees' stream")
+    trees = types.SimpleNamespace(local=types.SimpleNamespace(
+        tree_manager_containers={0: types.SimpleNamespace(tree_manager=manager)}))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "trees' stream")
+    monkeypatch.setitem(sys.modules, "torch._inductor.cudagraph_trees", trees)
+    assert staging.graph_pool_on(Like())
+    manager.in_warmup = False
+    assert not staging.graph_pool_on(Like())
+    manager.in_warmup = True
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the caller's stream")
+    assert not staging.graph_pool_on(Like())
+    monkeypatch.delitem(sys.modules, "torch._inductor.cudagraph_trees")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "trees' stream")
+    assert not staging.graph_pool_on(Like())
+    assert not staging.graph_pool_on(torch.empty(0))  # CPU tensors: never

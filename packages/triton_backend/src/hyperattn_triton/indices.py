@@ -14,7 +14,7 @@ from hyperattn.tiles import log_sample_weights, query_blocks
 from .kernels.utility import sample_blocks_kernel
 from .launcher import direct
 from .launches import LaunchTable, launch_for
-from .staging import DeviceTables, capturing_on
+from .staging import DeviceTables, graph_pool_on
 
 
 @dataclass
@@ -67,7 +67,7 @@ class StructureIndices:
         """One-element int32 and float32 tensors on q's device, kept per device unless made while a
         CUDA graph is captured (see ``staging``: what a capture makes must not outlive it)."""
         made = (torch.zeros(1, dtype=torch.int32, device=q.device), torch.zeros(1, dtype=torch.float32, device=q.device))
-        if not capturing_on(q):
+        if not graph_pool_on(q):
             self._dummies[q.device] = made
         return made
 

@@ -7,7 +7,8 @@
 * :class:`DerivedTensors` keeps tensors derived from a tensor while it lives and is unchanged
   (the prepared projections, the codes' presort).
 
-While a CUDA graph is being captured the caches neither add entries (a copy or kernel recorded
+While a CUDA graph is being captured (or torch.compile's CUDA-graph trees warm a function up in
+the pool they capture in: ``graph_pool_on``) the caches neither add entries (a copy or kernel recorded
 then fills its tensor only when the graph replays, so an eager call must not find it) nor let go
 of the entries made before that the graph reads: those are held for the life of the cache, never
 evicted or freed.  What a capture makes is not kept past its last use: it lives in the graph's
@@ -19,6 +20,7 @@ unless it is an output.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import weakref
 
@@ -105,9 +107,27 @@ class PinnedRing:
             pending.popleft()
 
 
-def capturing_on(like) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of ``like``'s device."""
-    return like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def graph_pool_on(like) -> bool:
+    """Whether new allocations on ``like``'s device go to a CUDA graph's memory pool: a graph is
+    being captured on the current stream, or ``torch.compile``'s CUDA-graph trees run a function's
+    warm-up (eagerly, on their own stream, allocating from the pool they will capture in)."""
+    if like.device.type != "cuda":
+        return False
+    return torch.cuda.is_current_stream_capturing() or _graph_trees_warming_up(like.device)
+
+
+def _graph_trees_warming_up(device) -> bool:
+    """CUDA-graph trees' warm-up of ``device`` runs on this thread's current stream (never true
+    unless inductor's ``cudagraph_trees`` is imported; looked up without creating its state)."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:
+        return False
+    try:
+        container = getattr(trees.local, "tree_manager_containers", {}).get(device.index)
+        manager = None if container is None else container.tree_manager
+        return bool(manager is not None and manager.in_warmup and torch.cuda.current_stream(device) == manager.stream)
+    except AttributeError:  # another PyTorch's internals: no warm-up seen
+        return False
 
 
 def _torch_dtype(dtype: np.dtype):
@@ -144,7 +164,7 @@ class DeviceTables:
         copied once per distinct arguments (compared by value: segments by their bounds, structures
         by their segments and sizes, arrays by their contents)."""
         key = (build.__qualname__, str(like.device), *(table_key(a) for a in args))
-        capturing = capturing_on(like)
+        capturing = graph_pool_on(like)
         if key in self._tables:
             self._tables.move_to_end(key)
             if capturing:
@@ -184,7 +204,7 @@ class DerivedTensors:
 
     def get(self, tensor, key, make):
         """``make()`` for (``tensor``, ``key``), made once per version of ``tensor``."""
-        capturing = capturing_on(tensor)
+        capturing = graph_pool_on(tensor)
         version, derived = self._entries.get(tensor, (None, None))
         if version != tensor._version:
             derived = {}
