@@ -17,6 +17,7 @@ staging = pytest.importorskip("hyperattn_triton.staging")
 def capturing(monkeypatch):
     state = {"on": False}
     monkeypatch.setattr(staging, "graph_pool_on", lambda like: state["on"])
+    monkeypatch.setattr(staging, "capturing_on", lambda like: state["on"])
     return state
 
 
@@ -94,8 +95,10 @@ def test_the_graph_pool_includes_cuda_graph_trees_warm_up(monkeypatch):
         device = Device()
 
     manager = types.SimpleNamespace(in_warmup=True, stream="trees' stream")
-    trees = types.SimpleNamespace(local=types.SimpleNamespace(
-        tree_manager_containers={0: types.SimpleNamespace(tree_manager=manager)}))
+    containers = {0: types.SimpleNamespace(tree_manager=manager)}
+    # the containers as the trees find them: in this thread, or (autograd's device threads, where a
+    # backward warms up) in the thread-local state autograd propagates
+    trees = types.SimpleNamespace(local=None, get_obj=lambda local, name: containers)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "trees' stream")
     monkeypatch.setitem(sys.modules, "torch._inductor.cudagraph_trees", trees)

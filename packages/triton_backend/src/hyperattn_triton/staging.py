@@ -107,6 +107,11 @@ class PinnedRing:
             pending.popleft()
 
 
+def capturing_on(like) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``like``'s device."""
+    return like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def graph_pool_on(like) -> bool:
     """Whether new allocations on ``like``'s device go to a CUDA graph's memory pool: a graph is
     being captured on the current stream, or ``torch.compile``'s CUDA-graph trees run a function's
@@ -118,15 +123,18 @@ def graph_pool_on(like) -> bool:
 
 def _graph_trees_warming_up(device) -> bool:
     """CUDA-graph trees' warm-up of ``device`` runs on this thread's current stream (never true
-    unless inductor's ``cudagraph_trees`` is imported; looked up without creating its state)."""
+    unless inductor's ``cudagraph_trees`` is imported).  The trees' state is found as they find it
+    (``get_obj``): in this thread's locals, or in the thread-local state autograd hands its device
+    threads, where a backward's warm-up runs; it is looked up without being created."""
     trees = sys.modules.get("torch._inductor.cudagraph_trees")
     if trees is None:
         return False
     try:
-        container = getattr(trees.local, "tree_manager_containers", {}).get(device.index)
+        containers = trees.get_obj(trees.local, "tree_manager_containers")
+        container = containers.get(device.index)
         manager = None if container is None else container.tree_manager
         return bool(manager is not None and manager.in_warmup and torch.cuda.current_stream(device) == manager.stream)
-    except AttributeError:  # another PyTorch's internals: no warm-up seen
+    except (AssertionError, AttributeError, RuntimeError):  # no trees state here, or another PyTorch's internals
         return False
 
 
@@ -164,10 +172,9 @@ class DeviceTables:
         copied once per distinct arguments (compared by value: segments by their bounds, structures
         by their segments and sizes, arrays by their contents)."""
         key = (build.__qualname__, str(like.device), *(table_key(a) for a in args))
-        capturing = graph_pool_on(like)
         if key in self._tables:
             self._tables.move_to_end(key)
-            if capturing:
+            if capturing_on(like):
                 self.held[id(self._tables[key])] = self._tables[key]
             return self._tables[key]
         host = build(*args)
@@ -175,7 +182,7 @@ class DeviceTables:
             tables = tuple(self._stage(t, like) for t in host)
         else:
             tables = None if host is None else self._stage(host, like)
-        if capturing:  # filled only by the graph: neither cached nor kept (see the module docstring)
+        if graph_pool_on(like):  # filled only by the graph, or pool memory: neither cached nor kept
             return tables
         self._tables[key] = tables
         while len(self._tables) > self._capacity():
@@ -204,20 +211,20 @@ class DerivedTensors:
 
     def get(self, tensor, key, make):
         """``make()`` for (``tensor``, ``key``), made once per version of ``tensor``."""
-        capturing = graph_pool_on(tensor)
         version, derived = self._entries.get(tensor, (None, None))
         if version != tensor._version:
             derived = {}
             self._entries[tensor] = (tensor._version, derived)
         value, recorded = derived.get(key, (None, None))
         if value is not None:
-            if capturing:
+            if capturing_on(tensor):
                 self.held[id(value)] = value
             return value
-        if capturing and recorded is not None and (value := _alive(recorded)) is not None:
+        pooled = graph_pool_on(tensor)
+        if pooled and recorded is not None and (value := _alive(recorded)) is not None:
             return value
         value = make()
-        derived[key] = (None, _weak(value)) if capturing else (value, None)
+        derived[key] = (None, _weak(value)) if pooled else (value, None)
         return value
 
 
