@@ -60,17 +60,31 @@ def test_same_plan_matches_reference(case, dtype):
         assert error_or_absolute(got, want) < tolerance, name
 
 
+@pytest.mark.parametrize("row_chunk", [2048, 8])
 @pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1], (1, 2, 1, 100, 100, 16, 8, True)])
-def test_same_plan_with_sink_and_band_keys_matches_reference(case):
+def test_same_plan_with_sink_and_band_keys_matches_reference(case, row_chunk, backend_options, monkeypatch):
     """The sinks' exact pieces (all rows x the first keys; rows below the first leaf x the sink keys
     of the causal square), a causal call's band pieces (each rectangle's last keys), and the
-    sparse pieces cut around them, with stratified samples, on Triton as on the reference."""
+    sparse pieces cut around them, with stratified samples, on Triton as on the reference.
+    ``row_chunk`` 8: those pieces' dK/dV in chunks of 8 rows added atomically (the non-causal sinks
+    are the call's first piece: their keys are zeroed first)."""
     from hyperattn.algorithm import ExactPiece
+    from hyperattn_triton import attention
 
+    backend_options("triton", exact_key_row_chunk=row_chunk)
+    launched = []
+    original = attention.backward
+
+    def spy(*args, **kwargs):
+        launched.extend(tiles.atomic for tiles in args[7])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "backward", spy)
     q, k, v, causal = inputs(case, torch.float32, seed=7)
     results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sink_keys": 6, "band_keys": 5 * causal,
                                                                  "sampling": "stratified"})
     assert sum(isinstance(piece, ExactPiece) for piece in plan.pieces) >= 2 - (not causal)
+    assert any(launched) == (row_chunk == 8)
     for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
         assert np.isfinite(got).all(), name
         assert error_or_absolute(got, want) < 1e-5, name
@@ -472,6 +486,7 @@ def test_options_are_validated_and_name_the_field():
 
     for changes, field in ((dict(sort_chunk=48), "sort_chunk"), (dict(sdpa_order=("cudnn", "fast")), "sdpa_order"),
                            (dict(fused_kernels=()), "fused_kernels"), (dict(sample_row_chunk=0), "sample_row_chunk"),
+                           (dict(exact_key_row_chunk=0), "exact_key_row_chunk"),
                            (dict(launches={}), "launches")):
         with pytest.raises((ValueError, TypeError), match=rf"TritonOptions\.{field}: expected .*, got"):
             TritonOptions(**changes)

@@ -36,13 +36,23 @@ def exact_tiles(segments: Segments, causal: bool, block_m: int) -> np.ndarray:
     return _table(seg, 0, q0, q1, segments.k_start[seg], k1, diag)
 
 
-def exact_key_tiles(segments: Segments, causal: bool, block_n: int, keep_empty: bool = False) -> np.ndarray:
+def exact_key_tiles(segments: Segments, causal: bool, block_n: int, keep_empty: bool = False,
+                    row_chunk: int | None = None) -> np.ndarray:
     """Key side, [T, 7] (segment, 0, k0, k1, q0, q1, diag): every key tile with the rows that see it
-    (and, with ``keep_empty``, the tiles no row sees: an overwriting backward writes their zeros)."""
+    (and, with ``keep_empty``, the tiles no row sees: an overwriting backward writes their zeros).
+    ``row_chunk``: each tile's rows cut into chunks of that many, one tile each (their partial sums
+    of one key tile are then added atomically): a piece with far more rows than keys (a band, the
+    sinks) otherwise gives a few programs a loop over all its rows."""
     seg, k0, k1 = split_ranges(segments.k_start, segments.k_end, block_n)
     diag = (segments.k_end - segments.q_end)[seg]
     q0 = np.maximum(segments.q_start[seg], k0 - diag) if causal else segments.q_start[seg]
     tiles = _table(seg, 0, k0, k1, q0, segments.q_end[seg], diag)
+    if row_chunk is not None:
+        tiles = tiles[tiles[:, 4] < tiles[:, 5]]
+        owner, c0, c1 = split_ranges(tiles[:, 4], tiles[:, 5], row_chunk)
+        tiles = tiles[owner]
+        tiles[:, 4], tiles[:, 5] = c0, c1
+        return tiles
     return tiles if keep_empty else tiles[tiles[:, 4] < tiles[:, 5]]
 
 

@@ -3,6 +3,8 @@ over device tile tables (see ``tiles.py`` and ``kernels/attention.py``)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .indices import IndexTensors
@@ -46,12 +48,21 @@ def forward(q, k, v, tiles, ix: IndexTensors, permuted: bool, scale: float, out,
     )
 
 
+class KeyTiles(NamedTuple):
+    """One dK/dV launch's key-side tiles: block or exact keys (each tile owns its keys), sample slots
+    (``samples``: partial sums added atomically), or exact keys in row chunks (``atomic``)."""
+
+    tiles: torch.Tensor
+    samples: bool = False
+    atomic: bool = False
+
+
 def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, permuted: bool, query_blocks, scale: float,
              dq, dk, dv, causal: bool, overwrite: bool, dq_launch: Launch, dkdv_launch: Launch,
              deterministic: bool = False) -> None:
-    """dQ over the query tiles, then dK/dV over each ``(key tiles, are they sample slots)`` table of
-    ``k_tiles``; ``overwrite``: the dQ and the first key table's kernels write instead of adding
-    (sample slots, later in the same stream, always add).  ``query_blocks()`` gives the sorted
+    """dQ over the query tiles, then dK/dV over each :class:`KeyTiles` of ``k_tiles``; ``overwrite``:
+    the dQ and the first key table's kernels write instead of adding (sample slots, later in the
+    same stream, always add; atomic exact tiles need their keys zeroed by the caller).  ``query_blocks()`` gives the sorted
     queries' key blocks, which the sample slots' kernel reads.
 
     ``deterministic``: the sample slots' gradients are stored one row per slot (their tiles must
@@ -71,7 +82,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             q.shape[1], group, scale, scale_log2, ix.sample_size,
             CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
         )
-    for tiles, samples in k_tiles:
+    for tiles, samples, atomic in k_tiles:
         if tiles.shape[0] == 0:
             continue
         q_blocks = query_blocks() if samples else ix.samples  # unused unless samples
@@ -88,8 +99,8 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             ix.q_order, ix.k_order, q_blocks, ix.samples, ix.sample_blocks, ix.log_w,
             *common, *dk_out.stride(), *dv_out.stride(), *ix.order_strides, *ix.sample_strides,
             k.shape[1], group, scale, scale_log2,
-            CAUSAL=causal and not samples, SAMPLES=samples, OVERWRITE=overwrite and not samples,
-            SLOT_OUTPUT=slot_output, **meta,
+            CAUSAL=causal and not samples, SAMPLES=samples, OVERWRITE=overwrite and not (samples or atomic),
+            SLOT_OUTPUT=slot_output, ATOMIC=atomic and not samples, **meta,
         )
         if slot_output:
             add_slots(dk, dk_out, ix.samples)

@@ -22,6 +22,7 @@ from hyperattn.tiles import exact_key_tiles, exact_tiles, sample_key_tiles, spar
 from hyperattn.torch import fused
 
 from . import attention, exact, lsh, sorting
+from .attention import KeyTiles
 from .indices import StructureIndices
 from .kernels.utility import draw_samples_kernel, row_dot_kernel
 from .launcher import direct
@@ -182,9 +183,26 @@ class TritonBackend(Backend):
         dq_launch = launch_for(options.launches, "dq", q.shape[3], v.shape[3])
         dkdv_launch = launch_for(options.launches, "dkdv", q.shape[3], v.shape[3])
         q_tiles = self.device_tables.get(exact_tiles, q, segments, causal, dq_launch.block_m)
-        k_tiles = self.device_tables.get(exact_key_tiles, q, segments, causal, dkdv_launch.block_n, overwrite)
-        self._backward(q, k, v, lse, dout, delta, q_tiles, [(k_tiles, False)], None, scale, dq, dk, dv, causal,
-                       overwrite, dq_launch, dkdv_launch)
+        row_chunk = self._key_row_chunk(segments, overwrite, deterministic)
+        if row_chunk is not None and overwrite:  # partial sums are added: the first piece's keys start at zero
+            for k0, k1 in zip(segments.k_start.tolist(), segments.k_end.tolist()):
+                dk[:, :, k0:k1] = 0
+                dv[:, :, k0:k1] = 0
+        k_tiles = self.device_tables.get(exact_key_tiles, q, segments, causal, dkdv_launch.block_n, overwrite,
+                                         row_chunk)
+        self._backward(q, k, v, lse, dout, delta, q_tiles, [KeyTiles(k_tiles, atomic=row_chunk is not None)], None,
+                       scale, dq, dk, dv, causal, overwrite, dq_launch, dkdv_launch)
+
+    def _key_row_chunk(self, segments: Segments, overwrite: bool, deterministic: bool) -> int | None:
+        """Rows per dK/dV program of an exact piece whose segments have more rows than
+        ``options.exact_key_row_chunk`` (a band or sink rectangle: a few key tiles, each looping over
+        every row, would leave the GPU idle), or None: each key tile's program owns its keys.  Not in
+        deterministic mode (atomics add in any order), nor for a first piece of many segments (its
+        keys would need zeroing one by one)."""
+        chunk = self.options.exact_key_row_chunk
+        if deterministic or not len(segments) or int(segments.q_len.max()) <= chunk:
+            return None
+        return None if overwrite and len(segments) > 8 else chunk
 
     def sparse_backward(self, q, k, v, lse, dout, delta, structure: SparseStructure, scale, dq, dk, dv, *,
                         overwrite=False):
@@ -194,12 +212,12 @@ class TritonBackend(Backend):
         q_tiles = self.device_tables.get(sparse_tiles, q, structure, dq_launch.block_m)
         block_n = dkdv_launch.block_n
         # overwrite: blocks without queries too, so that every key of the segments is written
-        k_tiles = [(self.device_tables.get(sparse_key_tiles, q, structure, block_n, overwrite), False)]
+        k_tiles = [KeyTiles(self.device_tables.get(sparse_key_tiles, q, structure, block_n, overwrite))]
         if structure.sample_size > 0:
             # deterministic mode: one chunk of rows per segment, so that each slot has one program
             row_chunk = q.shape[2] if torch.are_deterministic_algorithms_enabled() else options.sample_row_chunk
             slot_tiles = self.device_tables.get(sample_key_tiles, q, structure, block_n, row_chunk)
-            k_tiles.append((slot_tiles, True))
+            k_tiles.append(KeyTiles(slot_tiles, samples=True))
         self._backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, structure, scale, dq, dk, dv, False, overwrite,
                        dq_launch, dkdv_launch)
 

@@ -66,6 +66,9 @@ class TritonOptions(BackendOptions):
     fused_backward_chunk_bytes: int = 256 << 20
     #: rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot)
     sample_row_chunk: int = 4096
+    #: rows of one partial sum of an exact piece's dK/dV where its segments have more rows than this
+    #: (a band or sink rectangle: few keys, many rows), added atomically; not in deterministic mode
+    exact_key_row_chunk: int = 2048
     #: positions per chunk of the counting sort (one program of each launch), on a GPU and under the
     #: interpreter (which sorts long chunks very slowly)
     sort_chunk: int = 256
@@ -95,7 +98,8 @@ class TritonOptions(BackendOptions):
             raise ValueError(f"backward_chunk_bytes must be an int >= 1, got {self.backward_chunk_bytes!r}")
         check_kernel_names("TritonOptions", "sdpa_order", self.sdpa_order, SDPA_KERNELS)
         check_kernel_names("TritonOptions", "fused_kernels", self.fused_kernels, FUSED_KERNELS)
-        for name in ("fused_backward_chunk_bytes", "sample_row_chunk", "sort_starts_part", "device_tables_capacity"):
+        for name in ("fused_backward_chunk_bytes", "sample_row_chunk", "exact_key_row_chunk", "sort_starts_part",
+                     "device_tables_capacity"):
             _check_positive(name, getattr(self, name))
         for name in ("sort_chunk", "sort_interpreter_chunk", "sort_scatter_warps", "sort_starts_chunks"):
             value = getattr(self, name)

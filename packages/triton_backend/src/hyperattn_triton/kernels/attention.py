@@ -266,9 +266,13 @@ def attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr, SLOT_OUTPUT: tl.constexpr = False,
+    ATOMIC: tl.constexpr = False,
 ):
     """dK, dV of a key tile (block keys, exact keys, or sample slots) over rows [q0, q1) of every
     query head of its KV head; program axis 1 runs over batch x KV heads.
+
+    ``ATOMIC`` (exact keys whose rows come in chunks, several tiles per key tile): each program's
+    partial dK, dV are added with fp32 atomics, as the sample slots' are.
 
     ``SLOT_OUTPUT`` (sample slots, deterministic mode): DK and DV are [B, Hk, S * m, D] buffers of
     one row per sample slot, stored without atomics (the caller gives each slot one program and
@@ -321,7 +325,7 @@ def attention_bwd_dkdv_kernel(
         dv_ptrs = DV + b * sdv_b + hk * sdv_h + slots[:, None] * sdv_n + offs_v[None, :] * sdv_d
         tl.store(dk_ptrs, dk, mask=dk_mask)
         tl.store(dv_ptrs, dv, mask=dv_mask)
-    elif SAMPLES:  # every chunk of rows adds into the same sample keys, and draws repeat
+    elif SAMPLES or ATOMIC:  # every chunk of rows adds into the same keys (and sample draws repeat)
         tl.atomic_add(dk_ptrs, dk, mask=dk_mask)
         tl.atomic_add(dv_ptrs, dv, mask=dv_mask)
     else:  # this tile owns its keys within the launch (OVERWRITE: and no earlier piece wrote them)
