@@ -194,13 +194,17 @@ class TritonBackend(Backend):
                        scale, dq, dk, dv, causal, overwrite, dq_launch, dkdv_launch)
 
     def _key_row_chunk(self, segments: Segments, overwrite: bool, deterministic: bool) -> int | None:
-        """Rows per dK/dV program of an exact piece whose segments have more rows than
-        ``options.exact_key_row_chunk`` (a band or sink rectangle: a few key tiles, each looping over
-        every row, would leave the GPU idle), or None: each key tile's program owns its keys.  Not in
+        """Rows per dK/dV program of a skinny exact piece, one whose segments have more rows than
+        ``options.exact_key_row_chunk`` and at least 8 times as many rows as keys (a band or sink
+        rectangle: a few key tiles, each looping over every row, would leave the GPU idle), or None:
+        each key tile's program owns its keys (square leaves have key tiles enough).  Not in
         deterministic mode (atomics add in any order), nor for a first piece of many segments (its
         keys would need zeroing one by one)."""
         chunk = self.options.exact_key_row_chunk
-        if deterministic or not len(segments) or int(segments.q_len.max()) <= chunk:
+        if deterministic or not len(segments):
+            return None
+        rows = segments.q_len
+        if not ((rows > chunk) & (rows >= 8 * segments.k_len)).any():
             return None
         return None if overwrite and len(segments) > 8 else chunk
 
