@@ -117,6 +117,11 @@ _DTYPES = tuple(getattr(torch, name) for name in (
 #: Bytes of a rank's local error message carried by the gather (longer ones are cut).
 _MESSAGE_BYTES = 400
 _ERRORS = (None, TypeError, ValueError)
+def _show_dtype(code: int) -> str:
+    """A dtype of ``_DTYPES`` from its code in a call's description (0: one not listed)."""
+    return str(_DTYPES[code - 1]) if code else "another dtype"
+
+
 #: The integer fields of a call's description, in order; after them the message's bytes.
 _FIELDS = ("error", "B", "H", "Hk", "D", "Dv", "q_dtype", "k_dtype", "v_dtype", "grad", "seed_given", "seed",
            "n_q", "n_k", "causal", "return_lse", "scale", "backend", "block_size", "sample_size", "lsh_num_projs",
@@ -128,9 +133,9 @@ _AGREED = (
     ("Hk", "the KV heads Hk (k.shape[1])", str),
     ("D", "the head dim D (q.shape[3])", str),
     ("Dv", "the value dim Dv (v.shape[3])", str),
-    ("q_dtype", "q.dtype", lambda c: str(_DTYPES[c - 1]) if c else "another dtype"),
-    ("k_dtype", "k.dtype", lambda c: str(_DTYPES[c - 1]) if c else "another dtype"),
-    ("v_dtype", "v.dtype", lambda c: str(_DTYPES[c - 1]) if c else "another dtype"),
+    ("q_dtype", "q.dtype", _show_dtype),
+    ("k_dtype", "k.dtype", _show_dtype),
+    ("v_dtype", "v.dtype", _show_dtype),
     ("grad", "whether q, k, v require grad (under grad mode)",
      lambda g: "(q, k, v) = " + str(tuple(bool(g >> i & 1) for i in range(3)))),
     ("seed_given", "seed (an int, or None on every rank)", lambda s: "an int" if s else "None"),

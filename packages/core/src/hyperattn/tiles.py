@@ -42,18 +42,20 @@ def exact_key_tiles(segments: Segments, causal: bool, block_n: int, keep_empty: 
     (and, with ``keep_empty``, the tiles no row sees: an overwriting backward writes their zeros).
     ``row_chunk``: each tile's rows cut into chunks of that many, one tile each (their partial sums
     of one key tile are then added atomically): a piece with far more rows than keys (a band, the
-    sinks) otherwise gives a few programs a loop over all its rows."""
+    sinks) otherwise gives a few programs a loop over all its rows.  Empty tiles are then dropped
+    whatever ``keep_empty`` says: added partial sums need their keys zeroed by the caller anyway."""
     seg, k0, k1 = split_ranges(segments.k_start, segments.k_end, block_n)
     diag = (segments.k_end - segments.q_end)[seg]
     q0 = np.maximum(segments.q_start[seg], k0 - diag) if causal else segments.q_start[seg]
     tiles = _table(seg, 0, k0, k1, q0, segments.q_end[seg], diag)
+    if keep_empty and row_chunk is None:
+        return tiles
+    tiles = tiles[tiles[:, 4] < tiles[:, 5]]
     if row_chunk is not None:
-        tiles = tiles[tiles[:, 4] < tiles[:, 5]]
         owner, c0, c1 = split_ranges(tiles[:, 4], tiles[:, 5], row_chunk)
         tiles = tiles[owner]
         tiles[:, 4], tiles[:, 5] = c0, c1
-        return tiles
-    return tiles if keep_empty else tiles[tiles[:, 4] < tiles[:, 5]]
+    return tiles
 
 
 def _blocks(structure: SparseStructure):

@@ -62,8 +62,8 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
              deterministic: bool = False) -> None:
     """dQ over the query tiles, then dK/dV over each :class:`KeyTiles` of ``k_tiles``; ``overwrite``:
     the dQ and the first key table's kernels write instead of adding (sample slots, later in the
-    same stream, always add; atomic exact tiles need their keys zeroed by the caller).  ``query_blocks()`` gives the sorted
-    queries' key blocks, which the sample slots' kernel reads.
+    same stream, always add; atomic exact tiles need their keys zeroed by the caller).
+    ``query_blocks()`` gives the sorted queries' key blocks, which the sample slots' kernel reads.
 
     ``deterministic``: the sample slots' gradients are stored one row per slot (their tiles must
     give each slot one program: one chunk of rows per segment) and added into dk, dv by

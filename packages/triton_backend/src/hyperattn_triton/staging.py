@@ -116,9 +116,7 @@ def graph_pool_on(like) -> bool:
     """Whether new allocations on ``like``'s device go to a CUDA graph's memory pool: a graph is
     being captured on the current stream, or ``torch.compile``'s CUDA-graph trees run a function's
     warm-up (eagerly, on their own stream, allocating from the pool they will capture in)."""
-    if like.device.type != "cuda":
-        return False
-    return torch.cuda.is_current_stream_capturing() or _graph_trees_warming_up(like.device)
+    return capturing_on(like) or (like.device.type == "cuda" and _graph_trees_warming_up(like.device))
 
 
 def _graph_trees_warming_up(device) -> bool:
