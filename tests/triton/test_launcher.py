@@ -80,10 +80,22 @@ def test_unknown_arguments_and_the_interpreter_take_tritons_path(compiled_mode, 
     for _ in range(2):
         run[(1,)](torch.zeros(4), (1, 2), 3, SCALE=1.0)  # a tuple argument: not keyed
     assert len(kernel.slow) == 2
-    monkeypatch.setattr(launcher, "interpreting", lambda: True)
+    monkeypatch.setattr(launcher, "interpreting", lambda: True)  # decided when the launcher is made
+    interpreted = launcher.DirectLaunch(kernel)
+    for _ in range(2):
+        interpreted[(1,)](torch.zeros(4), 5, 3, SCALE=1.0)
+    assert len(kernel.slow) == 4 and not kernel.fast
+
+
+def test_an_interpreted_kernel_takes_tritons_path(compiled_mode):
+    """Triton decides at decoration whether the interpreter runs a kernel: one of its
+    InterpretedFunction type is never launched directly, whatever the environment says now."""
+    InterpretedFunction = type("InterpretedFunction", (FakeKernel,), {})
+    kernel = InterpretedFunction()
+    run = launcher.DirectLaunch(kernel)
     for _ in range(2):
         run[(1,)](torch.zeros(4), 5, 3, SCALE=1.0)
-    assert len(kernel.slow) == 4 and not kernel.fast
+    assert len(kernel.slow) == 2 and not kernel.fast
 
 
 def test_direct_gives_one_launcher_per_kernel():

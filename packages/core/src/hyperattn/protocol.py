@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -54,6 +55,12 @@ class Segments:
         """From an iterable of ``(q_start, q_end, k_start, k_end)`` tuples."""
         table = np.asarray(list(ranges), dtype=np.int64).reshape(-1, 4)
         return cls(*(np.ascontiguousarray(table[:, i]) for i in range(4)))
+
+    @functools.cached_property
+    def key(self) -> tuple[bytes, ...]:
+        """The bounds' bytes, hashable: what tables built from these segments depend on.  Computed
+        once (a plan's segments are made once per shape and reused by every call, read only)."""
+        return tuple(a.tobytes() for a in (self.q_start, self.q_end, self.k_start, self.k_end))
 
     @property
     def table(self) -> np.ndarray:

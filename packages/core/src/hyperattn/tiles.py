@@ -152,7 +152,7 @@ def table_key(arg):
     """What a host table built from ``arg`` depends on, hashable (the backends' device-table caches
     key on it): segment bounds by value, structures by their segments and sizes, arrays by value."""
     if isinstance(arg, Segments):
-        return tuple(a.tobytes() for a in (arg.q_start, arg.q_end, arg.k_start, arg.k_end))
+        return arg.key
     if isinstance(arg, SparseStructure):
         return table_key(arg.segments), arg.block_size, arg.sample_size
     if isinstance(arg, np.ndarray):

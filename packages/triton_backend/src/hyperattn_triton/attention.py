@@ -17,7 +17,19 @@ from .launches import Launch, padded_dim
 def needs_int64_offsets(*tensors) -> bool:
     """True when an element offset inside one (batch, head) slice of a tensor may reach 2**31:
     the kernels then index in int64 (else int32, which needs fewer registers)."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(x.shape[2:], x.stride()[2:])) >= 2**31 - 1 for x in tensors)
+    for x in tensors:
+        # a contiguous tensor's offsets stay below its size: the common case, without the sum
+        if (x.numel() >= _INT32_OFFSETS or not x.is_contiguous()) and _max_slice_offset(x) >= _INT32_OFFSETS:
+            return True
+    return False
+
+
+_INT32_OFFSETS = 2**31 - 1
+
+
+def _max_slice_offset(x) -> int:
+    """The largest element offset inside one (batch, head) slice of ``x`` (dims 2 onwards)."""
+    return sum((n - 1) * abs(st) for n, st in zip(x.shape[2:], x.stride()[2:]))
 
 
 def launch_meta(q, v, launch: Launch, permuted: bool, *tensors) -> dict:

@@ -7,8 +7,8 @@ launches the same way, but after the first launch of each specialisation it keep
 kernel under a key at least as fine as Triton's own specialisation, and later launches with that
 key go straight to the compiled kernel's launcher (the one ``JITFunction.run`` calls):
 
-* a tensor by its dtype and whether its address is 16-byte aligned (Triton's pointer
-  specialisation), an int by its value (finer than Triton's ``== 1`` and ``% 16``; an argument in
+* a tensor by its dtype and its address modulo 16 (finer than Triton's pointer specialisation,
+  whether it is 16-byte aligned), an int by its value (finer than Triton's ``== 1`` and ``% 16``; an argument in
   the kernel's ``do_not_specialize`` by whether it fits int32, its only specialisation), a float
   or bool by its type (and a bool by its value), and the keyword arguments (constexprs, launch
   options) by value; any other argument, or a launch hook set (profilers), takes Triton's path.
@@ -39,8 +39,10 @@ class DirectLaunch:
         self.kernel = kernel
         params = getattr(kernel, "params", None)
         # positions whose int arguments Triton does not specialise on their value
-        self._unspecialised = frozenset(p.num for p in params if p.do_not_specialize) if params else frozenset()
+        self._unspecialised = tuple(p.num for p in params if p.do_not_specialize) if params else ()
         self._cache = {}
+        # Triton decides when it decorates a kernel whether the interpreter runs it
+        self._interpreted = interpreting() or type(kernel).__name__ == "InterpretedFunction"
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self.launch(grid, args, meta)
@@ -50,7 +52,7 @@ class DirectLaunch:
             name = getattr(getattr(self.kernel, "fn", None), "__name__", "kernel")
             raise ValueError(f"{name}: batch x heads = {grid[1]} programs along the grid's second axis, CUDA "
                              f"allows {MAX_GRID_Y}: split the batch, or use backend='reference'")
-        if interpreting() or _hooked() or type(grid) is not tuple:
+        if self._interpreted or _hooked() or type(grid) is not tuple:
             return self.kernel[grid](*args, **meta)
         device = torch.cuda.current_device()
         key = self._key(device, args, meta)
@@ -71,23 +73,19 @@ class DirectLaunch:
         return compiled
 
     def _key(self, device, args, meta):
-        """A hashable key at least as fine as Triton's specialisation of these arguments, or None."""
-        parts = [device]
-        unspecialised = self._unspecialised
-        for i, a in enumerate(args):
-            kind = type(a)
-            if kind is int:
-                parts.append(a if i not in unspecialised else ("i32", _INT32[0] <= a < _INT32[1]))
-            elif isinstance(a, torch.Tensor):
-                parts.append((a.dtype, a.data_ptr() % 16 == 0))
-            elif kind is float:
-                parts.append(float)
-            elif kind is bool or a is None:
-                parts.append((kind, a))
-            else:
-                return None
-        parts.append(tuple(meta.items()))
-        return tuple(parts)
+        """A hashable key at least as fine as Triton's specialisation of these arguments, or None.
+
+        One comprehension over the arguments, ints and plain tensors inline: it runs at every
+        launch, dozens per call, and a loop of appends costs twice as much host time."""
+        parts = [a if type(a) is int else (a.dtype, a.data_ptr() & 15) if type(a) is _TENSOR else _rare_part(a)
+                 for a in args]
+        for i in self._unspecialised:  # ints Triton types only by whether they fit int32
+            a = parts[i] if i < len(parts) else None
+            if type(a) is int:
+                parts[i] = ("i32", _INT32[0] <= a < _INT32[1])
+        if _UNKEYED in parts:
+            return None
+        return (device, *parts, *meta.items())
 
     def _remember(self, key, compiled, positional: int, meta: dict) -> None:
         """Keep ``compiled`` with the values of the parameters after the positional ones (constexprs
@@ -108,6 +106,24 @@ class DirectLaunch:
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = (compiled, tuple(tail))
+
+
+_TENSOR = torch.Tensor
+#: The key part of an argument that takes Triton's path (see ``_rare_part``).
+_UNKEYED = ("unkeyed",)
+
+
+def _rare_part(a):
+    """The key part of an argument that is neither an int nor a plain tensor: a tensor subclass by
+    its dtype and alignment, a float by its type, a bool or None by its value, anything else
+    ``_UNKEYED``."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15
+    if type(a) is float:
+        return float
+    if type(a) is bool or a is None:
+        return type(a), a
+    return _UNKEYED
 
 
 def _hooked() -> bool:

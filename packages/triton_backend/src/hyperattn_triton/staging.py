@@ -169,7 +169,7 @@ class DeviceTables:
         """``build(*args)`` (a host table, a tuple of them, or None) on ``like``'s device, built and
         copied once per distinct arguments (compared by value: segments by their bounds, structures
         by their segments and sizes, arrays by their contents)."""
-        key = (build.__qualname__, str(like.device), *(table_key(a) for a in args))
+        key = (build.__qualname__, like.device, *(table_key(a) for a in args))
         if key in self._tables:
             self._tables.move_to_end(key)
             if capturing_on(like):
