@@ -36,13 +36,14 @@ def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> d
     """name -> HyperAttention parameters, or the width of a local window (an int).  The band
     settings are for causal calls only."""
     chosen = {
-        f"paper b{block} s{samples}": dict(block_size=block, sample_size=samples),
-        f"stratified b{block} s{samples}": dict(block_size=block, sample_size=samples, sampling="stratified"),
+        f"paper b{block} s{samples}": dict(block_size=block, sample_size=samples, estimator="paper"),
+        f"stratified b{block} s{samples} (default)": dict(block_size=block, sample_size=samples),
         f"sinks {sinks} + b{block} s{samples - sinks}": dict(block_size=block, sample_size=samples - sinks,
                                                             sink_keys=sinks),
         f"sinks {sinks} + b{block} s{samples}": dict(block_size=block, sample_size=samples, sink_keys=sinks),
     }
     if causal:
+        chosen[f"estimator='band': band 64 + b{block} s64"] = dict(block_size=block, estimator="band")
         chosen[f"band {band} + b{block} s{samples - band}"] = dict(block_size=block, sample_size=samples - band,
                                                                    band_keys=band)
         chosen[f"sinks {sinks} + band {band} + b{block} s{samples - band}"] = dict(

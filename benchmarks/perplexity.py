@@ -65,7 +65,8 @@ def parse_args(argv=None):
     add("--min_seq_len", type=int, default=4096)
     add("--sink_keys", type=int, default=0, help="first keys attended exactly (0: the paper's estimator)")
     add("--band_keys", type=int, default=0, help="previous keys of each row attended exactly (0: the paper's estimator)")
-    add("--sampling", choices=["uniform", "stratified"], default="uniform", help="how the residual's keys are drawn")
+    add("--sampling", choices=["uniform", "stratified"], default="stratified",
+        help="how the residual's keys are drawn (uniform: the paper's)")
     add("--backend", default="auto")
     add("--settings", nargs="+", default=[""],
         help="parameter sets, each 'name=value,...' over the flags above ('' = the flags): one row per layers x setting")
@@ -216,12 +217,11 @@ def register_window(window: int) -> str:
 
 
 def hyper_label(spec: str, setting: dict) -> str:
-    """'hyper last:4 b256 s256 r7 m4096 k0 w0': layers, block, sample, LSH projections, min_seq_len,
-    sinks, band."""
+    """'hyper last:4 b256 s256 r7 m4096 k0 w0 stratified': layers, block, sample, LSH projections,
+    min_seq_len, sinks, band, sampling."""
     short = {"block_size": "b", "sample_size": "s", "lsh_num_projs": "r", "min_seq_len": "m", "sink_keys": "k",
              "band_keys": "w"}
-    stratified = [" stratified"] if setting.get("sampling", "uniform") == "stratified" else []
-    return " ".join([f"hyper {spec}"] + [f"{short[k]}{setting[k]}" for k in short]) + "".join(stratified)
+    return " ".join([f"hyper {spec}"] + [f"{short[k]}{setting[k]}" for k in short] + [setting["sampling"]])
 
 
 # --- the runs --------------------------------------------------------------------------------

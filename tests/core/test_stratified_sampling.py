@@ -52,7 +52,7 @@ def test_compiled_stratified_calls_equal_eager_and_differ_from_uniform():
     compiled = torch.compile(lambda q, k, v: hyperattn.attention(q, k, v, causal=True, seed=5, backend="reference",
                                                                   sampling="stratified", **params), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), eager, rtol=0, atol=0)
-    uniform = hyperattn.attention(q, k, v, causal=True, seed=5, backend="reference", **params)
+    uniform = hyperattn.attention(q, k, v, causal=True, seed=5, backend="reference", sampling="uniform", **params)
     assert not torch.equal(uniform, eager)  # the option reaches the draws
 
 

@@ -4,7 +4,7 @@ through :func:`hyperattn.pipeline.run`."""
 from __future__ import annotations
 
 from . import pipeline, registry
-from .config import HyperAttentionConfig, make_config
+from .config import HyperAttentionConfig, estimator_params, make_config
 from .protocol import BackendOptions
 
 
@@ -23,7 +23,8 @@ def attention(
     exact_crossover: bool = True,
     sink_keys: int = 0,
     band_keys: int = 0,
-    sampling: str = "uniform",
+    sampling: str = "stratified",
+    estimator: str | None = None,
     seed=None,
     return_lse: bool = False,
     projections=None,
@@ -52,14 +53,20 @@ def attention(
     others (see :class:`hyperattn.config.HyperAttentionConfig`); 0 is the paper's estimator.
     ``band_keys`` (causal only): every row also attends exactly to its previous ``band_keys``
     keys, the approximation covering those before; 0 is the paper's estimator.  ``sampling``:
-    ``"uniform"`` (the paper's draws) or ``"stratified"`` (one draw per stratum of the key range).
+    ``"stratified"`` (the default: one draw per stratum of the key range) or ``"uniform"`` (the
+    paper's independent draws).  ``estimator``: a named set of these (``hyperattn.config.ESTIMATORS``):
+    ``"paper"`` (the authors' estimator: uniform draws), ``"stratified"`` (the default's), or
+    ``"band"`` (causal calls: 64 previous keys exactly plus 64 samples, at about the default's cost);
+    a parameter passed with another non-default value alongside it raises.
     """
     if pipeline.compiling(q):  # traced by torch.compile: the config is checked when the operator runs
-        config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
-                                      band_keys, sampling)
+        params = estimator_params(estimator, dict(
+            block_size=block_size, sample_size=sample_size, lsh_num_projs=lsh_num_projs, min_seq_len=min_seq_len,
+            exact_crossover=exact_crossover, sink_keys=sink_keys, band_keys=band_keys, sampling=sampling))
+        config = HyperAttentionConfig(**params)
     else:
         config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys,
-                             sampling)
+                             sampling, estimator)
     return pipeline.run(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                         return_lse=return_lse, projections=projections)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from types import MappingProxyType
 
 import numpy as np
 
@@ -46,10 +47,12 @@ class HyperAttentionConfig:
                     just past a leaf's start; the approximation covers the keys before the band.
                     0 (the default): the paper's estimator.  A non-causal call with a band is
                     refused (there is no "previous" there).
-    sampling:       how the residual's keys are drawn: ``"uniform"`` (the paper's: independent,
-                    with replacement) or ``"stratified"`` (sample j uniform in the j-th of
-                    ``sample_size`` equal strata of the key range: the same expected count of
-                    every key, so the same unbiased weights, with the draws spread evenly).
+    sampling:       how the residual's keys are drawn: ``"stratified"`` (the default: sample j
+                    uniform in the j-th of ``sample_size`` equal strata of the key range: the same
+                    expected count of every key, so the same unbiased weights, with the draws
+                    spread evenly) or ``"uniform"`` (the paper's: independent, with replacement).
+
+    :data:`ESTIMATORS` names sets of these (``estimator="paper"`` for the authors' algorithm).
     """
 
     block_size: int = 256
@@ -59,7 +62,7 @@ class HyperAttentionConfig:
     exact_crossover: bool = True
     sink_keys: int = 0
     band_keys: int = 0
-    sampling: str = "uniform"
+    sampling: str = "stratified"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_size", check_int("block_size", self.block_size, minimum=1))
@@ -82,7 +85,7 @@ def check_band(config: HyperAttentionConfig, causal: bool) -> None:
     """Refuse a band of previous keys (``config.band_keys``) on a non-causal call."""
     if config.band_keys and not causal:
         raise ValueError(f"band_keys={config.band_keys} needs causal=True (a band of each row's previous keys); "
-                         "got causal=False: use band_keys=0 for non-causal calls")
+                         "got causal=False: use band_keys=0 (an estimator without a band, e.g. the default) for non-causal calls")
 
 
 def check_bool(name: str, value) -> bool:
@@ -94,9 +97,53 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+#: Named estimators (``estimator=`` of ``hyperattn.attention``, the module, the transformers and
+#: distributed front doors): the parameters each sets.  Their quality and cost are measured in
+#: ``benchmarks/results`` (the README's estimator table).
+ESTIMATORS = MappingProxyType({
+    # the authors' estimator (with this library's fixes): uniform draws with replacement
+    "paper": MappingProxyType({"sampling": "uniform", "sink_keys": 0, "band_keys": 0}),
+    # the default: one draw per stratum of the key range (lower variance, the same cost and weights)
+    "stratified": MappingProxyType({"sampling": "stratified", "sink_keys": 0, "band_keys": 0}),
+    # causal calls only: each row's previous 64 keys exactly, and 64 stratified samples instead of
+    # 256 (about the default's GPU time; in a language model a fraction of its perplexity gap)
+    "band": MappingProxyType({"sampling": "stratified", "sink_keys": 0, "band_keys": 64, "sample_size": 64}),
+})
+
+
+def estimator_params(estimator: str | None, params: dict) -> dict:
+    """``params`` (config fields by name, as a front door received them) with the fields of
+    ``estimator`` (a name in :data:`ESTIMATORS`; None: ``params`` as they are) set.  A field
+    given a value other than its default and other than the estimator's raises: the two ask for
+    different estimators."""
+    if estimator is None:
+        return params
+    preset = ESTIMATORS.get(estimator) if isinstance(estimator, str) else None
+    if preset is None:
+        raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)} or None, got {estimator!r}")
+    params = dict(params)
+    for name, value in preset.items():
+        given = params[name]
+        if given != _FIELD_DEFAULTS[name] and given != value:
+            raise ValueError(f"estimator={estimator!r} sets {name}={value!r}, got {name}={given!r} too: "
+                             f"pass either the estimator or {name}")
+        params[name] = value
+    return params
+
+
+_FIELD_DEFAULTS = MappingProxyType({f.name: f.default for f in fields(HyperAttentionConfig)})
+
+
 def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True,
-                sink_keys=0, band_keys=0, sampling="uniform") -> HyperAttentionConfig:
-    """The validated config, made once per distinct plain parameters (short calls are host-bound)."""
+                sink_keys=0, band_keys=0, sampling="stratified", estimator=None) -> HyperAttentionConfig:
+    """The validated config, made once per distinct plain parameters (short calls are host-bound);
+    ``estimator`` sets the fields of a named one (see :func:`estimator_params`)."""
+    if estimator is not None:
+        named = estimator_params(estimator, dict(block_size=block_size, sample_size=sample_size,
+                                                 lsh_num_projs=lsh_num_projs, min_seq_len=min_seq_len,
+                                                 exact_crossover=exact_crossover, sink_keys=sink_keys,
+                                                 band_keys=band_keys, sampling=sampling))
+        return make_config(**named)
     params = (block_size, sample_size, lsh_num_projs, min_seq_len)
     if all(type(x) is int for x in (*params, sink_keys, band_keys)) and type(exact_crossover) is bool \
             and type(sampling) is str:

@@ -40,8 +40,8 @@ __all__ = ["attention"]
 
 def attention(q, k, v, *, group=None, causal: bool = False, scale: float | None = None, backend: str = "auto",
               block_size: int = 256, sample_size: int = 256, lsh_num_projs: int = 7, min_seq_len: int = 4096,
-              exact_crossover: bool = True, sink_keys: int = 0, band_keys: int = 0, sampling: str = "uniform", seed=None,
-              return_lse: bool = False):
+              exact_crossover: bool = True, sink_keys: int = 0, band_keys: int = 0, sampling: str = "stratified",
+              estimator: str | None = None, seed=None, return_lse: bool = False):
     """HyperAttention of this rank's sequence shard: q [B, H, n_r, D], k [B, Hk, m_r, D],
     v [B, Hk, m_r, Dv] -> out [B, H, n_r, Dv] (and lse [B, H, n_r] with ``return_lse``).
 
@@ -74,7 +74,10 @@ def attention(q, k, v, *, group=None, causal: bool = False, scale: float | None 
     try:
         _check_local(q, k, v, seed, scale)
         config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys,
-                             band_keys, sampling)
+                             band_keys, sampling, estimator)
+        # the ranks agree on the parameters in force, however named (an estimator or its fields)
+        settings.update(sample_size=config.sample_size, sink_keys=config.sink_keys, band_keys=config.band_keys,
+                        sampling=config.sampling)
     except (TypeError, ValueError) as e:
         error = e
     every = _gather_calls(_describe(q, k, v, seed, settings, error), _device_of(q, group), group)

@@ -6,12 +6,14 @@ import torch
 
 from .. import pipeline
 from ..algorithm import draw_projections
-from ..config import HyperAttentionConfig
+from ..config import make_config
 from ..validate import make_rng
 
 
 class HyperAttention(torch.nn.Module):
-    """Drop-in for the authors' module: same constructor and forward signature.
+    """Drop-in for the authors' module: same constructor and forward signature (plus this
+    library's options after it: ``sink_keys``, ``band_keys``, ``sampling``, ``estimator``, see
+    :func:`hyperattn.attention`; ``estimator="paper"`` is the authors' estimator).
 
     The LSH projections are drawn once (reproducibly with ``seed``) and kept as the buffer
     ``lsh_projections`` [input_dim, lsh_num_projs]; samples are drawn fresh on every call, from the
@@ -34,11 +36,12 @@ class HyperAttention(torch.nn.Module):
         backend: str = "auto",
         sink_keys: int = 0,
         band_keys: int = 0,
-        sampling: str = "uniform",
+        sampling: str = "stratified",
+        estimator: str | None = None,
     ):
         super().__init__()
-        self.config = HyperAttentionConfig(block_size, sample_size, lsh_num_projs, min_seq_len, sink_keys=sink_keys,
-                                           band_keys=band_keys, sampling=sampling)
+        self.config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, sink_keys=sink_keys,
+                                  band_keys=band_keys, sampling=sampling, estimator=estimator)
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
             raise ValueError(f"input_dim must be an int >= 1 (the head dim D), got {input_dim!r}")
         self.input_dim = input_dim
