@@ -22,10 +22,10 @@ from .launches import DEFAULT_LAUNCHES, LaunchTable, tier_name
 #: by head-dim tier and mode ("fwd": no gradients recorded, "fwd+bwd": they are): measured by
 #: ``scripts/gpu_crossover.py`` (its output, with the card, in benchmarks/results/crossover_h200.txt).
 GPU_CROSSOVER = MappingProxyType({
-    ("d64", "fwd"): (8192, 24576), ("d64", "fwd+bwd"): (8192, 12288),
-    ("d128", "fwd"): (12288, 16384), ("d128", "fwd+bwd"): (6144, 12288),
+    ("d64", "fwd"): (8192, 16384), ("d64", "fwd+bwd"): (6144, 12288),
+    ("d128", "fwd"): (6144, 12288), ("d128", "fwd+bwd"): (4096, 8192),
     # not measured: the D = 128 tier's
-    ("d256", "fwd"): (12288, 16384), ("d256", "fwd+bwd"): (6144, 12288),
+    ("d256", "fwd"): (6144, 12288), ("d256", "fwd+bwd"): (4096, 8192),
 })
 #: The interpreter has no fast exact attention to prefer: it approximates above min_seq_len.
 NO_CROSSOVER = MappingProxyType({key: (0, 0) for key in GPU_CROSSOVER})
