@@ -60,10 +60,8 @@ def attention(
     a parameter passed with another non-default value alongside it raises.
     """
     if pipeline.compiling(q):  # traced by torch.compile: the config is checked when the operator runs
-        params = estimator_params(estimator, dict(
-            block_size=block_size, sample_size=sample_size, lsh_num_projs=lsh_num_projs, min_seq_len=min_seq_len,
-            exact_crossover=exact_crossover, sink_keys=sink_keys, band_keys=band_keys, sampling=sampling))
-        config = HyperAttentionConfig(**params)
+        config = HyperAttentionConfig(**estimator_params(estimator, block_size, sample_size, lsh_num_projs, min_seq_len,
+                                                         exact_crossover, sink_keys, band_keys, sampling))
     else:
         config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys, band_keys,
                              sampling, estimator)

@@ -111,17 +111,20 @@ ESTIMATORS = MappingProxyType({
 })
 
 
-def estimator_params(estimator: str | None, params: dict) -> dict:
-    """``params`` (config fields by name, as a front door received them) with the fields of
-    ``estimator`` (a name in :data:`ESTIMATORS`; None: ``params`` as they are) set.  A field
+def estimator_params(estimator: str | None, block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover=True,
+                     sink_keys=0, band_keys=0, sampling="stratified") -> dict:
+    """The config's fields by name, as a front door received them (``make_config``'s order), with
+    the fields of ``estimator`` (a name in :data:`ESTIMATORS`; None: as received) set.  A field
     given a value other than its default and other than the estimator's raises: the two ask for
     different estimators."""
+    params = dict(block_size=block_size, sample_size=sample_size, lsh_num_projs=lsh_num_projs,
+                  min_seq_len=min_seq_len, exact_crossover=exact_crossover, sink_keys=sink_keys,
+                  band_keys=band_keys, sampling=sampling)
     if estimator is None:
         return params
     preset = ESTIMATORS.get(estimator) if isinstance(estimator, str) else None
     if preset is None:
         raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)} or None, got {estimator!r}")
-    params = dict(params)
     for name, value in preset.items():
         given = params[name]
         if given != _FIELD_DEFAULTS[name] and given != value:
@@ -139,11 +142,8 @@ def make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_cross
     """The validated config, made once per distinct plain parameters (short calls are host-bound);
     ``estimator`` sets the fields of a named one (see :func:`estimator_params`)."""
     if estimator is not None:
-        named = estimator_params(estimator, dict(block_size=block_size, sample_size=sample_size,
-                                                 lsh_num_projs=lsh_num_projs, min_seq_len=min_seq_len,
-                                                 exact_crossover=exact_crossover, sink_keys=sink_keys,
-                                                 band_keys=band_keys, sampling=sampling))
-        return make_config(**named)
+        return make_config(**estimator_params(estimator, block_size, sample_size, lsh_num_projs, min_seq_len,
+                                              exact_crossover, sink_keys, band_keys, sampling))
     params = (block_size, sample_size, lsh_num_projs, min_seq_len)
     if all(type(x) is int for x in (*params, sink_keys, band_keys)) and type(exact_crossover) is bool \
             and type(sampling) is str:

@@ -258,10 +258,9 @@ def _hyper_call(q, k, v, *, causal: bool, scale: float | None, params: HyperPara
     from hyperattn.config import HyperAttentionConfig, estimator_params
     from hyperattn.torch.op import compiled_attention
 
-    config = HyperAttentionConfig(**estimator_params(params.estimator, dict(
-        block_size=params.block_size, sample_size=params.sample_size, lsh_num_projs=params.lsh_num_projs,
-        min_seq_len=params.min_seq_len, exact_crossover=params.exact_crossover, sink_keys=params.sink_keys,
-        band_keys=params.band_keys, sampling=params.sampling)))
+    config = HyperAttentionConfig(**estimator_params(params.estimator, params.block_size, params.sample_size,
+                                                     params.lsh_num_projs, params.min_seq_len, params.exact_crossover,
+                                                     params.sink_keys, params.band_keys, params.sampling))
     return compiled_attention(q, k, v, causal=causal, scale=scale, backend=params.backend, config=config,
                               seed=params.seed, return_lse=False, mask=mask)
 
