@@ -295,3 +295,22 @@ def test_module_reads_its_projections_and_seed_buffers_as_they_are_now():
     b.calls.fill_(0)
     assert (b(q, k, v, causal=True) - first).abs().max() > 1e-3  # other hyperplanes, other sort
     torch.testing.assert_close(a(q, k, v, causal=True), first, rtol=0, atol=0)  # the same draws again
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_autocast_casts_inputs_like_sdpa(approximate):
+    """Under torch.autocast, float32 q and k beside a bf16 v (a model's RoPE in float32) are cast
+    to the autocast dtype, as SDPA does, with and without gradients; outside it the mix is an error."""
+    params = dict(SPARSE, seed=2) if approximate else dict(min_seq_len=1 << 20)
+    q, k, v = (torch.from_numpy(x) for x in make_inputs((1, 2, 300, 16), seed=4, dtype=np.float32))
+    v16 = v.to(torch.bfloat16)
+    expected = hyperattn.attention(q.bfloat16(), k.bfloat16(), v16, causal=True, **params)
+    qg = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hyperattn.attention(qg, k, v16, causal=True, **params)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.float().sum().backward()
+    assert qg.grad.dtype == torch.float32 and torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="one dtype"):
+        hyperattn.attention(q, k, v16, causal=True, **params)

@@ -95,6 +95,15 @@ def test_training_is_reproducible_from_a_seed(bench, tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_training_with_hyperattention_under_bf16_autocast(bench, tmp_path):
+    """--attn hyper under autocast: Llama's RoPE hands attention float32 q, k beside a bf16 v."""
+    train, _, _ = bench
+    assert train.main(["--out", str(tmp_path / "hyper"), *TINY, "--steps", "3", "--attn", "hyper",
+                       "--dtype", "bfloat16"]) == 0
+    log = json.loads((tmp_path / "hyper" / "train_log.json").read_text())
+    assert log["final"]["steps"] == 3 and math.isfinite(log["final"]["heldout_bits_per_byte"])
+
+
 def test_trained_model_is_a_saved_llama_with_gqa_and_its_heldout_text(tiny_model):
     from transformers import AutoModelForCausalLM
 
