@@ -135,7 +135,7 @@ def launch_costs(calls: int = 2000) -> None:
 
 
 def host_split(n: int, heads: int, dim: int) -> None:
-    """Host ms per forward call (seed fixed, back to back) with the Triton launches made, and with
+    """Host ms per forward call (seed fixed, crossover off, back to back) with the Triton launches made, and with
     them skipped (``DirectLaunch.launch`` stubbed): what the launches cost against the rest (Python,
     torch operations, cuDNN calls). The stubbed calls' outputs are garbage: only their time counts."""
     from hyperattn_triton import launcher
@@ -146,11 +146,11 @@ def host_split(n: int, heads: int, dim: int) -> None:
     def per_call(causal: bool, calls: int = 30) -> float:
         with torch.no_grad():
             for _ in range(3):
-                hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton")
+                hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton", exact_crossover=False)
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(calls):
-                hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton")
+                hyperattn.attention(q, k, v, causal=causal, seed=1, backend="triton", exact_crossover=False)
             host = (time.perf_counter() - start) / calls
             torch.cuda.synchronize()
         return host * 1e3
