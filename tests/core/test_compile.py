@@ -265,3 +265,19 @@ def test_compiled_call_under_no_grad_takes_the_forward_crossover_as_eager_does(b
         exact = hyperattn.exact_attention(q, k, v, causal=True, backend="triton")
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert (eager - exact).abs().max() > 1e-3  # the approximation ran
+
+
+def test_autocast_casts_the_inputs_of_the_compiled_call():
+    """Under torch.autocast the compiled call casts q, k, v to its dtype as the eager one does (a
+    model's RoPE in float32 beside a bf16 v), in one graph."""
+    def fn(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return hyperattn.attention(q, k, v, causal=True, seed=5, **SPARSE)
+
+    q, k, v = (x.detach().float() for x in _inputs(grad=False))
+    v16 = v.bfloat16()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, fn(q, k, v16), rtol=0, atol=0)
+    torch.testing.assert_close(out, hyperattn.attention(q.bfloat16(), k.bfloat16(), v16, causal=True, seed=5,
+                                                        **SPARSE), rtol=0, atol=0)

@@ -203,6 +203,26 @@ def test_without_a_process_group_the_error_says_so():
         hyperattn.distributed.attention(q, q, q)
 
 
+def test_autocast_casts_the_shards_like_the_single_process_call():
+    """Under torch.autocast float32 q, k beside a bf16 v give the call on bf16 inputs (a group of
+    one process)."""
+    import torch.distributed as dist
+
+    import hyperattn.distributed
+
+    q, k, v = (torch.from_numpy(x).float() for x in make_inputs((1, 2, 80, 8), seed=3))
+    v16 = v.bfloat16()
+    _init(0, 1, _free_port())
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = hyperattn.distributed.attention(q, k, v16, causal=True, **PARAMS)
+    finally:
+        dist.destroy_process_group()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, hyperattn.attention(q.bfloat16(), k.bfloat16(), v16, causal=True, **PARAMS),
+                               rtol=0, atol=0)
+
+
 def test_global_heads_take_the_larger_calls_samples():
     """The samples of heads [1, 3) of a 4-KV-head call, drawn alone, are the 4-head call's, and so are
     those of heads given out of order and repeated (a ``kv_index`` that is not a range)."""

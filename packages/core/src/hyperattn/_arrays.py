@@ -20,6 +20,12 @@ def array_type(x) -> str | None:
     return None
 
 
+def is_torch_type(x) -> bool:
+    """Whether ``x`` is a torch tensor, by its type's modules: never ``sys.modules``, which
+    torch.compile's tracer would wrap whole (a module imported while it walks it breaks the trace)."""
+    return any(cls.__module__.startswith("torch") for cls in type(x).__mro__)
+
+
 def _is_torch_tensor(x) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from . import pipeline
 from .algorithm import GlobalHeads
 from .config import make_config
+from .torch.autocast import autocast_inputs
 from .validate import check_seed
 
 __all__ = ["attention"]
@@ -63,6 +64,7 @@ def attention(q, k, v, *, group=None, causal: bool = False, scale: float | None 
     if pipeline.compiling(q):
         raise NotImplementedError("hyperattn.distributed.attention does not run under torch.compile yet: "
                                   "call it outside the compiled region")
+    q, k, v = autocast_inputs(q, k, v)  # before the exchange: the shards cross the group in autocast's dtype
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("hyperattn.distributed.attention needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")

@@ -8,10 +8,12 @@ Torch is imported only when one of those needs it.
 
 from __future__ import annotations
 
+from ._arrays import is_torch_type
 from .algorithm import forward_call
 from .config import HyperAttentionConfig
 from .request import prepare
 from .torch.arguments import plan_projections  # NumPy only: torch is not imported
+from .torch.autocast import autocast_inputs  # torch is imported only for torch tensors
 
 
 def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None, seed, return_lse,
@@ -24,7 +26,6 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
     drawn from the seed.  ``head_dim``: the head dim a caller requires (the module's ``input_dim``).
     ``global_heads``: the call is some heads of a larger one (``hyperattn.algorithm.GlobalHeads``).
     """
-    q, k, v = autocast_inputs(q, k, v)
     if compiling(q):
         if global_heads is not None:
             raise NotImplementedError("a call of some heads of a larger one (hyperattn.distributed) does not run "
@@ -33,6 +34,7 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
 
         return compiled_attention(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                                   return_lse=return_lse, projections=projections, head_dim=head_dim)
+    q, k, v = autocast_inputs(q, k, v)  # compiled_attention casts its own
     request = prepare(q, k, v, causal=causal, scale=scale, backend=backend, config=config, seed=seed,
                       return_lse=return_lse, head_dim=head_dim, projections=projections, global_heads=global_heads)
     impl = request.backend
@@ -50,32 +52,11 @@ def run(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | None,
     return (out, lse) if request.return_lse else out
 
 
-def autocast_inputs(q, k, v):
-    """q, k and v in ``torch.autocast``'s dtype while it is on for their device, as torch's SDPA
-    takes them (it is on autocast's lower-precision list); float64 stays as it is.  A model's RoPE
-    computed in float32 under autocast hands attention float32 q and k beside a bf16 v."""
-    if not _is_torch(q):
-        return q, k, v
-    import torch
-
-    device = q.device.type
-    # devices without autocast (meta, ...): is_autocast_enabled would raise
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(device)
-    castable = (torch.float32, torch.float16, torch.bfloat16)
-    return tuple(x.to(dtype) if x.dtype in castable and x.dtype != dtype else x for x in (q, k, v))
-
-
-def _is_torch(x) -> bool:
-    return any(cls.__module__.startswith("torch") for cls in type(x).__mro__)
-
-
 def compiling(q) -> bool:
     """True while torch.compile traces a call on ``q`` (then a torch tensor).  It looks at q's type,
     not at ``sys.modules``: dynamo would wrap that whole dictionary, and a module imported while it
     walks it breaks the trace."""
-    if not _is_torch(q):
+    if not is_torch_type(q):
         return False
     import torch
 

@@ -24,6 +24,7 @@ from ..config import make_config
 from ..request import prepare
 from ..validate import check_flag, check_seed
 from .arguments import config_arguments, plan_projections
+from .autocast import autocast_inputs
 from .masks import is_plain_mask, masked_exact_backward, masked_exact_forward
 
 
@@ -135,6 +136,7 @@ def compiled_attention(q, k, v, *, causal, scale, backend, config, seed, return_
     ``mask``: see the module docstring)."""
     if head_dim is not None and q.shape[-1] != head_dim:
         raise ValueError(f"query's head dim D must equal the module's input_dim={head_dim}, got {q.shape[-1]}")
+    q, k, v = autocast_inputs(q, k, v)
     if seed is None:  # drawn in the graph: a new one every run
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     elif not isinstance(seed, torch.Tensor):

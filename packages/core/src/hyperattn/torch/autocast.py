@@ -1,0 +1,23 @@
+"""The inputs as ``torch.autocast`` hands them to torch's SDPA (torch is imported only for torch
+tensors): every entry point that takes q, k, v casts them here first."""
+
+from __future__ import annotations
+
+from .._arrays import is_torch_type
+
+
+def autocast_inputs(q, k, v):
+    """q, k and v in ``torch.autocast``'s dtype while it is on for their device, as SDPA takes them
+    (it is on autocast's lower-precision list); float64 stays as it is.  A model's RoPE computed in
+    float32 under autocast hands attention float32 q and k beside a bf16 v."""
+    if not is_torch_type(q):
+        return q, k, v
+    import torch
+
+    device = q.device.type
+    # devices without autocast (meta, ...): is_autocast_enabled would raise
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(x.to(dtype) if x.dtype in castable and x.dtype != dtype else x for x in (q, k, v))
