@@ -35,7 +35,7 @@ def plan_on(plan, backend, like):
             st = piece.structure
             moved = {
                 name: None if getattr(st, name) is None else backend.from_host(np.asarray(getattr(st, name)), like)
-                for name in ("q_order", "k_order", "k_rank", "samples")
+                for name in ("q_order", "k_order", "k_rank", "samples", "sample_log_weights")
             }
             piece = SparsePiece(dataclasses.replace(st, **moved))
         pieces.append(piece)

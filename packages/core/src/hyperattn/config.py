@@ -12,7 +12,7 @@ import numpy as np
 #: Codes are sorted together with a 31-bit row label in one int64 key, so at most 32 bits.
 MAX_LSH_NUM_PROJS = 32
 #: The ways of drawing the residual's samples (``HyperAttentionConfig.sampling``).
-SAMPLINGS = ("uniform", "stratified")
+SAMPLINGS = ("uniform", "stratified", "key_norm")
 
 
 def check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
@@ -50,7 +50,12 @@ class HyperAttentionConfig:
     sampling:       how the residual's keys are drawn: ``"stratified"`` (the default: sample j
                     uniform in the j-th of ``sample_size`` equal strata of the key range: the same
                     expected count of every key, so the same unbiased weights, with the draws
-                    spread evenly) or ``"uniform"`` (the paper's: independent, with replacement).
+                    spread evenly), ``"uniform"`` (the paper's: independent, with replacement) or
+                    ``"key_norm"`` (importance sampling: half the draws stratified uniform, half
+                    stratified on the CDF of ``||k||**4``, each draw weighted by the inverse of
+                    its expected count, so the estimator stays unbiased; heavy keys such as
+                    attention sinks are drawn more often.  The weights are constants of the
+                    plan: the backward does not differentiate them, see ``hyperattn.sampling``).
 
     :data:`ESTIMATORS` names sets of these (``estimator="paper"`` for the authors' algorithm).
     """

@@ -24,6 +24,8 @@ def not_supported_reasons(backend: Backend, problem: Problem) -> list[str]:
     if max(problem.head_dims) > caps.max_head_dim:
         reasons.append(
             f"head dims up to {caps.max_head_dim} are supported, got D={problem.head_dim}, Dv={problem.v_head_dim}")
+    if problem.sampling not in caps.samplings:
+        reasons.append(f"sampling={problem.sampling!r} is not supported (samplings: {caps.samplings})")
     if problem.requires_grad and not caps.supports_backward:
         reasons.append("inputs require grad but this backend has no backward")
     for extra in (backend.unavailable_reason(), None if reasons else backend.unsupported_reason(problem)):

@@ -147,6 +147,9 @@ class SparseStructure:
              uniformly with replacement from each segment's key range, or None when m == 0.  A query attends to a sample
              unless the sample lies in the query's own key block; each draw has weight
              ``n_k / m``, i.e. ``log_sample_weight[s]`` is added to its score.
+    sample_log_weights  native float32 [B, Hk, S, m] or None: per-draw log weights (importance
+             sampling, ``sampling="key_norm"``), added to each draw's score instead of
+             ``log_sample_weight[s]``.
     """
 
     segments: Segments
@@ -156,6 +159,7 @@ class SparseStructure:
     k_rank: Array
     samples: Array | None
     log_sample_weight: np.ndarray = field(repr=False)
+    sample_log_weights: Array | None = field(default=None, repr=False)
 
     @property
     def sample_size(self) -> int:
@@ -165,7 +169,8 @@ class SparseStructure:
         """The structure of KV heads [start, stop) and their query heads [start * group, stop * group)."""
         return dataclasses.replace(
             self, q_order=self.q_order[:, start * group:stop * group], k_order=self.k_order[:, start:stop],
-            k_rank=self.k_rank[:, start:stop], samples=None if self.samples is None else self.samples[:, start:stop])
+            k_rank=self.k_rank[:, start:stop], samples=None if self.samples is None else self.samples[:, start:stop],
+            sample_log_weights=None if self.sample_log_weights is None else self.sample_log_weights[:, start:stop])
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ class Problem:
     head_dim: int
     v_head_dim: int
     requires_grad: bool
+    #: how the call's residual samples are drawn (``HyperAttentionConfig.sampling``; exact calls:
+    #: the default, which every backend draws)
+    sampling: str = "stratified"
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -212,6 +220,9 @@ class Capabilities:
     running_out_dtype: str = "accumulator"
     #: ``draw_samples`` reads a seed from device memory (a 0-d int64 array on the inputs' device).
     device_seed: bool = False
+    #: The ``HyperAttentionConfig.sampling`` modes its kernels compute (per-draw weights need
+    #: ``"key_norm"`` in the sparse kernels).
+    samplings: tuple[str, ...] = ("uniform", "stratified", "key_norm")
 
     def __post_init__(self) -> None:
         if self.running_out_dtype not in ("accumulator", "input"):
@@ -384,6 +395,25 @@ class Backend(abc.ABC):
                             f"got {type(seed).__name__}")
         drawn = sampling.sample_keys(seed, stream, heads, segments.k_start, segments.k_len, m, n_k, stratified)
         return self.from_host(drawn, like)
+
+    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, k: Array,
+                                 head_ids: tuple[int, ...] | None = None, kv_total: int | None = None):
+        """``(samples, log_weights)`` [B, Hk, S, m] of ``sampling="key_norm"``: native integer keys
+        and float32 log weights, ``hyperattn.sampling.sample_keys_by_key_norm`` of k's key weights
+        (up to the rounding of its prefix sums).  ``head_ids``/``kv_total``: the heads are those of
+        a larger call (see ``GlobalHeads``).  This default draws on the host."""
+        if not isinstance(seed, int):
+            raise TypeError(f"{self.name}: seed must be an int here (this backend draws samples on the host), "
+                            f"got {type(seed).__name__}")
+        weights = self.key_norm_weights_on_host(k)
+        keys, log_w = sampling.sample_keys_by_key_norm(seed, stream, weights, segments.k_start, segments.k_len, m,
+                                                       head_ids, kv_total)
+        return self.from_host(keys, k), self.from_host(log_w, k)
+
+    def key_norm_weights_on_host(self, k: Array) -> np.ndarray:
+        """float32 [B, Hk, Nk] NumPy: ``hyperattn.sampling.key_norm_weights`` of native keys (a
+        device backend computes them where k lives and copies only these)."""
+        return sampling.key_norm_weights(np.asarray(k))
 
     def fused_attention(self, q, k, v, *, causal: bool, scale: float):
         """A whole exact call through one fused, differentiable kernel (no log-sum-exp), on the

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .algorithm import CallSpec, GlobalHeads, is_exact_call
 from .config import HyperAttentionConfig, check_band
@@ -54,6 +53,8 @@ def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | N
     seed = resolve_seed(seed, problem.device)
     if config is not None:
         check_projections(projections, problem.head_dim, config.lsh_num_projs)
+        if config.sampling != problem.sampling:  # backends say whether they draw (and weigh) this way
+            problem = replace(problem, sampling=config.sampling)
     impl = resolve_backend(backend, problem)
     causal = bool(causal)
     if config is not None:

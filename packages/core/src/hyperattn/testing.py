@@ -3,7 +3,8 @@
 * :func:`exact_attention_f64` — plain softmax attention, the oracle for the limits.
 * :func:`plan_weights` / :func:`dense_attention_from_plan` — the dense float64 equivalent of a
   HyperAttention plan: the weight each query gives each key (1 in its block or exact piece,
-  ``n_k / m`` per draw of a sample outside its block), then a weighted softmax.  It shares
+  ``n_k / m``, or the draw's own weight under importance sampling, per draw of a sample outside
+  its block), then a weighted softmax.  It shares
   nothing with the kernels but the plan.
 """
 
@@ -79,6 +80,7 @@ def _add_sparse_weights(weights: np.ndarray, st: SparseStructure) -> None:
     batch, q_heads = weights.shape[:2]
     q_order, k_order, k_rank = (to_numpy64(x).astype(np.int64) for x in (st.q_order, st.k_order, st.k_rank))
     samples = None if st.samples is None else to_numpy64(st.samples).astype(np.int64)
+    draw_log_w = None if st.sample_log_weights is None else to_numpy64(st.sample_log_weights)
     group = q_heads // k_order.shape[1]
     bs = st.block_size
     for s, (qs, qe, ks, ke) in enumerate(st.segments.table.tolist()):
@@ -95,9 +97,10 @@ def _add_sparse_weights(weights: np.ndarray, st: SparseStructure) -> None:
                     if samples is None:
                         continue
                     drawn = samples[b, hk, s]
-                    outside = drawn[k_rank[b, hk, drawn] // bs != blk]
-                    weight = n_k / len(drawn)
-                    for key in outside:  # duplicates add up
+                    outside = k_rank[b, hk, drawn] // bs != blk
+                    draw_weights = (np.full(len(drawn), n_k / len(drawn)) if draw_log_w is None
+                                    else np.exp(draw_log_w[b, hk, s]))
+                    for key, weight in zip(drawn[outside], draw_weights[outside]):  # duplicates add up
                         weights[b, h, rows, key] += weight
 
 

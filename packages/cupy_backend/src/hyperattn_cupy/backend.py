@@ -39,6 +39,8 @@ class CupyBackend(Backend):
         priority=5,
         running_out_dtype="input",
         device_seed=True,
+        # the CUDA kernels read one log sample weight per segment, not per draw: no importance sampling
+        samplings=("uniform", "stratified"),
     )
 
     def __init__(self, options: CupyOptions | None = None):

@@ -137,7 +137,8 @@ def _sparse_tile(q, k, v, st: SparseStructure, b, hk, group, s, layout: _BlockLa
         own_block = (st.k_rank[b, hk, drawn] // layout.block_size)[None, :] == np.arange(c0, c1)[:, None]
         keys_and_bias[:, bs:, :dim] = k[b, hk][drawn]
         values[:, bs:, :v_dim] = v[b, hk][drawn]
-        keys_and_bias[:, bs:, dim] = np.where(own_block, -np.inf, st.log_sample_weight[s])
+        log_w = st.log_sample_weight[s] if st.sample_log_weights is None else st.sample_log_weights[b, hk, s]
+        keys_and_bias[:, bs:, dim] = np.where(own_block, -np.inf, log_w)
     if ones:
         values[..., v_dim] = 1.0
     queries_and_one = np.empty(queries.shape[:-1] + (dim + 1,), q.dtype)

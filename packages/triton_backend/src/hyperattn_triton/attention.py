@@ -56,7 +56,7 @@ def forward(q, k, v, tiles, ix: IndexTensors, permuted: bool, scale: float, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *ix.order_strides, *ix.sample_strides,
         q.shape[1], q.shape[1] // k.shape[1], scale * LOG2E.value, ix.sample_size,
-        CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
+        CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, DRAW_WEIGHTS=ix.draw_weights, OVERWRITE=overwrite, **meta,
     )
 
 
@@ -92,7 +92,8 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             ix.q_order, ix.k_order, ix.samples, ix.sample_blocks, ix.log_w,
             *common, *dq.stride(), *ix.order_strides, *ix.sample_strides,
             q.shape[1], group, scale, scale_log2, ix.sample_size,
-            CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, OVERWRITE=overwrite, **meta,
+            CAUSAL=causal, HAS_SAMPLES=ix.sample_size > 0, DRAW_WEIGHTS=ix.draw_weights, OVERWRITE=overwrite,
+            **meta,
         )
     for tiles, samples, atomic in k_tiles:
         if tiles.shape[0] == 0:
@@ -112,7 +113,7 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexTensors, perm
             *common, *dk_out.stride(), *dv_out.stride(), *ix.order_strides, *ix.sample_strides,
             k.shape[1], group, scale, scale_log2,
             CAUSAL=causal and not samples, SAMPLES=samples, OVERWRITE=overwrite and not (samples or atomic),
-            SLOT_OUTPUT=slot_output, ATOMIC=atomic and not samples, **meta,
+            SLOT_OUTPUT=slot_output, ATOMIC=atomic and not samples, DRAW_WEIGHTS=ix.draw_weights and samples, **meta,
         )
         if slot_output:
             add_slots(dk, dk_out, ix.samples)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import triton
 
+from hyperattn import sampling
 from hyperattn.protocol import Backend, Capabilities, Segments, SparseStructure
 from hyperattn.tiles import exact_key_tiles, exact_tiles, sample_key_tiles, sparse_key_tiles, sparse_tiles
 from hyperattn.torch import fused
@@ -24,7 +25,7 @@ from hyperattn.torch import fused
 from . import attention, exact, lsh, sorting
 from .attention import KeyTiles
 from .indices import StructureIndices
-from .kernels.utility import draw_samples_kernel, row_dot_kernel
+from .kernels.utility import draw_key_norm_samples_kernel, draw_samples_kernel, row_dot_kernel
 from .launcher import direct
 from .launches import HEAD_DIM_TIERS, cdiv, launch_for, padded_dim
 from .options import TritonOptions, interpreting
@@ -108,6 +109,32 @@ class TritonBackend(Backend):
             SEED_IN_MEMORY=in_memory, STRATIFIED=bool(stratified), BLOCK=launch.block, num_warps=launch.warps,
         )
         return out
+
+    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, k, head_ids=None,
+                                 kv_total=None):
+        """On the device: the key weights (``row_dot`` of k with itself, squared), their float64
+        prefix sums (``torch.cumsum``) and one draw launch (``draw_key_norm_samples_kernel``)."""
+        batch, kv_heads, n_k = k.shape[:3]
+        count = len(segments)
+        squared = self.row_dot(k, k)  # float32 [B, Hk, Nk]
+        weights = squared * squared
+        prefix = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+        out = torch.empty(batch, kv_heads, count, m, dtype=torch.int32 if n_k < 2**31 else torch.int64,
+                          device=k.device)
+        log_w = torch.empty(batch, kv_heads, count, m, dtype=torch.float32, device=k.device)
+        k_start, k_len = self.device_tables.get(_sample_bounds, k, segments)
+        ids = self.device_tables.get(_head_ids, k, tuple(range(kv_heads)) if head_ids is None else tuple(head_ids))
+        in_memory = isinstance(seed, torch.Tensor)
+        launch = launch_for(self.options.launches, "draw_samples", k.shape[3])
+        per_head = count * m
+        m_u, m_n = sampling.split_key_norm_draws(m)
+        direct(draw_key_norm_samples_kernel)[(cdiv(per_head, launch.block), batch * kv_heads)](
+            out, log_w, weights, prefix, k_start, k_len, ids, 0 if in_memory else seed,
+            seed if in_memory else k_start, stream, per_head, m, m_u, m_n, kv_heads,
+            kv_heads if kv_total is None else kv_total, n_k, int(segments.k_len.max()).bit_length() + 1,
+            SEED_IN_MEMORY=in_memory, BLOCK=launch.block, num_warps=launch.warps,
+        )
+        return out, log_w
 
     def fused_attention(self, q, k, v, *, causal: bool, scale: float):
         """A whole exact call through PyTorch SDPA (cuDNN or FlashAttention, with its own backward):
@@ -243,6 +270,11 @@ class TritonBackend(Backend):
 
 def _as_is(values: np.ndarray) -> np.ndarray:
     return values
+
+
+def _head_ids(head_ids: tuple[int, ...]) -> np.ndarray:
+    """int32 [Hk]: each KV head's index in the call whose draws it takes (the key-norm draw kernel's)."""
+    return np.asarray(head_ids, dtype=np.int32)
 
 
 def _sample_bounds(segments: Segments) -> tuple[np.ndarray, np.ndarray]:

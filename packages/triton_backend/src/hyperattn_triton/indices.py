@@ -20,6 +20,7 @@ from .staging import DeviceTables, graph_pool_on
 @dataclass
 class IndexTensors:
     """The kernels' index arguments: LSH orders, samples and their key blocks, log sample weights
+    (per segment, or with ``draw_weights`` per draw, laid out as the samples: importance sampling)
     (one-element dummies for exact pieces, which read none of them)."""
 
     q_order: torch.Tensor
@@ -30,6 +31,7 @@ class IndexTensors:
     order_strides: tuple
     sample_strides: tuple
     sample_size: int
+    draw_weights: bool = False
     #: int32 [Nq]: the key block of each sorted query position (made when the dK/dV kernel of the
     #: sample slots first needs it)
     q_blocks: torch.Tensor | None = None
@@ -91,6 +93,11 @@ class StructureIndices:
                 samples, structure.k_rank, sample_blocks, segments * m, kv_heads, *samples.stride()[:2],
                 *structure.k_rank.stride(), structure.block_size, BLOCK=launch.block, num_warps=launch.warps)
             sample_strides = samples.stride()[:3]
-        log_w = self._tables.get(log_sample_weights, q, structure)
+        draw_weights = structure.sample_log_weights is not None
+        if draw_weights:  # the kernels index them with the samples' (contiguous) strides
+            log_w = structure.sample_log_weights.contiguous()
+        else:
+            log_w = self._tables.get(log_sample_weights, q, structure)
         return IndexTensors(q_order, k_order, samples, sample_blocks, log_w,
-                            (*q_order.stride()[:2], *k_order.stride()[:2]), sample_strides, structure.sample_size)
+                            (*q_order.stride()[:2], *k_order.stride()[:2]), sample_strides, structure.sample_size,
+                            draw_weights)

@@ -272,16 +272,21 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, st
     q_order, k_order, k_rank = backend.sort_pair(q_codes, k_codes, segments, code_bits=bits)
     m = config.sample_size
     n_k = segments.k_len
-    samples = None
+    samples = draw_log_w = None
     if m > 0:
         if len(n_k) and int(n_k.max()) > sampling.MAX_SPAN:  # the draws' multiply-shift covers 2**32 keys
             raise ValueError(f"a sparse piece may span at most 2**32 keys (the samples' range), got {int(n_k.max())}")
-        stratified = config.sampling == "stratified"
-        if global_heads is None:
-            samples = backend.draw_samples(seed, stream, (k.shape[0], k.shape[1]), segments, m, k.shape[2], k,
-                                           stratified)
-        else:  # all heads' draws (a few KiB each), then this call's
-            samples = global_heads.take(backend.draw_samples(seed, stream, (k.shape[0], global_heads.kv_total),
-                                                             segments, m, k.shape[2], k, stratified))
+        if config.sampling == "key_norm":
+            head_ids = None if global_heads is None else global_heads.kv_index
+            kv_total = None if global_heads is None else global_heads.kv_total
+            samples, draw_log_w = backend.draw_samples_by_key_norm(seed, stream, segments, m, k, head_ids, kv_total)
+        else:
+            stratified = config.sampling == "stratified"
+            if global_heads is None:
+                samples = backend.draw_samples(seed, stream, (k.shape[0], k.shape[1]), segments, m, k.shape[2], k,
+                                               stratified)
+            else:  # all heads' draws (a few KiB each), then this call's
+                samples = global_heads.take(backend.draw_samples(seed, stream, (k.shape[0], global_heads.kv_total),
+                                                                 segments, m, k.shape[2], k, stratified))
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
-    return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight)
+    return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight, draw_log_w)

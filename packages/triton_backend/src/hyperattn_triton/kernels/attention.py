@@ -8,7 +8,8 @@ With ``PERMUTED`` the positions index the LSH orders (rows and keys are gathered
 ``QOrder``/``KOrder``, never copied sorted); without it they are rows and keys themselves.
 ``CAUSAL`` keeps key j for row i when ``j <= i + diag``.  Samples (int32 ``Samples`` with their
 key block ``SampleBlock``, both [B, Hk, S, m]) are masked for rows of their own key block and
-weighted by ``exp(LogW[segment])``.  ``INT64_OFFSETS``: offsets inside one (batch, head) may pass
+weighted by ``exp(LogW[segment])``, or with ``DRAW_WEIGHTS`` (importance sampling) by each draw's
+``exp(LogW[b, hk, segment, slot])`` (float32, laid out as ``Samples``).  ``INT64_OFFSETS``: offsets inside one (batch, head) may pass
 2**31, so indices are int64 (else int32).  ``OVERWRITE``: the call's first piece, whose outputs
 hold nothing yet on its rows and keys: write without reading.
 
@@ -158,7 +159,7 @@ def attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr, DRAW_WEIGHTS: tl.constexpr = False,
 ):
     b, h, hk = program_heads(num_heads, group)
     seg, blk, q0, q1, k0, k1, diag = _load_tile(Tiles, INT64_OFFSETS)
@@ -189,19 +190,28 @@ def attention_fwd_kernel(
             kt, vv, keep = _sample_keys(start, num_samples, Samples + sample_row, SampleBlock + sample_row, blk,
                                         k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
                                         BLOCK_N, INT64_OFFSETS)
-            key_bias = tl.where(keep, log_w, -float("inf"))
+            if DRAW_WEIGHTS:  # each draw's own log weight, in raw score units
+                slot_w = tl.load(LogW + sample_row + start + tl.arange(0, BLOCK_N), mask=start + tl.arange(0, BLOCK_N) < num_samples, other=0.0)
+                key_bias = tl.where(keep, slot_w[None, :] * (LOG2E / scale_log2), -float("inf"))
+            else:
+                key_bias = tl.where(keep, log_w, -float("inf"))
             m_i, l_i, acc = _online_step(q, kt, vv, key_bias, keep, m_i, l_i, acc, scale_log2, PRECISION, True, False)
     _store_partial(Out + b * so_b + h * so_h, Lse + b * sl_b + h * sl_h, rows, mask_m, offs_v, so_n, so_d, sl_n,
                    m_i, l_i, acc, V_DIM, OVERWRITE)
 
 
 @triton.jit
-def _dq_step(q, do, kt, vv, valid, row_offset2, delta, dq, scale, scale_log2, PRECISION: tl.constexpr):
+def _dq_step(q, do, kt, vv, valid, row_offset2, delta, dq, scale, scale_log2, PRECISION: tl.constexpr,
+             col_bias2=0.0, COL_BIAS: tl.constexpr = False):
     """dq += dS K for keys ``kt``/``vv``: P = exp2(S * scale_log2 - row_offset2) with row_offset2 =
-    lse2 - the keys' log weight (one fused multiply-add per score).  Masked rows read q = do = 0
+    lse2 - the keys' log weight (one fused multiply-add per score); with ``COL_BIAS`` also
+    + ``col_bias2`` [1, N] (per-draw log2 weights).  Masked rows read q = do = 0
     and lse2 = delta = 0, so their P is 1 and their dS 0; keys need the mask (``valid``): a
     zero-filled key gives P = exp2(-lse2), which overflows for lse < -88, and inf * 0 is NaN."""
-    p = tl.where(valid, tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * scale_log2 - row_offset2[:, None]), 0.0)
+    x = tl.dot(q, kt, input_precision=PRECISION) * scale_log2 - row_offset2[:, None]
+    if COL_BIAS:
+        x = x + col_bias2
+    p = tl.where(valid, tl.exp2(x), 0.0)
     dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
     ds = p * (dp - delta[:, None]) * scale
     return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -217,7 +227,7 @@ def attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr, DRAW_WEIGHTS: tl.constexpr = False,
 ):
     """dQ of a query tile: its rows are owned, so dQ is read, added to and written once (written
     without reading when OVERWRITE: the call's first piece)."""
@@ -240,13 +250,21 @@ def attention_bwd_dq_kernel(
                                     diag, HEAD_DIM, V_DIM, BLOCK_N, PERMUTED, CAUSAL, INT64_OFFSETS)
         dq = _dq_step(q, do, kt, vv, valid, lse2, delta, dq, scale, scale_log2, PRECISION)
     if HAS_SAMPLES:
-        sample_offset2 = lse2 - tl.load(LogW + seg) * LOG2E
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
+        if DRAW_WEIGHTS:
+            sample_offset2 = lse2
+        else:
+            sample_offset2 = lse2 - tl.load(LogW + seg) * LOG2E
         for start in range(0, num_samples, BLOCK_N):
             kt, vv, keep = _sample_keys(start, num_samples, Samples + sample_row, SampleBlock + sample_row, blk,
                                         k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
                                         BLOCK_N, INT64_OFFSETS)
-            dq = _dq_step(q, do, kt, vv, keep, sample_offset2, delta, dq, scale, scale_log2, PRECISION)
+            if DRAW_WEIGHTS:
+                slot_w2 = tl.load(LogW + sample_row + start + tl.arange(0, BLOCK_N), mask=start + tl.arange(0, BLOCK_N) < num_samples, other=0.0) * LOG2E
+                dq = _dq_step(q, do, kt, vv, keep, sample_offset2, delta, dq, scale, scale_log2, PRECISION,
+                              slot_w2[None, :], True)
+            else:
+                dq = _dq_step(q, do, kt, vv, keep, sample_offset2, delta, dq, scale, scale_log2, PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_n + offs_d[None, :] * sdq_d
     dq_mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     if not OVERWRITE:
@@ -266,7 +284,7 @@ def attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, CAUSAL: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, OVERWRITE: tl.constexpr, SLOT_OUTPUT: tl.constexpr = False,
-    ATOMIC: tl.constexpr = False,
+    ATOMIC: tl.constexpr = False, DRAW_WEIGHTS: tl.constexpr = False,
 ):
     """dK, dV of a key tile (block keys, exact keys, or sample slots) over rows [q0, q1) of every
     query head of its KV head; program axis 1 runs over batch x KV heads.
@@ -282,7 +300,10 @@ def attention_bwd_dkdv_kernel(
     if SAMPLES:
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         keys, key_blocks, mask_n = _sample_slots(k0, k1, Samples + sample_row, SampleBlock + sample_row, BLOCK_N, INT64_OFFSETS)
-        bias2 = tl.load(LogW + seg) * LOG2E
+        if DRAW_WEIGHTS:  # [BLOCK_N]: each slot's own log2 weight
+            bias2 = tl.load(LogW + sample_row + k0 + tl.arange(0, BLOCK_N), mask=mask_n, other=0.0) * LOG2E
+        else:
+            bias2 = tl.load(LogW + seg) * LOG2E
     else:
         keys, mask_n = _positions(k0, k1, KOrder + b * sko_b + hk * sko_h, BLOCK_N, PERMUTED, INT64_OFFSETS)
         bias2 = 0.0
@@ -302,7 +323,10 @@ def attention_bwd_dkdv_kernel(
             lse2 = tl.load(Lse + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0) * LOG2E
             delta = tl.load(Delta + b * sl_b + h * sl_h + rows * sl_n, mask=mask_m, other=0.0)
             # [BLOCK_N, BLOCK_M]; one fused multiply-add per score
-            pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * scale_log2 - (lse2 - bias2)[None, :])
+            if DRAW_WEIGHTS:
+                pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * scale_log2 + bias2[:, None] - lse2[None, :])
+            else:
+                pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * scale_log2 - (lse2 - bias2)[None, :])
             # Masked rows read q = do = 0, lse2 = delta = 0: P = 1, dS = 0, no contribution; a
             # masked key's row of dK/dV is never stored.  So only causality and the samples' own
             # block need masks.

@@ -1,6 +1,6 @@
 """Small row-wise kernels: the backward's delta (``row_dot_kernel``), the widening copy of the exact
-path's results (``cast_rows_kernel``), the residual's samples (``draw_samples_kernel``) and each
-sample's key block (``sample_blocks_kernel``)."""
+path's results (``cast_rows_kernel``), the residual's samples (``draw_samples_kernel``; by key norm
+``draw_key_norm_samples_kernel``) and each sample's key block (``sample_blocks_kernel``)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,68 @@ def sample_blocks_kernel(Samples, KRank, Blocks, count, kv_heads, ss_b, ss_h, sr
         keys = tl.load(Samples + b * ss_b + h * ss_h + offs, mask=mask, other=0).to(tl.int64)
         rank = tl.load(KRank + b * sr_b + h * sr_h + keys * sr_n, mask=mask, other=0)
         tl.store(Blocks + bh.to(tl.int64) * count + offs, (rank // block_size).to(tl.int32), mask=mask)
+
+
+@triton.jit
+def _counter_bits(seed, Seed, stream, index, SEED_IN_MEMORY: tl.constexpr):
+    """uint64 [BLOCK] holding ``hyperattn.sampling.mix(seed, stream, index)`` (32 bits)."""
+    if SEED_IN_MEMORY:
+        key = tl.load(Seed).to(tl.uint64, bitcast=True)
+    else:
+        key = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+    key = key + stream.to(tl.uint64) * STREAM
+    z = key + (index.to(tl.uint64, bitcast=True) + 1) * GOLDEN
+    z = (z ^ (z >> 30)) * MIX1
+    z = (z ^ (z >> 27)) * MIX2
+    z = z ^ (z >> 31)
+    return z >> 32
+
+
+@triton.jit(do_not_specialize=["seed", "stream"])
+def draw_key_norm_samples_kernel(Out, LogW, Weights, Prefix, KStart, KLen, HeadIds, seed, Seed, stream, per_head,
+                                 m, m_u, m_n, kv_heads, kv_total, n_k, search_steps,
+                                 SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    """``hyperattn.sampling.sample_keys_by_key_norm``: Out[bh, s, j] (int keys) and LogW[bh, s, j]
+    (float32), contiguous [B * Hk, S, m], from the key weights ``Weights`` (float32) and their
+    inclusive float64 prefix sums ``Prefix`` (both contiguous [B * Hk, Nk]).  Draws j < m_u are
+    stratified uniform; the others search the prefix sums (``search_steps`` >= bit length of the
+    longest span halvings).  ``HeadIds`` [Hk]: each KV head's index in a call of ``kv_total``."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_head
+    b = bh // kv_heads
+    head = tl.load(HeadIds + bh % kv_heads).to(tl.int64)
+    bits = _counter_bits(seed, Seed, stream, (b * kv_total + head) * per_head + offs, SEED_IN_MEMORY)
+    segment = offs // m
+    slot = offs % m
+    start = tl.load(KStart + segment, mask=mask, other=0).to(tl.int64)
+    span = tl.load(KLen + segment, mask=mask, other=1).to(tl.int64)
+    prefix = Prefix + bh * n_k
+    base = tl.load(prefix + start - 1, mask=mask & (start > 0), other=0.0)
+    total = tl.load(prefix + start + span - 1, mask=mask, other=0.0) - base
+    norm_draw = slot >= m_u
+    by_norm = norm_draw & (total > 0)
+    # stratified uniform: m_u strata for the first draws, m_n for the others (if the total is 0)
+    stratum = tl.where(norm_draw, slot - m_u, slot)
+    strata = tl.where(norm_draw, tl.maximum(m_n, 1), m_u)
+    drawn = start + (stratum * span + ((bits * span.to(tl.uint64)) >> 32).to(tl.int64, bitcast=True)) // strata
+    # the first key whose inclusive prefix sum passes the target: lo in [start, start + span]
+    target = base + (stratum.to(tl.float64) + bits.to(tl.float64) * (2.0**-32)) / tl.maximum(m_n, 1) * total
+    lo = start
+    hi = start + span
+    for _ in range(search_steps):
+        active = by_norm & (lo < hi) & mask
+        mid = (lo + hi) // 2
+        above = tl.load(prefix + mid, mask=active, other=0.0) > target
+        hi = tl.where(active & above, mid, hi)
+        lo = tl.where(active & ~above, mid + 1, lo)
+    drawn = tl.where(by_norm, tl.minimum(lo, start + span - 1), drawn)
+    w = tl.load(Weights + bh * n_k + drawn, mask=mask, other=0.0).to(tl.float64)
+    n = span.to(tl.float64)
+    p = tl.where(total > 0, w / tl.where(total > 0, total, 1.0), 1.0 / n)
+    log_w = -tl.log((m_u / n + m_n * p).to(tl.float32))
+    tl.store(Out + bh * per_head + offs, drawn.to(Out.dtype.element_ty), mask=mask)
+    tl.store(LogW + bh * per_head + offs, log_w, mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed", "stream"])
