@@ -33,7 +33,7 @@ class Request:
         has applied already (the plan's pieces then do not depend on the options any more)."""
         if self.exact:
             return None
-        return dataclasses.replace(self.config, exact_crossover=False) if self.config.exact_crossover else self.config
+        return replace(self.config, exact_crossover=False) if self.config.exact_crossover else self.config
 
     def spec(self, projections=None) -> CallSpec:
         return CallSpec(self.causal, self.scale, self.plan_config, self.seed, projections, self.global_heads)
