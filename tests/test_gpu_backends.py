@@ -60,6 +60,11 @@ GPU_CASES = [
                                              sink_keys=16, band_keys=192)),
     (1, 4, 2, 3000, 3000, 64, 64, False, dict(block_size=128, sample_size=128, lsh_num_projs=7, min_seq_len=512,
                                               sampling="stratified")),
+    # importance sampling by key norm (per-draw weights), causal with a band and non-causal, GQA
+    (1, 4, 2, 4096, 4096, 64, 64, True, dict(block_size=256, sample_size=64, lsh_num_projs=7, min_seq_len=512,
+                                             band_keys=64, sampling="key_norm")),
+    (2, 4, 1, 3000, 2900, 128, 64, False, dict(block_size=128, sample_size=96, lsh_num_projs=6, min_seq_len=512,
+                                               sampling="key_norm")),
 ]
 
 
@@ -67,6 +72,9 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: str(c[:8]) if isinstance(c, tuple) else str(c))
 def test_gpu_same_plan_within_flash_attention_tolerance(gpu_backend, case, dtype):
     batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal, params = case
+    samplings = backend_status(gpu_backend).backend.capabilities.samplings
+    if params.get("sampling", "stratified") not in samplings:
+        pytest.skip(f"{gpu_backend} draws only {samplings}")
     q, k, v = (torch.from_numpy(x).to("cuda", dtype) for x in
                make_inputs((batch, q_heads, n_q, dim), kv_heads=kv_heads, n_k=n_k, v_dim=v_dim, seed=dim))
     results, plan = run_both(q, k, v, causal=causal, params=params, other=gpu_backend)

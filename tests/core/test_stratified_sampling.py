@@ -57,7 +57,7 @@ def test_compiled_stratified_calls_equal_eager_and_differ_from_uniform():
 
 
 def test_an_unknown_sampling_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match=r"sampling must be one of \('uniform', 'stratified'\), got 'norms'"):
+    with pytest.raises(ValueError, match=r"sampling must be one of \('uniform', 'stratified', 'key_norm'\), got 'norms'"):
         HyperAttentionConfig(sampling="norms")
     q = np.zeros((1, 1, 8, 4))
     with pytest.raises(ValueError, match="sampling must be one of"):

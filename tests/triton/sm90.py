@@ -65,6 +65,10 @@ def compile_all() -> None:
             (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True, OVERWRITE=False, SLOT_OUTPUT=True)),
             (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, OVERWRITE=True)),
             (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=False, OVERWRITE=False)),
+            # per-draw log weights (sampling="key_norm")
+            (attention.attention_fwd_kernel, fwd_types, dict(HAS_SAMPLES=True, OVERWRITE=False, DRAW_WEIGHTS=True)),
+            (attention.attention_bwd_dq_kernel, bwd_types, dict(HAS_SAMPLES=True, OVERWRITE=False, DRAW_WEIGHTS=True)),
+            (attention.attention_bwd_dkdv_kernel, bwd_types, dict(SAMPLES=True, OVERWRITE=False, DRAW_WEIGHTS=True)),
         ):
             compiled = compiles(_source(fn, types, dict(common, **flags)))
             assert "ptx" in compiled.asm
@@ -92,6 +96,13 @@ def compile_all() -> None:
                           "per_head": "i32", "m": "i32"},
                          dict(SEED_IN_MEMORY=in_memory, STRATIFIED=in_memory,
                               BLOCK=launch_for(options.launches, "draw_samples", 64).block)))
+    for out_type, in_memory in (("*i32", False), ("*i32", True), ("*i64", False)):
+        compiles(_source(utility.draw_key_norm_samples_kernel,
+                         {"Out": out_type, "LogW": "*fp32", "Weights": "*fp32", "Prefix": "*fp64", "KStart": "*i64",
+                          "KLen": "*i64", "HeadIds": "*i32", "Seed": "*i64", "stream": "i32", "per_head": "i32",
+                          "m": "i32", "m_u": "i32", "m_n": "i32", "kv_heads": "i32", "kv_total": "i32",
+                          "n_k": "i32", "search_steps": "i32"},
+                         dict(SEED_IN_MEMORY=in_memory, BLOCK=launch_for(options.launches, "draw_samples", 64).block)))
     compiles(_source(utility.row_dot_kernel, {"A": "*bf16", "B": "*fp32", "Out": "*fp32"},
                      dict(DIM=64, D_PAD=64, BLOCK=launch_for(options.launches, "row_dot", 64).block)))
     for fn in (sort.chunk_histogram_kernel, sort.chunk_scatter_kernel, sort.bucket_starts_kernel,

@@ -605,6 +605,59 @@ def test_drawn_samples_equal_the_specification(seed_in_memory, stratified):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("seed_in_memory", [False, True])
+def test_key_norm_draws_equal_the_specification(seed_in_memory):
+    """The key-norm draw kernel against ``hyperattn.sampling.sample_keys_by_key_norm``: the same keys
+    and log weights (to float32 rounding) for heavy keys, a segment of zero keys, several streams,
+    and the heads of a larger call (``head_ids``)."""
+    from hyperattn.protocol import Segments
+    from hyperattn.sampling import key_norm_weights, sample_keys_by_key_norm
+
+    segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000), (20, 30, 1000, 4099)])
+    k = torch.randn(2, 3, 4099, 16, generator=torch.Generator().manual_seed(0))
+    k[:, :, 5] *= 5
+    k[0, 0, 7:1000] = 0
+    weights = key_norm_weights(k.numpy())
+    for seed, stream, heads in [(0, 0, None), (12345, 2, (4, 0, 2)), (2**63 - 1, 1, None)]:
+        given = torch.tensor(seed) if seed_in_memory else seed
+        got, got_w = TRITON.backend.draw_samples_by_key_norm(given, stream, segments, 70, k, heads,
+                                                             None if heads is None else 5)
+        want, want_w = sample_keys_by_key_norm(seed, stream, weights, segments.k_start, segments.k_len, 70, heads,
+                                               None if heads is None else 5)
+        assert got.dtype == torch.int32 and got_w.dtype == torch.float32
+        np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_allclose(got_w.numpy(), want_w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[0], INTERPRETER_CASES[1], (2, 4, 2, 100, 100, 16, 8, True)])
+def test_same_plan_with_key_norm_samples_matches_reference(case):
+    """Per-draw log weights (``sampling="key_norm"``) in the forward, dQ and dK/dV kernels."""
+    q, k, v, causal = inputs(case, torch.float32, seed=5)
+    k[:, :, ::9] *= 3
+    results, plan = run_both(q, k, v, causal=causal, params={**SMALL, "sampling": "key_norm"})
+    draw_weights = [p.structure.sample_log_weights for p in plan.pieces if isinstance(p, SparsePiece)]
+    assert draw_weights and np.ptp(np.concatenate([np.ravel(w) for w in draw_weights])) > 0.1
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert np.isfinite(got).all(), name
+        assert error_or_absolute(got, want) < 1e-5, name
+
+
+def test_a_key_norm_call_drawn_on_the_device_equals_the_reference_call():
+    """The whole call, its draws made by the Triton kernel: what the reference computes from the
+    same seed (forward and gradients)."""
+    q, k, v, causal = inputs((1, 2, 1, 100, 130, 16, 16, True), torch.float32, seed=2)
+    k[:, :, ::7] *= 3
+    params = dict(SMALL, sampling="key_norm", exact_crossover=False, band_keys=4)
+    got, want = [], []
+    for backend, results in (("triton", got), ("reference", want)):
+        inputs_ = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = hyperattn.attention(*inputs_, causal=causal, seed=11, backend=backend, **params)
+        out.backward(torch.ones_like(out))
+        results.extend(testing.to_numpy64(x) for x in (out, *(x.grad for x in inputs_)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert error_or_absolute(a, b) < 1e-5, name
+
+
 def test_planned_path_reads_no_tensor_on_the_host(monkeypatch):
     """A causal call with gradients (exact leaves, sparse levels, samples, backward) reads no tensor's
     value on the host: on a GPU each such read is a synchronisation, and it would break a CUDA graph.
