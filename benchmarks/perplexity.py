@@ -65,8 +65,8 @@ def parse_args(argv=None):
     add("--min_seq_len", type=int, default=4096)
     add("--sink_keys", type=int, default=0, help="first keys attended exactly (0: the paper's estimator)")
     add("--band_keys", type=int, default=0, help="previous keys of each row attended exactly (0: the paper's estimator)")
-    add("--sampling", choices=["uniform", "stratified"], default="stratified",
-        help="how the residual's keys are drawn (uniform: the paper's)")
+    add("--sampling", choices=["uniform", "stratified", "key_norm"], default="stratified",
+        help="how the residual's keys are drawn (uniform: the paper's; key_norm: importance sampling by ||k||^4)")
     add("--backend", default="auto")
     add("--settings", nargs="+", default=[""],
         help="parameter sets, each 'name=value,...' over the flags above ('' = the flags): one row per layers x setting")

@@ -69,7 +69,11 @@ GPU_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: str(c[:8]) if isinstance(c, tuple) else str(c))
+def _case_id(case) -> str:
+    return str(case[:8]) + (f"-{case[8]['sampling']}" if "sampling" in case[8] else "")
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_same_plan_within_flash_attention_tolerance(gpu_backend, case, dtype):
     batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal, params = case
     samplings = backend_status(gpu_backend).backend.capabilities.samplings
@@ -125,11 +129,15 @@ def test_gpu_overwriting_pieces_never_read_uninitialised_memory(gpu_backend, cau
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)  # sample atomics add in any order
 
 
-def test_gpu_causal_leak_and_nan_poison(gpu_backend, backend_options):
-    """Changing keys after row 700 changes no output before it; every piece writes every row it owns
-    over a NaN-poisoned accumulator and none other."""
+@pytest.mark.parametrize("sampling", ["stratified", "key_norm"])
+def test_gpu_causal_leak_and_nan_poison(gpu_backend, sampling, backend_options):
+    """Changing keys after row 700 changes no output before it (``key_norm``: nor the norm-weighted
+    draws of earlier rectangles); every piece writes every row it owns over a NaN-poisoned
+    accumulator and none other."""
+    if sampling not in backend_status(gpu_backend).backend.capabilities.samplings:
+        pytest.skip(f"{gpu_backend} does not draw {sampling!r}")
     backend_options(gpu_backend, exact_below=(0, 0))
-    params = dict(block_size=64, sample_size=32, lsh_num_projs=5, min_seq_len=128)
+    params = dict(block_size=64, sample_size=32, lsh_num_projs=5, min_seq_len=128, sampling=sampling)
     q, k, v = (torch.randn(1, 4, 1500, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = hyperattn.attention(q, k[:, :2], v[:, :2], causal=True, seed=1, backend=gpu_backend, **params)
     k2, v2 = k[:, :2].clone(), v[:, :2].clone()
