@@ -149,9 +149,10 @@ def test_head_sharded_draws_equal_the_whole_calls():
     rng = np.random.default_rng(0)
     k = rng.standard_normal((2, 3, 500, 8))
     segments = Segments.from_ranges([(0, 10, 0, 200), (10, 20, 200, 500)])
-    whole_keys, whole_w = REFERENCE.draw_samples_by_key_norm(4, 1, segments, 12, k)
-    part_keys, part_w = REFERENCE.draw_samples_by_key_norm(4, 1, segments, 12, k[:, [2, 1]], head_ids=(2, 1),
-                                                           kv_total=3)
+    whole_keys, whole_w = REFERENCE.draw_samples_by_key_norm(4, 1, segments, 12, REFERENCE.key_norm_weights(k), k)
+    part = k[:, [2, 1]]
+    part_keys, part_w = REFERENCE.draw_samples_by_key_norm(4, 1, segments, 12, REFERENCE.key_norm_weights(part), part,
+                                                           head_ids=(2, 1), kv_total=3)
     np.testing.assert_array_equal(part_keys, whole_keys[:, [2, 1]])
     np.testing.assert_array_equal(part_w, whole_w[:, [2, 1]])
 

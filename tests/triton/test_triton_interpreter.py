@@ -618,10 +618,13 @@ def test_key_norm_draws_equal_the_specification(seed_in_memory):
     k[:, :, 5] *= 5
     k[0, 0, 7:1000] = 0
     weights = key_norm_weights(k.numpy())
+    k = k.to(DEVICE)
+    key_weights = TRITON.backend.key_norm_weights(k)
     for seed, stream, heads in [(0, 0, None), (12345, 2, (4, 0, 2)), (2**63 - 1, 1, None)]:
-        given = torch.tensor(seed) if seed_in_memory else seed
-        got, got_w = TRITON.backend.draw_samples_by_key_norm(given, stream, segments, 70, k, heads,
+        given = torch.tensor(seed, device=DEVICE) if seed_in_memory else seed
+        got, got_w = TRITON.backend.draw_samples_by_key_norm(given, stream, segments, 70, key_weights, k, heads,
                                                              None if heads is None else 5)
+        got, got_w = got.cpu(), got_w.cpu()
         want, want_w = sample_keys_by_key_norm(seed, stream, weights, segments.k_start, segments.k_len, 70, heads,
                                                None if heads is None else 5)
         assert got.dtype == torch.int32 and got_w.dtype == torch.float32
@@ -649,8 +652,8 @@ def test_a_key_norm_call_drawn_on_the_device_equals_the_reference_call():
     k[:, :, ::7] *= 3
     params = dict(SMALL, sampling="key_norm", exact_crossover=False, band_keys=4)
     got, want = [], []
-    for backend, results in (("triton", got), ("reference", want)):
-        inputs_ = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    for backend, results in (("triton", got), ("reference", want)):  # the reference on the host
+        inputs_ = [(x if backend == "triton" else x.cpu()).detach().clone().requires_grad_() for x in (q, k, v)]
         out = hyperattn.attention(*inputs_, causal=causal, seed=11, backend=backend, **params)
         out.backward(torch.ones_like(out))
         results.extend(testing.to_numpy64(x) for x in (out, *(x.grad for x in inputs_)))

@@ -62,6 +62,11 @@ class Segments:
         once (a plan's segments are made once per shape and reused by every call, read only)."""
         return tuple(a.tobytes() for a in (self.q_start, self.q_end, self.k_start, self.k_end))
 
+    @functools.cached_property
+    def max_k_len(self) -> int:
+        """The longest key range (0 without segments), computed once."""
+        return int(self.k_len.max()) if len(self) else 0
+
     @property
     def table(self) -> np.ndarray:
         """[S, 4] int64: q_start, q_end, k_start, k_end."""
@@ -396,24 +401,25 @@ class Backend(abc.ABC):
         drawn = sampling.sample_keys(seed, stream, heads, segments.k_start, segments.k_len, m, n_k, stratified)
         return self.from_host(drawn, like)
 
-    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, k: Array,
+    def key_norm_weights(self, k: Array):
+        """What ``draw_samples_by_key_norm`` reads of native keys k [B, Hk, Nk, D], made once per call
+        (every sparse piece of it draws from the same keys): here float32 [B, Hk, Nk] NumPy
+        ``hyperattn.sampling.key_norm_weights``; a device backend keeps its own form (prefix sums)."""
+        return sampling.key_norm_weights(np.asarray(k))
+
+    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, key_weights, like: Array,
                                  head_ids: tuple[int, ...] | None = None, kv_total: int | None = None):
         """``(samples, log_weights)`` [B, Hk, S, m] of ``sampling="key_norm"``: native integer keys
-        and float32 log weights, ``hyperattn.sampling.sample_keys_by_key_norm`` of k's key weights
-        (up to the rounding of its prefix sums).  ``head_ids``/``kv_total``: the heads are those of
-        a larger call (see ``GlobalHeads``).  This default draws on the host."""
+        and float32 log weights, ``hyperattn.sampling.sample_keys_by_key_norm`` (up to the rounding
+        of its prefix sums) of ``key_weights`` (from :meth:`key_norm_weights`), on ``like``'s device.
+        ``head_ids``/``kv_total``: the heads are those of a larger call (see ``GlobalHeads``).
+        This default draws on the host."""
         if not isinstance(seed, int):
             raise TypeError(f"{self.name}: seed must be an int here (this backend draws samples on the host), "
                             f"got {type(seed).__name__}")
-        weights = self.key_norm_weights_on_host(k)
-        keys, log_w = sampling.sample_keys_by_key_norm(seed, stream, weights, segments.k_start, segments.k_len, m,
+        keys, log_w = sampling.sample_keys_by_key_norm(seed, stream, key_weights, segments.k_start, segments.k_len, m,
                                                        head_ids, kv_total)
-        return self.from_host(keys, k), self.from_host(log_w, k)
-
-    def key_norm_weights_on_host(self, k: Array) -> np.ndarray:
-        """float32 [B, Hk, Nk] NumPy: ``hyperattn.sampling.key_norm_weights`` of native keys (a
-        device backend computes them where k lives and copies only these)."""
-        return sampling.key_norm_weights(np.asarray(k))
+        return self.from_host(keys, like), self.from_host(log_w, like)
 
     def fused_attention(self, q, k, v, *, causal: bool, scale: float):
         """A whole exact call through one fused, differentiable kernel (no log-sum-exp), on the

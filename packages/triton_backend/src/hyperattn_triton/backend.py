@@ -110,28 +110,33 @@ class TritonBackend(Backend):
         )
         return out
 
-    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, k, head_ids=None,
-                                 kv_total=None):
-        """On the device: the key weights (``row_dot`` of k with itself, squared), their float64
-        prefix sums (``torch.cumsum``) and one draw launch (``draw_key_norm_samples_kernel``)."""
-        batch, kv_heads, n_k = k.shape[:3]
-        count = len(segments)
-        squared = self.row_dot(k, k)  # float32 [B, Hk, Nk]
+    def key_norm_weights(self, k):
+        """(float32 [B, Hk, Nk] ``||k||**4``, their float64 inclusive prefix sums): ``row_dot`` of k
+        with itself squared, and one ``torch.cumsum``; made once per call."""
+        squared = self.row_dot(k, k)
         weights = squared * squared
-        prefix = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+        return weights, torch.cumsum(weights, dim=-1, dtype=torch.float64)
+
+    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, key_weights, like,
+                                 head_ids=None, kv_total=None):
+        """One launch on the device (``draw_key_norm_samples_kernel``): a binary search of each norm
+        draw's target in the prefix sums; the seed as in :meth:`draw_samples`."""
+        weights, prefix = key_weights
+        batch, kv_heads, n_k = weights.shape
+        count = len(segments)
         out = torch.empty(batch, kv_heads, count, m, dtype=torch.int32 if n_k < 2**31 else torch.int64,
-                          device=k.device)
-        log_w = torch.empty(batch, kv_heads, count, m, dtype=torch.float32, device=k.device)
-        k_start, k_len = self.device_tables.get(_sample_bounds, k, segments)
-        ids = self.device_tables.get(_head_ids, k, tuple(range(kv_heads)) if head_ids is None else tuple(head_ids))
+                          device=like.device)
+        log_w = torch.empty(batch, kv_heads, count, m, dtype=torch.float32, device=like.device)
+        k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
+        ids = self.device_tables.get(_head_ids, like, tuple(range(kv_heads)) if head_ids is None else tuple(head_ids))
         in_memory = isinstance(seed, torch.Tensor)
-        launch = launch_for(self.options.launches, "draw_samples", k.shape[3])
+        launch = launch_for(self.options.launches, "draw_samples", like.shape[3])
         per_head = count * m
         m_u, m_n = sampling.split_key_norm_draws(m)
         direct(draw_key_norm_samples_kernel)[(cdiv(per_head, launch.block), batch * kv_heads)](
             out, log_w, weights, prefix, k_start, k_len, ids, 0 if in_memory else seed,
             seed if in_memory else k_start, stream, per_head, m, m_u, m_n, kv_heads,
-            kv_heads if kv_total is None else kv_total, n_k, int(segments.k_len.max()).bit_length() + 1,
+            kv_heads if kv_total is None else kv_total, n_k, segments.max_k_len.bit_length() + 1,
             SEED_IN_MEMORY=in_memory, BLOCK=launch.block, num_warps=launch.warps,
         )
         return out, log_w

@@ -173,9 +173,11 @@ def plan_attention(
         else:
             proj = backend.to_native(projs)
         q_codes, k_codes = backend.lsh_codes_pair(q, k, proj)
+        # importance sampling: the key weights once per call (every level draws from the same keys)
+        key_weights = backend.key_norm_weights(k) if config.sampling == "key_norm" and config.sample_size else None
         for stream, segments in enumerate(sparse_calls):
             yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream,
-                                               global_heads))
+                                               global_heads, key_weights))
 
     return Plan(Pieces(len(exact_pieces) + len(sparse_calls), make_pieces()), float(scale))
 
@@ -265,9 +267,10 @@ def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0,
-                     global_heads: GlobalHeads | None = None) -> SparseStructure:
+                     global_heads: GlobalHeads | None = None, key_weights=None) -> SparseStructure:
     """Sort each segment by LSH code and draw its samples (``backend.draw_samples``, stream ``stream``;
-    with ``global_heads``, the larger call's draws of these heads)."""
+    with ``global_heads``, the larger call's draws of these heads; ``sampling="key_norm"``:
+    ``backend.draw_samples_by_key_norm`` of ``key_weights``, made from k when not given)."""
     bits = config.lsh_num_projs
     q_order, k_order, k_rank = backend.sort_pair(q_codes, k_codes, segments, code_bits=bits)
     m = config.sample_size
@@ -279,7 +282,10 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, st
         if config.sampling == "key_norm":
             head_ids = None if global_heads is None else global_heads.kv_index
             kv_total = None if global_heads is None else global_heads.kv_total
-            samples, draw_log_w = backend.draw_samples_by_key_norm(seed, stream, segments, m, k, head_ids, kv_total)
+            if key_weights is None:
+                key_weights = backend.key_norm_weights(k)
+            samples, draw_log_w = backend.draw_samples_by_key_norm(seed, stream, segments, m, key_weights, k,
+                                                                   head_ids, kv_total)
         else:
             stratified = config.sampling == "stratified"
             if global_heads is None:

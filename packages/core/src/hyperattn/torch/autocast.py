@@ -15,8 +15,10 @@ def autocast_inputs(q, k, v):
     import torch
 
     device = q.device.type
-    # devices without autocast (meta, ...): is_autocast_enabled would raise
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    # devices without autocast (meta, ...): is_autocast_enabled would raise.  Dynamo cannot trace
+    # is_autocast_available (torch 2.11), and traced tensors are on real devices
+    if (not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device)) \
+            or not torch.is_autocast_enabled(device):
         return q, k, v
     dtype = torch.get_autocast_dtype(device)
     castable = (torch.float32, torch.float16, torch.bfloat16)
