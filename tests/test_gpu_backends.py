@@ -68,11 +68,11 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def _case_id(case) -> str:
     return str(case[:8]) + (f"-{case[8]['sampling']}" if "sampling" in case[8] else "")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_same_plan_within_flash_attention_tolerance(gpu_backend, case, dtype):
     batch, q_heads, kv_heads, n_q, n_k, dim, v_dim, causal, params = case
