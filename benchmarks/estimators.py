@@ -1,5 +1,6 @@
 """Estimators at (about) the same cost, on the synthetic families of ``quality.py``: the paper's
-(sorted block diagonal + uniform samples), with stratified samples, with attention sinks
+(sorted block diagonal + uniform samples), with stratified samples, with samples drawn by key norm
+(``sampling="key_norm"``), with attention sinks
 (``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
 per row exactly (the yardstick every user asks about).
 
@@ -41,9 +42,12 @@ def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> d
         f"sinks {sinks} + b{block} s{samples - sinks}": dict(block_size=block, sample_size=samples - sinks,
                                                             sink_keys=sinks),
         f"sinks {sinks} + b{block} s{samples}": dict(block_size=block, sample_size=samples, sink_keys=sinks),
+        f"key_norm b{block} s{samples}": dict(block_size=block, sample_size=samples, sampling="key_norm"),
     }
     if causal:
         chosen[f"estimator='band': band 64 + b{block} s64"] = dict(block_size=block, estimator="band")
+        chosen[f"band 64 + b{block} s64 key_norm"] = dict(block_size=block, sample_size=64, band_keys=64,
+                                                          sampling="key_norm")
         chosen[f"band {band} + b{block} s{samples - band}"] = dict(block_size=block, sample_size=samples - band,
                                                                    band_keys=band)
         chosen[f"sinks {sinks} + band {band} + b{block} s{samples - band}"] = dict(
