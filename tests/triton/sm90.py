@@ -52,7 +52,7 @@ def compile_all() -> None:
     ptr = "*{}"
     for dtype in ("fp16", "bf16"):
         common = dict(HEAD_DIM=64, D_PAD=64, V_DIM=64, DV_PAD=64, BLOCK_M=64, BLOCK_N=64, PERMUTED=True, CAUSAL=False,
-                      PRECISION="tf32", INT64_OFFSETS=dtype == "fp16")
+                      PRECISION="tf32", INT64_OFFSETS=dtype == "fp16", DRAW_WEIGHTS=False)
         fwd_types = {"Q": ptr.format(dtype), "K": ptr.format(dtype), "V": ptr.format(dtype), "Out": "*fp32",
                      "Lse": "*fp32", "Tiles": "*i64", "QOrder": "*i32", "KOrder": "*i32", "QBlock": "*i32",
                      "Samples": "*i32", "SampleBlock": "*i32", "LogW": "*fp32", "scale_log2": "fp32"}
