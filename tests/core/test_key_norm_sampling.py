@@ -7,6 +7,8 @@ backends whose kernels cannot weigh each draw refuse it with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,10 @@ from hypothesis import strategies as st
 import hyperattn
 from helpers import assert_matches_plan_oracle, make_inputs
 from hyperattn import sampling, testing
+from hyperattn.algorithm import run_forward
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.dispatch import not_supported_reasons
-from hyperattn.protocol import Problem, Segments
+from hyperattn.protocol import Capabilities, Problem, Segments
 from hyperattn.registry import backend_status
 
 REFERENCE = backend_status("reference").backend
@@ -54,6 +57,27 @@ def test_draws_favour_heavy_keys_with_bounded_unbiased_weights():
     # the uniform half is stratified: draw j in the j-th of m_u strata
     strata = (keys[0, 1, 0, :m_u] * m_u) // 1000
     np.testing.assert_array_equal(strata, np.arange(m_u))
+
+
+def test_a_segment_swamped_by_the_keys_before_it_draws_uniformly():
+    """The prefix sums run over the whole key axis: a segment whose weights are ~1e-16 of a heavy
+    key's before it cannot be resolved, so its norm draws fall back to uniform (weight n / m),
+    which keeps the estimate unbiased (it was 15 standard errors off before the fallback)."""
+    rng = np.random.default_rng(0)
+    weights = rng.uniform(50, 150, size=(1, 1, 300)).astype(np.float32)
+    weights[0, 0, 10] = 1e18
+    segments = Segments.from_ranges([(0, 1, 0, 100), (0, 1, 100, 300)])
+    keys, log_w = _draw(weights, segments, m=8)
+    np.testing.assert_allclose(log_w[0, 0, 1], np.log(200 / 8), rtol=1e-6)
+    np.testing.assert_array_equal((keys[0, 0, 1, 4:] - 100) * 4 // 200, np.arange(4))  # stratified uniform
+    assert (keys[0, 0, 0, 4:] == 10).all()  # the heavy key's own segment still draws by norm
+    f = rng.standard_normal(300) ** 2
+    estimates = []
+    for seed in range(2000):
+        keys, log_w = _draw(weights, segments, m=8, seed=seed)
+        estimates.append(np.sum(np.exp(log_w[0, 0, 1].astype(np.float64)) * f[keys[0, 0, 1]]))
+    estimates = np.array(estimates)
+    assert abs(estimates.mean() - f[100:].sum()) < 4 * estimates.std() / np.sqrt(len(estimates))
 
 
 def test_weighted_draws_estimate_sums_without_bias():
@@ -157,14 +181,31 @@ def test_head_sharded_draws_equal_the_whole_calls():
     np.testing.assert_array_equal(part_w, whole_w[:, [2, 1]])
 
 
-def test_a_backend_without_per_draw_weights_refuses_key_norm_with_its_reason():
-    pytest.importorskip("cupy")
-    from hyperattn_cupy.backend import CupyBackend
+class _SegmentWeightsOnly(type(REFERENCE)):
+    """A backend that declares no samplings of its own: kernels reading one weight per segment."""
 
-    problem = Problem("torch", "cuda:0", "bfloat16", 1, 2, 2, 64, 64, 64, 64, False, sampling="key_norm")
-    reasons = not_supported_reasons(CupyBackend(), problem)
-    assert any("sampling='key_norm' is not supported" in r for r in reasons), reasons
+    name = "segment-weights-only"
+    capabilities = dataclasses.replace(
+        type(REFERENCE).capabilities,
+        samplings=next(f.default for f in dataclasses.fields(Capabilities) if f.name == "samplings"))
+
+
+def test_a_backend_without_per_draw_weights_refuses_key_norm_with_its_reason():
+    """Dispatch names the reason for a backend that does not list "key_norm" (the default
+    capabilities do not: a backend opts in), and a key_norm plan handed to it directly raises
+    rather than being computed with one weight per segment."""
+    problem = Problem("numpy", "cpu", "float64", 1, 2, 2, 64, 64, 64, 64, False, sampling="key_norm")
     assert not any("sampling" in r for r in not_supported_reasons(REFERENCE, problem))
+    other = _SegmentWeightsOnly()
+    reasons = not_supported_reasons(other, problem)
+    assert any("sampling='key_norm' is not supported" in r for r in reasons), reasons
+    q, k, v = make_inputs((1, 2, 300, 8), kv_heads=1, seed=3)
+    plan = testing.seeded_plan(REFERENCE, q, k, causal=False, scale=8**-0.5,
+                               config=HyperAttentionConfig(**dict(PARAMS, min_seq_len=64)), seed=1)
+    with pytest.raises(ValueError, match="per-draw sample weights"):
+        run_forward(other, plan, q, k, v)
+    cupy = pytest.importorskip("hyperattn_cupy.backend", exc_type=ImportError)
+    assert "key_norm" not in cupy.CupyBackend.capabilities.samplings
 
 
 def test_key_norm_calls_compile_to_the_eager_result():

@@ -608,8 +608,8 @@ def test_drawn_samples_equal_the_specification(seed_in_memory, stratified):
 @pytest.mark.parametrize("seed_in_memory", [False, True])
 def test_key_norm_draws_equal_the_specification(seed_in_memory):
     """The key-norm draw kernel against ``hyperattn.sampling.sample_keys_by_key_norm``: the same keys
-    and log weights (to float32 rounding) for heavy keys, a segment of zero keys, several streams,
-    and the heads of a larger call (``head_ids``)."""
+    and log weights (to float32 rounding) for heavy keys, a segment of zero keys, segments swamped
+    by a heavy key before them, several streams, and the heads of a larger call (``head_ids``)."""
     from hyperattn.protocol import Segments
     from hyperattn.sampling import key_norm_weights, sample_keys_by_key_norm
 
@@ -617,6 +617,7 @@ def test_key_norm_draws_equal_the_specification(seed_in_memory):
     k = torch.randn(2, 3, 4099, 16, generator=torch.Generator().manual_seed(0))
     k[:, :, 5] *= 5
     k[0, 0, 7:1000] = 0
+    k[1, 1, 3] *= 1e4  # swamps the next segments' prefix sums: they draw uniformly
     weights = key_norm_weights(k.numpy())
     k = k.to(DEVICE)
     key_weights = TRITON.backend.key_norm_weights(k)

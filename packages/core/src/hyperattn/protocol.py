@@ -225,9 +225,10 @@ class Capabilities:
     running_out_dtype: str = "accumulator"
     #: ``draw_samples`` reads a seed from device memory (a 0-d int64 array on the inputs' device).
     device_seed: bool = False
-    #: The ``HyperAttentionConfig.sampling`` modes its kernels compute (per-draw weights need
-    #: ``"key_norm"`` in the sparse kernels).
-    samplings: tuple[str, ...] = ("uniform", "stratified", "key_norm")
+    #: The ``HyperAttentionConfig.sampling`` modes its kernels compute.  ``"key_norm"`` needs the
+    #: sparse kernels to read ``SparseStructure.sample_log_weights`` (one log weight per draw), so
+    #: a backend lists it only when they do.
+    samplings: tuple[str, ...] = ("uniform", "stratified")
 
     def __post_init__(self) -> None:
         if self.running_out_dtype not in ("accumulator", "input"):

@@ -53,7 +53,7 @@ def prepare(q, k, v, *, causal, scale, backend, config: HyperAttentionConfig | N
     seed = resolve_seed(seed, problem.device)
     if config is not None:
         check_projections(projections, problem.head_dim, config.lsh_num_projs)
-        if config.sampling != problem.sampling:  # backends say whether they draw (and weigh) this way
+        if config.sample_size and config.sampling != problem.sampling:  # backends say whether they draw this way
             problem = replace(problem, sampling=config.sampling)
     impl = resolve_backend(backend, problem)
     causal = bool(causal)

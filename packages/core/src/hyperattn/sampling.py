@@ -27,9 +27,11 @@ defensive mixture.  The first ``m_u = m - m // 2`` draws are stratified uniform 
 (the formula above with ``m_u`` for m); the other ``m_n = m // 2`` are stratified on the CDF of the
 key weights ``w_x = ||k_x||**4`` (:func:`key_norm_weights`) over the segment: draw ``i`` is the
 first key x whose inclusive prefix sum of w passes ``(i + u) / m_n`` of the segment's total (float64
-prefix sums of the float32 weights; uniform, as the first part, if the total is 0).  Key x is then
+prefix sums of the float32 weights; uniform, as the first part, if the segment's total is not
+above ``PREFIX_FLOOR`` of the prefix sum at its end: the prefix sums run over the whole key axis,
+so a segment far lighter than the keys before it has a total that rounding would swamp).  Key x is then
 drawn ``m_u / n + m_n p_x`` times in expectation (``p_x = w_x / total``), and every draw of x gets
-the weight ``1 / (m_u / n + m_n p_x)`` (the balance heuristic: unbiased, and at most ``n / m_u``, so
+the weight ``1 / (m_u / n + m_n p_x)`` (``p_x = 1 / n`` where the segment falls back to uniform) (the balance heuristic: unbiased, and at most ``n / m_u``, so
 no draw can blow up the estimate), as a per-draw log weight.  Heavy-norm keys (attention sinks)
 are drawn more often, and the uniform half keeps every key reachable.  Backends compute this up to
 the rounding of the float64 prefix sums (a draw whose target falls within rounding of a boundary
@@ -53,6 +55,9 @@ STREAM = 0xD1B54A32D192ED03
 SEED_LIMIT = 2**63
 #: A segment may span at most this many keys (the multiply-shift's range).
 MAX_SPAN = 2**32
+#: Key-norm draws: a segment whose weights sum to at most this fraction of the prefix sum at its
+#: end draws uniformly (the float64 prefix sums resolve its mass to ~1e-16 of that sum).
+PREFIX_FLOOR = 2.0**-24
 
 
 def mix(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
@@ -127,16 +132,17 @@ def sample_keys_by_key_norm(seed: int, stream: int, weights: np.ndarray, k_start
     for s, (a, n) in enumerate(zip(starts.tolist(), spans.tolist())):
         base = prefix[:, :, a - 1] if a > 0 else np.zeros((batch, kv_heads))
         total = prefix[:, :, a + n - 1] - base  # [B, Hk]
+        by_norm = total > PREFIX_FLOOR * prefix[:, :, a + n - 1]  # else uniform (all zero, or swamped)
         drawn = a + uniform[:, :, s]
         for b in range(batch):
             for h in range(kv_heads):
-                if m_n and total[b, h] > 0:
+                if m_n and by_norm[b, h]:
                     targets = base[b, h] + (np.arange(m_n) + u[b, h, s, m_u:]) / m_n * total[b, h]
                     found = np.searchsorted(prefix[b, h, a:a + n], targets, side="right")
                     drawn[b, h, m_u:] = a + np.minimum(found, n - 1)
         keys[:, :, s] = drawn
         w = np.take_along_axis(weights.reshape(batch, kv_heads, n_k), drawn, axis=-1).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            p = np.where(total[..., None] > 0, w / total[..., None], 1.0 / n)
+            p = np.where(by_norm[..., None], w / total[..., None], 1.0 / n)
         log_w[:, :, s] = -np.log(m_u / n + m_n * p)
     return keys.astype(np.int32 if n_k < 2**31 else np.int64), log_w.astype(np.float32)

@@ -39,8 +39,7 @@ class CupyBackend(Backend):
         priority=5,
         running_out_dtype="input",
         device_seed=True,
-        # the CUDA kernels read one log sample weight per segment, not per draw: no importance sampling
-        samplings=("uniform", "stratified"),
+        # (no "key_norm" in samplings: the CUDA kernels read one log sample weight per segment)
     )
 
     def __init__(self, options: CupyOptions | None = None):

@@ -77,10 +77,6 @@ class StructureIndices:
     def _make(self, q, structure: SparseStructure) -> IndexArrays:
         from . import utility
 
-        if structure.sample_log_weights is not None:  # the kernels would read one weight per segment
-            raise ValueError("backend 'cupy' cannot run a plan with per-draw sample weights (sampling='key_norm'): "
-                             "its kernels read one log weight per segment; use sampling='stratified' or "
-                             "backend='triton'")
         dummy, _ = self._dummy(q)
         q_order, k_order = as_int32(structure.q_order), as_int32(structure.k_order)
         samples = sample_blocks = dummy

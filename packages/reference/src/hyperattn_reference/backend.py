@@ -54,6 +54,7 @@ class ReferenceBackend(Backend):
         devices=("cpu",),
         dtypes=("float16", "bfloat16", "float32", "float64"),
         priority=0,
+        samplings=("uniform", "stratified", "key_norm"),
     )
 
     def __init__(self, options: ReferenceOptions | None = None):

@@ -48,6 +48,7 @@ class TritonBackend(Backend):
         # fp32 one, and no widening and narrowing copies of the whole output
         running_out_dtype="input",
         device_seed=True,
+        samplings=("uniform", "stratified", "key_norm"),  # the kernels' DRAW_WEIGHTS variants
     )
 
     def __init__(self, options: TritonOptions | None = None):

@@ -8,7 +8,7 @@ from array_api_compat import array_namespace, device
 from ..kernel_utils import zero_outside
 from ..protocol import Backend
 from .forward import accumulator_dtype
-from .plan import ExactPiece, Plan, SparsePiece
+from .plan import ExactPiece, Plan, SparsePiece, check_draw_weights
 
 
 def run_backward(backend: Backend, plan: Plan, q, k, v, out, lse, dout, dlse=None, grad_dtype=None):
@@ -83,5 +83,6 @@ def _backward_heads(backend, plan, q, k, v, out, lse, dout, delta, give_out: boo
             backend.exact_backward(q, k, v, lse, dout, delta, piece.segments, piece.causal, plan.scale, dq, dk, dv,
                                    out=out if give_out else None, overwrite=i == 0)
         else:
+            check_draw_weights(backend, piece.structure)
             backend.sparse_backward(q, k, v, lse, dout, delta, piece.structure, plan.scale, dq, dk, dv, overwrite=i == 0)
     return dq, dk, dv

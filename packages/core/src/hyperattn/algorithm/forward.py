@@ -7,7 +7,7 @@ import math
 from array_api_compat import array_namespace, device
 
 from ..protocol import Backend
-from .plan import ExactPiece, Plan
+from .plan import ExactPiece, Plan, check_draw_weights
 
 
 def accumulator_dtype(xp, x):
@@ -38,5 +38,6 @@ def _run_forward(backend: Backend, plan: Plan, q, k, v):
         if isinstance(piece, ExactPiece):
             backend.exact_forward(q, k, v, piece.segments, piece.causal, plan.scale, out, lse, overwrite=i == 0)
         else:
+            check_draw_weights(backend, piece.structure)
             backend.sparse_forward(q, k, v, piece.structure, plan.scale, out, lse, overwrite=i == 0)
     return out, lse

@@ -252,6 +252,14 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
     return tuple(exact), tuple(segments for segments in sparse if len(segments.q_start))
 
 
+def check_draw_weights(backend: Backend, structure: SparseStructure) -> None:
+    """Refuse to hand a plan with per-draw sample weights (``sampling="key_norm"``) to a backend
+    whose kernels read one weight per segment: it would silently compute another estimator."""
+    if structure.sample_log_weights is not None and "key_norm" not in backend.capabilities.samplings:
+        raise ValueError(f"backend {backend.name!r} cannot run a plan with per-draw sample weights "
+                         f"(sampling='key_norm'): it computes samplings {backend.capabilities.samplings}")
+
+
 def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
     """``ranges`` (q_start, q_end, k_start, k_end) packed greedily, in order, into groups whose
     query ranges are disjoint and whose key ranges are disjoint (what one kernel call may hold)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from .._arrays import is_torch_type
 
+#: Devices without autocast, as dynamo sees them (``torch.amp.is_autocast_available`` is untraceable).
+_NO_AUTOCAST = ("meta",)
+
 
 def autocast_inputs(q, k, v):
     """q, k and v in ``torch.autocast``'s dtype while it is on for their device, as SDPA takes them
@@ -16,9 +19,9 @@ def autocast_inputs(q, k, v):
 
     device = q.device.type
     # devices without autocast (meta, ...): is_autocast_enabled would raise.  Dynamo cannot trace
-    # is_autocast_available (torch 2.11), and traced tensors are on real devices
-    if (not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device)) \
-            or not torch.is_autocast_enabled(device):
+    # is_autocast_available (torch 2.11): while compiling, the known one is ruled out by name
+    available = device not in _NO_AUTOCAST if torch.compiler.is_compiling() else torch.amp.is_autocast_available(device)
+    if not available or not torch.is_autocast_enabled(device):
         return q, k, v
     dtype = torch.get_autocast_dtype(device)
     castable = (torch.float32, torch.float16, torch.bfloat16)

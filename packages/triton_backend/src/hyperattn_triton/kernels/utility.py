@@ -16,6 +16,7 @@ GOLDEN = tl.constexpr(sampling.GOLDEN)
 MIX1 = tl.constexpr(sampling.MIX1)
 MIX2 = tl.constexpr(sampling.MIX2)
 STREAM = tl.constexpr(sampling.STREAM)
+PREFIX_FLOOR = tl.constexpr(sampling.PREFIX_FLOOR)
 
 
 @triton.jit
@@ -103,9 +104,11 @@ def draw_key_norm_samples_kernel(Out, LogW, Weights, Prefix, KStart, KLen, HeadI
     span = tl.load(KLen + segment, mask=mask, other=1).to(tl.int64)
     prefix = Prefix + bh * n_k
     base = tl.load(prefix + start - 1, mask=mask & (start > 0), other=0.0)
-    total = tl.load(prefix + start + span - 1, mask=mask, other=0.0) - base
+    end = tl.load(prefix + start + span - 1, mask=mask, other=0.0)
+    total = end - base
+    weighed = total > end * PREFIX_FLOOR  # else uniform: all zero, or swamped by the keys before it
     norm_draw = slot >= m_u
-    by_norm = norm_draw & (total > 0)
+    by_norm = norm_draw & weighed
     # stratified uniform: m_u strata for the first draws, m_n for the others (if the total is 0)
     stratum = tl.where(norm_draw, slot - m_u, slot)
     strata = tl.where(norm_draw, tl.maximum(m_n, 1), m_u)
@@ -123,7 +126,7 @@ def draw_key_norm_samples_kernel(Out, LogW, Weights, Prefix, KStart, KLen, HeadI
     drawn = tl.where(by_norm, tl.minimum(lo, start + span - 1), drawn)
     w = tl.load(Weights + bh * n_k + drawn, mask=mask, other=0.0).to(tl.float64)
     n = span.to(tl.float64)
-    p = tl.where(total > 0, w / tl.where(total > 0, total, 1.0), 1.0 / n)
+    p = tl.where(weighed, w / tl.where(weighed, total, 1.0), 1.0 / n)
     log_w = -tl.log((m_u / n + m_n * p).to(tl.float32))
     tl.store(Out + bh * per_head + offs, drawn.to(Out.dtype.element_ty), mask=mask)
     tl.store(LogW + bh * per_head + offs, log_w, mask=mask)
