@@ -33,6 +33,8 @@ CASES = [
     # 3 KV heads repeated over the ranks: each rank's KV heads (GlobalHeads.kv_index) repeat,
     # e.g. (0, 0, 1) and (1, 2, 2) for P=2, (0, 0, 0), (0, 1, 1), ... for P=4: not a range
     (1, 12, 3, True, {}, "all"),
+    # importance sampling: each head's draws follow its own keys' norms, counted as the whole call's heads
+    (1, 12, 3, True, {"sampling": "key_norm"}, "all"),
 ]
 
 
@@ -223,9 +225,11 @@ def test_autocast_casts_the_shards_like_the_single_process_call():
                                rtol=0, atol=0)
 
 
-def test_global_heads_take_the_larger_calls_samples():
+@pytest.mark.parametrize("sampling", ["stratified", "key_norm"])
+def test_global_heads_take_the_larger_calls_samples(sampling):
     """The samples of heads [1, 3) of a 4-KV-head call, drawn alone, are the 4-head call's, and so are
-    those of heads given out of order and repeated (a ``kv_index`` that is not a range)."""
+    those of heads given out of order and repeated (a ``kv_index`` that is not a range); with
+    ``key_norm`` their per-draw weights too."""
     from hyperattn import testing
     from hyperattn.algorithm import CallSpec, GlobalHeads, SparsePiece
     from hyperattn.config import HyperAttentionConfig
@@ -233,7 +237,7 @@ def test_global_heads_take_the_larger_calls_samples():
 
     reference = backend_status("reference").backend
     q, k, _ = make_inputs((1, 4, 200, 8), kv_heads=4, n_k=200, v_dim=8, seed=1)
-    config = HyperAttentionConfig(16, 8, 3, 32, exact_crossover=False)
+    config = HyperAttentionConfig(16, 8, 3, 32, exact_crossover=False, sampling=sampling)
     whole = testing.seeded_plan(reference, q, k, causal=True, scale=0.3, config=config, seed=5)
     for index in ([1, 2], [3, 1, 1, 0]):
         part = CallSpec(True, 0.3, config, 5, None, GlobalHeads(4, tuple(index))).plan(reference, q[:, index],
@@ -243,6 +247,8 @@ def test_global_heads_take_the_larger_calls_samples():
         for a, b in sparse:
             np.testing.assert_array_equal(a.samples[:, index], b.samples)
             np.testing.assert_array_equal(a.k_order[:, index], b.k_order)
+            if sampling == "key_norm":
+                np.testing.assert_array_equal(a.sample_log_weights[:, index], b.sample_log_weights)
 
 
 def _script():
