@@ -137,6 +137,23 @@ def test_gradients_match_autograd_of_the_dense_oracle_with_the_draws_fixed(causa
         assert testing.relative_error(got, want) < 1e-11, name
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_finite_differences_in_q_and_v(causal):
+    """The draws depend on k alone, so in q and v the estimator is smooth: its gradients there
+    match finite differences (k's gradient holds the draws fixed: the dense-oracle test above)."""
+    arrays = make_inputs((1, 2, 17, 4), kv_heads=1, n_k=17, v_dim=3, seed=2)
+    arrays[1][:, :, ::5] *= 3.0
+    q, k, v = (torch.from_numpy(x) for x in arrays)
+    q.requires_grad_()
+    v.requires_grad_()
+
+    def function(q, v):
+        return hyperattn.attention(q, k, v, causal=causal, seed=3, return_lse=True, block_size=4, sample_size=5,
+                                   lsh_num_projs=3, min_seq_len=6, sampling="key_norm", exact_crossover=False)
+
+    assert torch.autograd.gradcheck(function, (q, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def _heavy_keys(n: int = 1024, dim: int = 16, seed: int = 0):
     """Gaussian rows and keys, plus 12 keys scattered along the sequence with 3 sqrt(D) times the
     unit mean query direction (``benchmarks/quality.py``'s attention sinks, not only at the start):
