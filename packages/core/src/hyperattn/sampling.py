@@ -141,7 +141,7 @@ def sample_keys_by_key_norm(seed: int, stream: int, weights: np.ndarray, k_start
                     found = np.searchsorted(prefix[b, h, a:a + n], targets, side="right")
                     drawn[b, h, m_u:] = a + np.minimum(found, n - 1)
         keys[:, :, s] = drawn
-        w = np.take_along_axis(weights.reshape(batch, kv_heads, n_k), drawn, axis=-1).astype(np.float64)
+        w = np.take_along_axis(weights, drawn, axis=-1).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             p = np.where(by_norm[..., None], w / total[..., None], 1.0 / n)
         log_w[:, :, s] = -np.log(m_u / n + m_n * p)

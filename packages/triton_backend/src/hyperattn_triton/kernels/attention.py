@@ -71,6 +71,14 @@ def _sample_slots(start, end, SampleRow, SampleBlockRow, BLOCK: tl.constexpr, IN
 
 
 @triton.jit
+def _slot_log_weights(LogWRow, start, end, BLOCK: tl.constexpr):
+    """float32 [BLOCK]: the per-draw log weights of sample slots [start, start + BLOCK) clipped to
+    end (``DRAW_WEIGHTS``; 0 past end)."""
+    offs = start + tl.arange(0, BLOCK)
+    return tl.load(LogWRow + offs, mask=offs < end, other=0.0)
+
+
+@triton.jit
 def _block_keys(start, k1, k_order, k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, rows, diag,
                 HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
                 CAUSAL: tl.constexpr, INT64_OFFSETS: tl.constexpr):
@@ -191,7 +199,7 @@ def attention_fwd_kernel(
                                         k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
                                         BLOCK_N, INT64_OFFSETS)
             if DRAW_WEIGHTS:  # each draw's own log weight, in raw score units
-                slot_w = tl.load(LogW + sample_row + start + tl.arange(0, BLOCK_N), mask=start + tl.arange(0, BLOCK_N) < num_samples, other=0.0)
+                slot_w = _slot_log_weights(LogW + sample_row, start, num_samples, BLOCK_N)
                 key_bias = tl.where(keep, slot_w[None, :] * (LOG2E / scale_log2), -float("inf"))
             else:
                 key_bias = tl.where(keep, log_w, -float("inf"))
@@ -260,7 +268,7 @@ def attention_bwd_dq_kernel(
                                         k_base, v_base, sk_n, sk_d, sv_n, sv_d, offs_d, offs_v, HEAD_DIM, V_DIM,
                                         BLOCK_N, INT64_OFFSETS)
             if DRAW_WEIGHTS:
-                slot_w2 = tl.load(LogW + sample_row + start + tl.arange(0, BLOCK_N), mask=start + tl.arange(0, BLOCK_N) < num_samples, other=0.0) * LOG2E
+                slot_w2 = _slot_log_weights(LogW + sample_row, start, num_samples, BLOCK_N) * LOG2E
                 dq = _dq_step(q, do, kt, vv, keep, sample_offset2, delta, dq, scale, scale_log2, PRECISION,
                               slot_w2[None, :], True)
             else:
@@ -301,7 +309,7 @@ def attention_bwd_dkdv_kernel(
         sample_row = b * ss_b + hk * ss_h + seg * ss_s
         keys, key_blocks, mask_n = _sample_slots(k0, k1, Samples + sample_row, SampleBlock + sample_row, BLOCK_N, INT64_OFFSETS)
         if DRAW_WEIGHTS:  # [BLOCK_N]: each slot's own log2 weight
-            bias2 = tl.load(LogW + sample_row + k0 + tl.arange(0, BLOCK_N), mask=mask_n, other=0.0) * LOG2E
+            bias2 = _slot_log_weights(LogW + sample_row, k0, k1, BLOCK_N) * LOG2E
         else:
             bias2 = tl.load(LogW + seg) * LOG2E
     else:

@@ -143,17 +143,7 @@ def draw_samples_kernel(Out, KStart, KLen, seed, Seed, stream, per_head, m,
     bh = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < per_head
-    if SEED_IN_MEMORY:
-        key = tl.load(Seed).to(tl.uint64, bitcast=True)
-    else:
-        key = seed.to(tl.int64).to(tl.uint64, bitcast=True)
-    key = key + stream.to(tl.uint64) * STREAM
-    index = (bh * per_head + offs).to(tl.uint64, bitcast=True)
-    z = key + (index + 1) * GOLDEN
-    z = (z ^ (z >> 30)) * MIX1
-    z = (z ^ (z >> 27)) * MIX2
-    z = z ^ (z >> 31)
-    bits = z >> 32
+    bits = _counter_bits(seed, Seed, stream, bh * per_head + offs, SEED_IN_MEMORY)
     segment = offs // m
     start = tl.load(KStart + segment, mask=mask, other=0).to(tl.int64)
     span = tl.load(KLen + segment, mask=mask, other=0).to(tl.uint64)
