@@ -32,6 +32,14 @@ def test_cpu_inputs_are_refused_by_name():
     assert int(module.calls) == 0 and len(module.graphs) == 0  # nothing ran, nothing kept
 
 
+def test_the_crossover_is_off_for_graphed_modules_unless_asked():
+    """The backends' crossovers are eager-call points; a replay wins below them."""
+    assert hyperattn.HyperAttention(64).config.exact_crossover is True
+    assert hyperattn.HyperAttention(64, cuda_graphs=True).config.exact_crossover is False
+    assert hyperattn.HyperAttention(64, cuda_graphs=True, exact_crossover=True).config.exact_crossover is True
+    assert hyperattn.HyperAttention(64, exact_crossover=False).config.exact_crossover is False
+
+
 def test_the_default_module_keeps_no_graphs_and_says_so():
     assert hyperattn.HyperAttention(64).graphs is None
     assert "cuda_graphs=True, max_graphs=3" in repr(hyperattn.HyperAttention(64, cuda_graphs=True, max_graphs=3))

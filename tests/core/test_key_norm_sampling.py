@@ -203,7 +203,7 @@ class _SegmentWeightsOnly(type(REFERENCE)):
 
     name = "segment-weights-only"
     capabilities = dataclasses.replace(
-        type(REFERENCE).capabilities,
+        type(REFERENCE).capabilities, per_draw_weights=False,
         samplings=next(f.default for f in dataclasses.fields(Capabilities) if f.name == "samplings"))
 
 

@@ -50,14 +50,16 @@ def _step(layer, q, k, v, grad_out, causal):
     return out
 
 
-@pytest.mark.parametrize("causal, sampling", [(False, "stratified"), (True, "stratified"), (True, "key_norm")])
-def test_gpu_forward_backward_step_captures_in_a_cuda_graph(causal, sampling, backend_options):
+@pytest.mark.parametrize("causal, options", [(False, {}), (True, {}), (True, {"sampling": "key_norm"}),
+                                             (True, {"band_keys": 64, "sample_size": 64})])
+def test_gpu_forward_backward_step_captures_in_a_cuda_graph(causal, options, backend_options):
     """A HyperAttention step (forward and backward) captured in a CUDA graph: a replay computes
     what the eager call with the same seed computes, and as the module's call count advances
     inside the graph, the next replay draws new samples (the eager call of that count again).
-    ``key_norm``: the norm-weighted draws and their weights are made on the device too."""
+    ``key_norm``: the norm-weighted draws and their weights are made on the device too; a band:
+    its slots and ranks are folded into the sparse pieces on the device."""
     backend_options("triton", exact_below=(0, 0))
-    layer = hyperattn.HyperAttention(DIM, seed=7, backend="triton", sampling=sampling, **PARAMS).cuda()
+    layer = hyperattn.HyperAttention(DIM, seed=7, backend="triton", **{**PARAMS, **options}).cuda()
     q, k, v = _inputs()
     grad_out = torch.randn_like(q)
     side = torch.cuda.Stream()

@@ -55,6 +55,7 @@ class ReferenceBackend(Backend):
         dtypes=("float16", "bfloat16", "float32", "float64"),
         priority=0,
         samplings=("uniform", "stratified", "key_norm"),
+        per_draw_weights=True,
     )
 
     def __init__(self, options: ReferenceOptions | None = None):

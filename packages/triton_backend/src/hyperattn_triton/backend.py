@@ -49,6 +49,7 @@ class TritonBackend(Backend):
         running_out_dtype="input",
         device_seed=True,
         samplings=("uniform", "stratified", "key_norm"),  # the kernels' DRAW_WEIGHTS variants
+        per_draw_weights=True,
     )
 
     def __init__(self, options: TritonOptions | None = None):

@@ -33,6 +33,9 @@ class HyperAttention(torch.nn.Module):
     memory).  Replay number i computes what eager call number i computes.  A forward that records
     gradients must get its backward before the same signature's next forward.  Under
     ``torch.compile`` use ``mode="reduce-overhead"`` instead (it raises here).
+    ``exact_crossover`` (None: on for eager calls, off with ``cuda_graphs``): the backends'
+    crossovers are measured for eager calls, whose host time a replay does not pay; replayed, the
+    approximation beat SDPA from ``min_seq_len`` on (docs/performance.md).
     """
 
     def __init__(
@@ -48,13 +51,15 @@ class HyperAttention(torch.nn.Module):
         band_keys: int = 0,
         sampling: str = "stratified",
         estimator: str | None = None,
-        exact_crossover: bool = True,
+        exact_crossover: bool | None = None,
         cuda_graphs: bool = False,
         max_graphs: int = 8,
     ):
         super().__init__()
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+        if exact_crossover is None:  # the backends' crossovers are eager-call points: a replay wins far below them
+            exact_crossover = not cuda_graphs
         self.config = make_config(block_size, sample_size, lsh_num_projs, min_seq_len, exact_crossover, sink_keys=sink_keys,
                                   band_keys=band_keys, sampling=sampling, estimator=estimator)
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
