@@ -108,6 +108,16 @@ def test_a_folded_band_computes_what_its_exact_pieces_compute(n_q, extra_keys, m
         assert (weights[..., (keys <= position) & (keys >= position - band)] == 1).all()
 
 
+def test_backends_fold_the_band_where_their_kernels_read_slot_weights():
+    """The reference and Triton read a weight per sample slot, so their band rides in the sparse
+    pieces; CuPy's kernels read one per segment, so it keeps the band's exact pieces."""
+    assert REFERENCE.capabilities.per_draw_weights
+    triton = pytest.importorskip("hyperattn_triton.backend", exc_type=ImportError)
+    assert triton.TritonBackend.capabilities.per_draw_weights
+    cupy = pytest.importorskip("hyperattn_cupy.backend", exc_type=ImportError)
+    assert not cupy.CupyBackend.capabilities.per_draw_weights
+
+
 def test_a_folded_band_needs_no_exact_pieces_of_its_own():
     """With per-draw weights the band adds no pieces: the same sparse calls, each rectangle w keys
     narrower, with w more slots."""

@@ -95,7 +95,8 @@ def test_gpu_graphed_backward_after_a_later_forward_raises(backend_options):
 
 def test_gpu_graphed_signatures_are_kept_apart_and_bounded(backend_options):
     """Shapes, causal and grad mode each get their own graph; at most max_graphs are kept;
-    ``module.to`` drops them (new buffers); an unsupported input still raises its own error."""
+    ``module.to`` drops them (new buffers); an unsupported input still raises its own error,
+    leaving the call count and the cache as they were."""
     backend_options("triton", exact_below=(0, 0))
     eager, graphed = _pair()
     graphed.graphs.max_graphs = 2
@@ -111,5 +112,7 @@ def test_gpu_graphed_signatures_are_kept_apart_and_bounded(backend_options):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     graphed.to("cuda")
     assert len(graphed.graphs) == 0
+    calls = int(graphed.calls)
     with pytest.raises(ValueError, match="head dim"):
         graphed(q[..., :32].contiguous(), k[..., :32].contiguous(), v, causal=False)
+    assert int(graphed.calls) == calls and len(graphed.graphs) == 0  # a refused call counts as none

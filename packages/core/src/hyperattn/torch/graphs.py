@@ -55,14 +55,16 @@ class CapturedCall:
         needs_backward = torch.is_grad_enabled() and bool(self.grad_positions)
         side = torch.cuda.Stream(device=inputs[0].device)
         side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream (compiles kernels, fills caches)
-            for _ in range(warmup):
-                outputs = run(*self.static_inputs)
-                if needs_backward:
-                    self._gradients(outputs, tuple(torch.zeros_like(o) for o in outputs))
-                del outputs
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-        restore()
+        try:
+            with torch.cuda.stream(side):  # warm-up off the capture stream (compiles kernels, fills caches)
+                for _ in range(warmup):
+                    outputs = run(*self.static_inputs)
+                    if needs_backward:
+                        self._gradients(outputs, tuple(torch.zeros_like(o) for o in outputs))
+                    del outputs
+        finally:  # also when a call is refused (bad inputs): the caller's state as it was
+            torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+            restore()
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.forward_graph, pool=pool):
