@@ -89,9 +89,10 @@ def test_a_folded_band_computes_what_its_exact_pieces_compute(n_q, extra_keys, m
     unfolded = testing.seeded_plan(UNFOLDED, q, k, causal=True, scale=0.5, config=config, seed=band)
     want_out, want_lse = run_forward(UNFOLDED, unfolded, q, k, v)
     got_out, got_lse = run_forward(REFERENCE, folded, q, k, v)
-    # per-slot log weights are float32 (SparseStructure), log(n / m) per segment float64: ~6e-8 apart
-    np.testing.assert_allclose(got_out, want_out, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6, atol=1e-7)
+    # per-slot log weights are float32 (SparseStructure), log(n / m) per segment float64: ~6e-8
+    # apart, times sample weights up to n / m in sums that cancel
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6, atol=1e-6)
     for piece in folded.pieces:
         if isinstance(piece, SparsePiece):
             st_ = piece.structure

@@ -4,6 +4,9 @@ kept under.  Capture and replay are tested on the GPU (tests/triton/test_module_
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -67,3 +70,38 @@ def test_the_signature_tells_apart_what_a_graph_depends_on():
         assert call_signature((q, q, q), ("flags",)) != base  # a configure may change the plan
     finally:
         hyperattn.configure("reference", backward_chunk_bytes=before.backward_chunk_bytes)
+
+
+def test_the_signature_holds_the_modes_a_call_reads_when_it_runs():
+    """Inference mode (its static inputs are inference tensors), deterministic algorithms (the
+    backward's path) and the SDPA kernels enabled each get their own graph."""
+    q = torch.randn(1, 2, 64, 8)
+    with torch.no_grad():
+        plain = call_signature((q, q, q), ())
+    with torch.inference_mode():
+        assert call_signature((q, q, q), ()) != plain
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with torch.no_grad():
+            assert call_signature((q, q, q), ()) != plain
+    finally:
+        torch.use_deterministic_algorithms(before)
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        assert call_signature((q, q, q), ()) != plain
+
+
+def test_a_copy_of_a_graphed_module_starts_without_graphs():
+    """copy.deepcopy (an EMA copy) and pickling work after captures: the graphs stay behind."""
+    module = hyperattn.HyperAttention(64, cuda_graphs=True, max_graphs=3)
+    module.graphs._captured["signature"] = lambda: None  # stands for a capture: copies nothing of it
+    for other in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert len(other.graphs) == 0 and other.graphs.max_graphs == 3
+    assert len(module.graphs) == 1
+
+
+def test_key_norm_capabilities_need_per_draw_weights():
+    from hyperattn.protocol import Capabilities
+
+    with pytest.raises(ValueError, match="per_draw_weights must be True"):
+        Capabilities(("numpy",), ("cpu",), ("float64",), samplings=("uniform", "key_norm"))

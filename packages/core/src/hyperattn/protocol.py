@@ -256,6 +256,9 @@ class Capabilities:
     def __post_init__(self) -> None:
         if self.running_out_dtype not in ("accumulator", "input"):
             raise ValueError(f"running_out_dtype must be 'accumulator' or 'input', got {self.running_out_dtype!r}")
+        if "key_norm" in self.samplings and not self.per_draw_weights:
+            raise ValueError("Capabilities: samplings lists 'key_norm', whose plans carry a weight per draw, so "
+                             "per_draw_weights must be True (the sparse kernels must read them)")
 
 
 @dataclass(frozen=True)

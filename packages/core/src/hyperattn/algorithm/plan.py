@@ -211,8 +211,9 @@ def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
     Returns ``(exact pieces, sparse calls' Segments, band_slots)``.
     """
     exact_call = is_exact_call(n_q, n_k, causal, config, backend, head_dim)
-    return _pieces_of_shape(int(n_q), int(n_k), bool(causal), config, exact_call,
-                            bool(backend.capabilities.per_draw_weights))
+    # folded only while every key's rank stays below BAND_RANK (int32 ranks)
+    fold = bool(backend.capabilities.per_draw_weights) and int(n_k) < BAND_RANK
+    return _pieces_of_shape(int(n_q), int(n_k), bool(causal), config, exact_call, fold)
 
 
 @functools.lru_cache(maxsize=256)

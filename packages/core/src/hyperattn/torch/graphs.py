@@ -17,7 +17,10 @@ next calls of that signature:
   signature replays (a backward after that raises instead of computing the wrong gradients).
 
 Each signature holds its own memory (static inputs, outputs, saved tensors, the graph's pool);
-``max_graphs`` bounds how many are kept (least recently used dropped first).
+``max_graphs`` bounds how many are kept (least recently used dropped first).  Not bounded by it:
+the small device tables a capture reads (tile tables, sample weights; the Triton backend keeps
+those of every capture, see ``hyperattn_triton.staging``), so a process that captures ever new
+shapes grows by them.  One module's calls share static buffers: make them from one stream.
 """
 
 from __future__ import annotations
@@ -32,12 +35,17 @@ from ..registry import options_generation
 
 def call_signature(tensors, flags) -> tuple:
     """What a captured graph is valid for: every tensor's shape, strides, dtype, device and
-    ``requires_grad``, whether gradients are recorded, the autocast state, the backends' option
-    generation (``hyperattn.configure`` may change the plan) and ``flags`` (causal, scale, ...)."""
+    ``requires_grad``, whether gradients are recorded and inference mode is on, the autocast
+    state, the global modes a call reads when it runs (deterministic algorithms, the SDPA kernels
+    enabled), the backends' option generation (``hyperattn.configure`` may change the plan) and
+    ``flags`` (causal, scale, ...)."""
     grad = torch.is_grad_enabled()
-    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    modes = (grad, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+             torch.get_autocast_dtype("cuda"), torch.are_deterministic_algorithms_enabled(),
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
     return (tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad and grad) for t in tensors),
-            grad, autocast, options_generation(), flags)
+            modes, options_generation(), flags)
 
 
 class CapturedCall:
@@ -53,8 +61,9 @@ class CapturedCall:
         self.static_inputs = tuple(_static_like(x) for x in inputs)
         self.grad_positions = tuple(i for i, x in enumerate(self.static_inputs) if x.requires_grad)
         needs_backward = torch.is_grad_enabled() and bool(self.grad_positions)
-        side = torch.cuda.Stream(device=inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        device = inputs[0].device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(side):  # warm-up off the capture stream (compiles kernels, fills caches)
                 for _ in range(warmup):
@@ -63,18 +72,21 @@ class CapturedCall:
                         self._gradients(outputs, tuple(torch.zeros_like(o) for o in outputs))
                     del outputs
         finally:  # also when a call is refused (bad inputs): the caller's state as it was
-            torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(side)
             restore()
         pool = torch.cuda.graph_pool_handle()
-        self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool):
-            self.static_outputs = tuple(run(*self.static_inputs))
-        self.backward_graph = None
-        if needs_backward:
-            self.static_output_grads = tuple(torch.zeros_like(o) for o in self.static_outputs)
-            self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=pool):
-                self.static_input_grads = self._gradients(self.static_outputs, self.static_output_grads)
+        # on the inputs' device, on a capture stream of that device (torch.cuda.graph's default
+        # stream is made once, on whichever device was current at a process's first capture)
+        with torch.cuda.device(device):
+            self.forward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.forward_graph, pool=pool, stream=side):
+                self.static_outputs = tuple(run(*self.static_inputs))
+            self.backward_graph = None
+            if needs_backward:
+                self.static_output_grads = tuple(torch.zeros_like(o) for o in self.static_outputs)
+                self.backward_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.backward_graph, pool=pool, stream=side):
+                    self.static_input_grads = self._gradients(self.static_outputs, self.static_output_grads)
 
     def _gradients(self, outputs, output_grads) -> tuple:
         differentiable = [(o, g) for o, g in zip(outputs, output_grads) if o.requires_grad]
@@ -118,6 +130,7 @@ class _Replay(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the graph's backward is not differentiable again
     def backward(ctx, *output_grads):
         return (None, *ctx.captured.replay_backward(ctx.generation, output_grads))
 
@@ -136,6 +149,14 @@ class CallGraphs:
     def __len__(self) -> int:
         return len(self._captured)
 
+    # a copy (copy.deepcopy of a model, pickling) starts with no graphs: CUDA graphs cannot be
+    # copied, and a copy's buffers are not the ones they read
+    def __getstate__(self) -> dict:
+        return {"max_graphs": self.max_graphs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_graphs"])
+
     def clear(self) -> None:
         """Drop every captured graph (and the memory it holds)."""
         self._captured.clear()
@@ -144,9 +165,10 @@ class CallGraphs:
         key = call_signature(inputs, flags)
         captured = self._captured.get(key)
         if captured is None:
+            captured = CapturedCall(run, inputs, snapshot)  # first: a refused call evicts nothing
             while len(self._captured) >= self.max_graphs:
                 self._captured.popitem(last=False)
-            captured = self._captured[key] = CapturedCall(run, inputs, snapshot)
+            self._captured[key] = captured
         else:
             self._captured.move_to_end(key)
         if captured.backward_graph is None:
