@@ -41,6 +41,33 @@ def test_device_tables_hold_what_a_capture_reads_and_add_nothing(capturing):
     assert built == [3, 4, 5]
 
 
+def test_inside_a_capture_scope_the_capture_keeps_what_it_reads(capturing):
+    """A graphed module's capture (``hyperattn.capture.capture_scope``) keeps the cached tables
+    and derived tensors its graph reads, so they go with it; the caches hold nothing for it."""
+    from hyperattn.capture import capture_scope
+
+    tables = staging.DeviceTables(lambda values, like: torch.from_numpy(values.copy()), lambda: 1)
+    derived = staging.DerivedTensors()
+    like = torch.empty(0)
+    warm = tables.get(lambda n: np.arange(n), like, 3)
+    base = torch.ones(3)
+    made = derived.get(base, "twice", lambda: base * 2)
+    kept = []
+    capturing["on"] = True
+    with capture_scope(kept):
+        assert tables.get(lambda n: np.arange(n), like, 3) is warm
+        assert derived.get(base, "twice", lambda: base * 3) is made
+    capturing["on"] = False
+    assert not tables.held and not derived.held
+    assert [id(x) for x in kept] == [id(warm), id(made)]
+    held = weakref.ref(warm)
+    tables.get(lambda n: np.arange(n), like, 5)  # capacity 1: evicts it; the capture still has it
+    del warm
+    assert held() is not None
+    kept.clear()  # the capture is dropped: so is what it kept
+    assert held() is None
+
+
 def test_derived_tensors_hold_what_a_capture_reads_and_keep_recorded_ones_from_eager_calls(capturing):
     derived = staging.DerivedTensors()
     source = torch.ones(3)

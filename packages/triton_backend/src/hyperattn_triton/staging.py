@@ -10,8 +10,9 @@
 While a CUDA graph is being captured (or torch.compile's CUDA-graph trees warm a function up in
 the pool they capture in: ``graph_pool_on``) the caches neither add entries (a copy or kernel recorded
 then fills its tensor only when the graph replays, so an eager call must not find it) nor let go
-of the entries made before that the graph reads: those are held for the life of the cache, never
-evicted or freed.  What a capture makes is not kept past its last use: it lives in the graph's
+of the entries made before that the graph reads: those are held, never freed before the graph
+(by the capture that reads them, ``hyperattn.capture.keep_for_capture``, inside a graphed module's
+capture; else for the life of the cache).  What a capture makes is not kept past its last use: it lives in the graph's
 memory pool, and the graph's own copy or kernel refills it on every replay (as any intermediate of
 the graph); ``torch.compile``'s CUDA-graph trees also refuse pool memory that outlives the capture
 unless it is an output.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.utils.weak
 
+from hyperattn.capture import keep_for_capture
 from hyperattn.tiles import table_key
 
 
@@ -43,7 +45,8 @@ class PinnedRing:
     queue grows to thousands of entries when the GPU runs far behind the host).
 
     While a CUDA graph is being captured a copy gets a pinned buffer of its own, kept as long as
-    the ring: the graph's copy node reads it on every replay, so it must never be reused.
+    the graph (``keep_for_capture``) or else the ring: the graph's copy node reads it on every
+    replay, so it must never be reused.
     """
 
     SIZE = 16 << 20
@@ -62,7 +65,8 @@ class PinnedRing:
         """``values`` (C-contiguous) as a tensor on the CUDA ``device``, without blocking."""
         if torch.cuda.is_current_stream_capturing():  # device is CUDA here
             staged = torch.from_numpy(values).pin_memory()
-            self.captured.append(staged)
+            if not keep_for_capture(staged):
+                self.captured.append(staged)
             return staged.to(device, non_blocking=True)
         if values.nbytes > self.SIZE // 4:  # large: a one-off pinned copy
             return torch.from_numpy(values).pin_memory().to(device, non_blocking=True)
@@ -172,7 +176,7 @@ class DeviceTables:
         key = (build.__qualname__, like.device, *(table_key(a) for a in args))
         if key in self._tables:
             self._tables.move_to_end(key)
-            if capturing_on(like):
+            if capturing_on(like) and not keep_for_capture(self._tables[key]):
                 self.held[id(self._tables[key])] = self._tables[key]
             return self._tables[key]
         host = build(*args)
@@ -215,7 +219,7 @@ class DerivedTensors:
             self._entries[tensor] = (tensor._version, derived)
         value, recorded = derived.get(key, (None, None))
         if value is not None:
-            if capturing_on(tensor):
+            if capturing_on(tensor) and not keep_for_capture(value):
                 self.held[id(value)] = value
             return value
         pooled = graph_pool_on(tensor)

@@ -17,10 +17,10 @@ next calls of that signature:
   signature replays (a backward after that raises instead of computing the wrong gradients).
 
 Each signature holds its own memory (static inputs, outputs, saved tensors, the graph's pool);
-``max_graphs`` bounds how many are kept (least recently used dropped first).  Not bounded by it:
-the small device tables a capture reads (tile tables, sample weights; the Triton backend keeps
-those of every capture, see ``hyperattn_triton.staging``), so a process that captures ever new
-shapes grows by them.  One module's calls share static buffers: make them from one stream.
+``max_graphs`` bounds how many are kept (least recently used dropped first).  The backends'
+cached memory a capture reads (device tables, pinned staging buffers) is kept by the capture
+(``hyperattn.capture``) and freed with it.  One module's calls share static buffers: make them
+from one stream.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..capture import capture_scope
 from ..registry import options_generation
 
 
@@ -77,7 +78,8 @@ class CapturedCall:
         pool = torch.cuda.graph_pool_handle()
         # on the inputs' device, on a capture stream of that device (torch.cuda.graph's default
         # stream is made once, on whichever device was current at a process's first capture)
-        with torch.cuda.device(device):
+        self.kept = []  # what the backends' cached memory the graphs read: freed with them
+        with torch.cuda.device(device), capture_scope(self.kept):
             self.forward_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.forward_graph, pool=pool, stream=side):
                 self.static_outputs = tuple(run(*self.static_inputs))
