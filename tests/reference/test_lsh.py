@@ -53,30 +53,10 @@ def test_query_blocks_partition_the_sorted_queries(n_q, n_k, block_size):
     bounds = query_block_bounds(np.arange(n_blocks + 1), block_size, n_q, n_k)
     assert bounds[0] == 0 and bounds[-1] == n_q and (np.diff(bounds) >= 0).all()
     t = np.arange(n_q)
-    if abs(n_q - n_k) <= block_size:  # the documented rules: blocks of block_size rows, the last the rest
-        block_of_rank = np.minimum(t // block_size, n_blocks - 1)
-    else:  # in proportion to the keys
-        block_of_rank = (t * n_k // n_q) // block_size
+    block_of_rank = (t * n_k // n_q) // block_size  # the documented rule
     np.testing.assert_array_equal(np.searchsorted(bounds, t, side="right") - 1, block_of_rank)
     if n_q == n_k:
         assert (np.diff(bounds)[:-1] == block_size).all()  # query and key blocks coincide
-    # vectorised over segments as over blocks
-    both = query_block_bounds(np.arange(n_blocks + 1)[:, None], block_size, np.array([n_q, n_q]),
-                              np.array([n_k, n_k]))
-    np.testing.assert_array_equal(both, np.stack([bounds, bounds], axis=1))
-
-
-def test_a_band_narrowed_level_keeps_full_query_tiles():
-    """A causal level's rectangle with its last 64 keys cut for a band (16384 rows, 16320 keys):
-    blocks of 256 queries (2 tiles of 128 each), the last with the 64 extra rows, instead of
-    257-row blocks of 3 tiles, one of them a single row."""
-    from hyperattn.tiles import split_ranges
-
-    bounds = query_block_bounds(np.arange(65), 256, 16384, 16320)
-    rows = np.diff(bounds)
-    assert (rows[:-1] == 256).all() and rows[-1] == 256 and bounds[-1] == 16384
-    _, t0, t1 = split_ranges(bounds[:-1], bounds[1:], 128)
-    assert len(t0) == 128
 
 
 @pytest.mark.parametrize("n_k", [1000, 2**31])

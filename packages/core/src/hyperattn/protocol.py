@@ -127,24 +127,14 @@ class Tiling(NamedTuple):
 
 
 def query_block_bounds(block: np.ndarray | int, block_size: int, n_q, n_k):
-    """First sorted query rank of key block ``block`` (vectorised over blocks and segments, exact
-    integer arithmetic).
+    """First sorted query rank of key block ``block`` (vectorised, exact integer arithmetic).
 
-    Where n_q and n_k differ by more than ``block_size``, sorted queries are split in proportion
-    to sorted keys: query rank t belongs to block ``(t * n_k // n_q) // block_size``, so each block
-    receives its share.  Where they differ by at most ``block_size`` (n_q == n_k, and a causal
-    level's rectangles narrowed by a band) the blocks have ``block_size`` queries each and the
-    last takes the rest: rank t belongs to block ``min(t // block_size, n_blocks - 1)``.  A
-    proportional split there gives blocks of ``block_size + 1`` rows, each a near-empty extra
-    query tile in the kernels.  Block i holds query ranks
+    Sorted queries are split in proportion to sorted keys: query rank t belongs to block
+    ``(t * n_k // n_q) // block_size``, so with n_q == n_k the query and key blocks coincide and
+    with n_q != n_k each block receives its share.  Block i holds query ranks
     ``[query_block_bounds(i), query_block_bounds(i + 1))``, clipped to ``n_q``.
     """
-    block = np.asarray(block, dtype=np.int64)
-    n_q, n_k = np.asarray(n_q, dtype=np.int64), np.asarray(n_k, dtype=np.int64)
-    proportional = -((-block * block_size * n_q) // n_k)  # ceil division
-    n_blocks = -(-n_k // block_size)
-    aligned = np.where(block >= n_blocks, n_q, block * block_size)
-    start = np.where(np.abs(n_q - n_k) <= block_size, aligned, proportional)
+    start = -((-np.asarray(block, dtype=np.int64) * block_size * n_q) // n_k)  # ceil division
     return np.minimum(start, n_q)
 
 
