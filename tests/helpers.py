@@ -151,3 +151,23 @@ def poison_allocations(monkeypatch) -> None:
         module = importlib.import_module(name)
         real = module.array_namespace
         monkeypatch.setattr(module, "array_namespace", lambda *arrays, real=real: Poisoned(real(*arrays)))
+
+
+def segment_weights_reference():
+    """The reference backend declaring sparse kernels that read one log weight per segment (no
+    ``per_draw_weights``, the default samplings), as CuPy's do: dispatch refuses key_norm for it,
+    and its plans keep a band as exact pieces."""
+    import dataclasses
+
+    from hyperattn.protocol import Capabilities
+    from hyperattn.registry import backend_status
+
+    reference = type(backend_status("reference").backend)
+    default_samplings = next(f.default for f in dataclasses.fields(Capabilities) if f.name == "samplings")
+
+    class SegmentWeightsOnly(reference):
+        name = "segment-weights-only"
+        capabilities = dataclasses.replace(reference.capabilities, per_draw_weights=False,
+                                           samplings=default_samplings)
+
+    return SegmentWeightsOnly()

@@ -21,6 +21,7 @@ from helpers import (
     assert_pieces_are_disjoint_within,
     first_piece_row_counts,
     make_inputs,
+    segment_weights_reference,
     without_samples,
 )
 from hyperattn import testing
@@ -33,16 +34,7 @@ from hyperattn.registry import backend_status
 REFERENCE = backend_status("reference").backend
 
 
-class _BandAsExactPieces(type(REFERENCE)):
-    """The reference backend declaring kernels with one weight per segment: its plans keep the
-    band as exact pieces, as the CuPy backend's do."""
-
-    name = "band-as-exact-pieces"
-    capabilities = dataclasses.replace(type(REFERENCE).capabilities, per_draw_weights=False, samplings=("uniform",
-                                                                                                        "stratified"))
-
-
-UNFOLDED = _BandAsExactPieces()
+UNFOLDED = segment_weights_reference()  # its plans keep the band as exact pieces, as CuPy's do
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,8 +7,6 @@ backends whose kernels cannot weigh each draw refuse it with the reason."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -16,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hyperattn
-from helpers import assert_matches_plan_oracle, make_inputs
+from helpers import assert_matches_plan_oracle, make_inputs, segment_weights_reference
 from hyperattn import sampling, testing
 from hyperattn.algorithm import run_forward
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.dispatch import not_supported_reasons
-from hyperattn.protocol import Capabilities, Problem, Segments
+from hyperattn.protocol import Problem, Segments
 from hyperattn.registry import backend_status
 
 REFERENCE = backend_status("reference").backend
@@ -198,22 +196,13 @@ def test_head_sharded_draws_equal_the_whole_calls():
     np.testing.assert_array_equal(part_w, whole_w[:, [2, 1]])
 
 
-class _SegmentWeightsOnly(type(REFERENCE)):
-    """A backend that declares no samplings of its own: kernels reading one weight per segment."""
-
-    name = "segment-weights-only"
-    capabilities = dataclasses.replace(
-        type(REFERENCE).capabilities, per_draw_weights=False,
-        samplings=next(f.default for f in dataclasses.fields(Capabilities) if f.name == "samplings"))
-
-
 def test_a_backend_without_per_draw_weights_refuses_key_norm_with_its_reason():
     """Dispatch names the reason for a backend that does not list "key_norm" (the default
     capabilities do not: a backend opts in), and a key_norm plan handed to it directly raises
     rather than being computed with one weight per segment."""
     problem = Problem("numpy", "cpu", "float64", 1, 2, 2, 64, 64, 64, 64, False, sampling="key_norm")
     assert not any("sampling" in r for r in not_supported_reasons(REFERENCE, problem))
-    other = _SegmentWeightsOnly()
+    other = segment_weights_reference()
     reasons = not_supported_reasons(other, problem)
     assert any("sampling='key_norm' is not supported" in r for r in reasons), reasons
     q, k, v = make_inputs((1, 2, 300, 8), kv_heads=1, seed=3)

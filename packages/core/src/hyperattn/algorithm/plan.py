@@ -297,8 +297,8 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, st
     n_k = segments.k_len
     samples = draw_log_w = None
     if m > 0:
-        if len(n_k) and int(n_k.max()) > sampling.MAX_SPAN:  # the draws' multiply-shift covers 2**32 keys
-            raise ValueError(f"a sparse piece may span at most 2**32 keys (the samples' range), got {int(n_k.max())}")
+        if segments.max_k_len > sampling.MAX_SPAN:  # the draws' multiply-shift covers 2**32 keys
+            raise ValueError(f"a sparse piece may span at most 2**32 keys (the samples' range), got {segments.max_k_len}")
         if config.sampling == "key_norm":
             head_ids = None if global_heads is None else global_heads.kv_index
             kv_total = None if global_heads is None else global_heads.kv_total

@@ -73,8 +73,12 @@ class HyperAttention(torch.nn.Module):
         # not in the state dict: a checkpoint holds the projections, not a position in the draws
         self.register_buffer("base_seed", torch.tensor(base, dtype=torch.int64), persistent=False)
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.cuda_graphs = cuda_graphs
         self.graphs = CallGraphs(max_graphs) if cuda_graphs else None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether calls are replayed from per-signature CUDA graphs (``self.graphs``)."""
+        return self.graphs is not None
 
     # the original module's attribute names
     @property
@@ -115,7 +119,7 @@ class HyperAttention(torch.nn.Module):
                             head_dim=self.input_dim)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): new buffers, so no graph of the old ones
-        if self.graphs is not None:
+        if self.cuda_graphs:
             self.graphs.clear()
         return super()._apply(fn, *args, **kwargs)
 
