@@ -7,6 +7,8 @@
     python scripts/gpu_profile.py ops --n 32768           # host: the torch operators one call dispatches
     python scripts/gpu_profile.py band --n 32768          # GPU: kernel times of causal calls with a band,
                                                           # in the sparse pieces and as exact pieces
+    python scripts/gpu_profile.py graphed --n 8192        # host: the parts of a HyperAttention(cuda_graphs=True)
+                                                          # call, and graph launch cost per node
 """
 
 from __future__ import annotations
@@ -243,10 +245,95 @@ def dispatched_ops(n: int, heads: int, dim: int) -> None:
                 print(f"  {count:4d} {name}")
 
 
+def _host_us(fn, calls: int = 15) -> float:
+    """Median host microseconds until ``fn()`` returns, the GPU idle before each call."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def _graph_nodes(graph) -> int:
+    """GPU operations (kernels, copies, sets) one replay of ``graph`` runs, as the profiler sees them."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _graphed_parts(n: int, heads: int, dim: int, causal: bool, backward: bool) -> None:
+    """Print the host microseconds of each part of one graphed module's call (see ``graphed_host``)."""
+    from hyperattn.torch.graphs import call_signature
+
+    q, k, v = inputs(n, heads, dim, requires_grad=backward)
+    module = hyperattn.HyperAttention(dim, backend="triton", cuda_graphs=True).cuda()
+
+    def step():
+        out = module(q, k, v, causal=causal)
+        if backward:
+            out.backward(torch.ones_like(out))
+            q.grad = k.grad = v.grad = None
+
+    with torch.set_grad_enabled(backward):
+        for _ in range(3):
+            step()
+        captured = next(iter(module.graphs._captured.values()))
+        parts = {"step": step,
+                 "signature": lambda: call_signature((q, k, v), (None, causal, False, module.config)),
+                 "input copies": lambda: [s.copy_(x) for s, x in zip(captured.static_inputs, (q, k, v))],
+                 "forward replay": captured.forward_graph.replay,
+                 "output clones": lambda: [o.clone() for o in captured.static_outputs],
+                 "forward (module call)": lambda: module(q, k, v, causal=causal)}
+        nodes = f"forward graph {_graph_nodes(captured.forward_graph)} GPU ops"
+        if backward:
+            out = module(q, k, v, causal=causal)
+            grad = torch.ones_like(out)
+            parts["torch.ones_like"] = lambda: torch.ones_like(out)
+            parts["backward replay"] = captured.backward_graph.replay
+            parts["replay_backward (copy, replay, clones)"] = lambda: captured.replay_backward(captured.generation, (grad,))
+            nodes += f", backward graph {_graph_nodes(captured.backward_graph)}"
+        print(f"=== causal={causal} {'fwd+bwd' if backward else 'fwd'} N={n}: {nodes}", flush=True)
+        for name, fn in parts.items():
+            print(f"  {name:<44} {_host_us(fn):8.1f} us", flush=True)
+        if backward:  # a fresh forward each time (untimed), then the timed out.backward(grad)
+            times = []
+            for _ in range(15):
+                out = module(q, k, v, causal=causal)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out.backward(grad)
+                times.append(time.perf_counter() - start)
+                q.grad = k.grad = v.grad = None
+            torch.cuda.synchronize()
+            print(f"  {'out.backward(grad) (engine, replay_backward)':<44} {sorted(times)[7] * 1e6:8.1f} us", flush=True)
+
+
+def graphed_host(n: int, heads: int, dim: int) -> None:
+    """Host microseconds of each part of a ``HyperAttention(cuda_graphs=True)`` call (forward, and
+    forward+backward as a training step makes it), per causal mode, the GPU idle before each part;
+    then the host cost of replaying graphs of K trivial kernels (what a graph's node count costs)."""
+    for causal in (False, True):
+        for backward in (False, True):
+            _graphed_parts(n, heads, dim, causal, backward)
+    x = torch.zeros(256, device="cuda")
+    for kernels in (1, 16, 64, 256, 1024):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(kernels):
+                x.add_(1.0)
+        graph.replay()
+        print(f"graph of {kernels:5d} kernels: replay {_host_us(graph.replay):8.1f} us host", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Profile one HyperAttention step on a GPU backend: GPU "
                                                  "kernel tables, or the host's Python time.")
-    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch", "split", "ops", "band"), default="gpu")
+    parser.add_argument("what", nargs="?", choices=("gpu", "host", "launch", "split", "ops", "band", "graphed"), default="gpu")
     parser.add_argument("--n", type=int, default=131072, help="sequence length")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
@@ -263,6 +350,8 @@ def main(argv=None) -> int:
         host_split(args.n, args.heads, args.dim)
     elif args.what == "ops":
         dispatched_ops(args.n, args.heads, args.dim)
+    elif args.what == "graphed":
+        graphed_host(args.n, args.heads, args.dim)
     elif args.what == "band":
         band_tables(args.n, args.heads, args.dim, args.rows or 9)
     else:
