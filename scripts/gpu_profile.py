@@ -285,7 +285,7 @@ def _graphed_parts(n: int, heads: int, dim: int, causal: bool, backward: bool) -
         captured = next(iter(module.graphs._captured.values()))
         parts = {"step": step,
                  "signature": lambda: call_signature((q, k, v), (None, causal, False, module.config)),
-                 "input copies": lambda: [s.copy_(x) for s, x in zip(captured.static_inputs, (q, k, v))],
+                 "input copies": lambda: _no_grad_copies(captured.static_inputs, (q, k, v)),
                  "forward replay": captured.forward_graph.replay,
                  "output clones": lambda: [o.clone() for o in captured.static_outputs],
                  "forward (module call)": lambda: module(q, k, v, causal=causal)}
@@ -300,17 +300,29 @@ def _graphed_parts(n: int, heads: int, dim: int, causal: bool, backward: bool) -
         print(f"=== causal={causal} {'fwd+bwd' if backward else 'fwd'} N={n}: {nodes}", flush=True)
         for name, fn in parts.items():
             print(f"  {name:<44} {_host_us(fn):8.1f} us", flush=True)
-        if backward:  # a fresh forward each time (untimed), then the timed out.backward(grad)
-            times = []
-            for _ in range(15):
-                out = module(q, k, v, causal=causal)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                out.backward(grad)
-                times.append(time.perf_counter() - start)
-                q.grad = k.grad = v.grad = None
+        if not backward:
+            return
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # host: ops, CUDA runtime calls
+            for _ in range(5):
+                step()
             torch.cuda.synchronize()
-            print(f"  {'out.backward(grad) (engine, replay_backward)':<44} {sorted(times)[7] * 1e6:8.1f} us", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+        times = []  # a fresh forward each time (untimed), then the timed out.backward(grad)
+        for _ in range(15):
+            out = module(q, k, v, causal=causal)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out.backward(grad)
+            times.append(time.perf_counter() - start)
+            q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        print(f"  {'out.backward(grad) (engine, replay_backward)':<44} {sorted(times)[7] * 1e6:8.1f} us", flush=True)
+
+
+def _no_grad_copies(statics, tensors) -> None:
+    with torch.no_grad():  # as in the graphed call's autograd Function
+        for static, x in zip(statics, tensors):
+            static.copy_(x)
 
 
 def graphed_host(n: int, heads: int, dim: int) -> None:
