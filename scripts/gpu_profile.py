@@ -317,6 +317,22 @@ def _graphed_parts(n: int, heads: int, dim: int, causal: bool, backward: bool) -
             q.grad = k.grad = v.grad = None
         torch.cuda.synchronize()
         print(f"  {'out.backward(grad) (engine, replay_backward)':<44} {sorted(times)[7] * 1e6:8.1f} us", flush=True)
+        # the yardstick: the same engine round trip around one cuDNN / flash SDPA backward launch
+        print(f"  {'SDPA out.backward(grad), same inputs':<44} {_sdpa_backward_us(q, k, v, causal, grad):8.1f} us", flush=True)
+
+
+def _sdpa_backward_us(q, k, v, causal: bool, grad) -> float:
+    """Median host microseconds of ``out.backward(grad)`` for a fresh SDPA forward (untimed each time)."""
+    times = []
+    for _ in range(15):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out.backward(grad)
+        times.append(time.perf_counter() - start)
+        q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e6
 
 
 def _no_grad_copies(statics, tensors) -> None:
