@@ -5,8 +5,7 @@
     python scripts/gpu_profile.py launch                  # host: microseconds per Triton launch and torch op
     python scripts/gpu_profile.py split --n 32768         # host: ms per call with and without the launches
     python scripts/gpu_profile.py ops --n 32768           # host: the torch operators one call dispatches
-    python scripts/gpu_profile.py band --n 32768          # GPU: kernel times of causal calls with a band,
-                                                          # in the sparse pieces and as exact pieces
+    python scripts/gpu_profile.py band --n 32768          # GPU: kernel times of causal calls with a band
     python scripts/gpu_profile.py graphed --n 8192        # host: the parts of a HyperAttention(cuda_graphs=True)
                                                           # call, and graph launch cost per node
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import pstats
 import time
 
@@ -58,48 +56,38 @@ def gpu_tables(n: int, heads: int, dim: int, rows: int, backend: str = "triton")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
-#: (name, parameters, band in the sparse pieces): the band forms that ``band`` compares
-BAND_SETTINGS = (("default", {}, True),
-                 ("band 64 + s64 in the sparse pieces", dict(band_keys=64, sample_size=64), True),
-                 ("band 64 + s64 as exact pieces", dict(band_keys=64, sample_size=64), False),
-                 ("band 128 + s64 in the sparse pieces", dict(band_keys=128, sample_size=64), True),
-                 ("band 128 + s64 as exact pieces", dict(band_keys=128, sample_size=64), False))
+#: (name, parameters): the band settings that ``band`` compares with the default
+BAND_SETTINGS = (("default", {}),
+                 ("band 64 + s64", dict(band_keys=64, sample_size=64)),
+                 ("band 256 + s64", dict(band_keys=256, sample_size=64)),
+                 ("band 512 + s64, leaves of 2048", dict(band_keys=512, sample_size=64, min_seq_len=2048)))
 
 
 def band_tables(n: int, heads: int, dim: int, rows: int) -> None:
     """GPU time per kernel of causal calls (fwd, fwd+bwd; mean of 5 after 3 warm-up calls) with
-    each of ``BAND_SETTINGS``: the band folded into the sparse pieces (the Triton backend's plans)
-    or as exact pieces (its plans with ``per_draw_weights`` off, as CuPy's are)."""
-    from hyperattn.registry import backend_status
-
-    impl = backend_status("triton").backend
-    folded = impl.capabilities
+    each of ``BAND_SETTINGS`` (a band: each rectangle's first rows exact, in pieces of their own)."""
     q, k, v = inputs(n, heads, dim, requires_grad=True)
-    try:
-        for name, params, fold in BAND_SETTINGS:
-            impl.capabilities = folded if fold else dataclasses.replace(folded, per_draw_weights=False)
-            for backward in (False, True):
-                def step(backward=backward, params=params):
-                    with torch.set_grad_enabled(backward):
-                        out = hyperattn.attention(q, k, v, causal=True, seed=0, backend="triton",
-                                                  exact_crossover=False, **params)
-                        if backward:
-                            out.backward(torch.ones_like(out))
-                for _ in range(3):
+    for name, params in BAND_SETTINGS:
+        for backward in (False, True):
+            def step(backward=backward, params=params):
+                with torch.set_grad_enabled(backward):
+                    out = hyperattn.attention(q, k, v, causal=True, seed=0, backend="triton",
+                                              exact_crossover=False, **params)
+                    if backward:
+                        out.backward(torch.ones_like(out))
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
                     step()
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        step()
-                    torch.cuda.synchronize()
-                events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-                total = sum(e.self_device_time_total for e in events) / 5 / 1e3
-                print(f"\n== {name}, {'fwd+bwd' if backward else 'fwd'}: {total:.3f} ms of kernels per call")
-                for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
-                    print(f"  {e.self_device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:3d}  {e.key[:90]}")
-                q.grad = k.grad = v.grad = None
-    finally:
-        impl.capabilities = folded
+            events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+            total = sum(e.self_device_time_total for e in events) / 5 / 1e3
+            print(f"\n== {name}, {'fwd+bwd' if backward else 'fwd'}: {total:.3f} ms of kernels per call")
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+                print(f"  {e.self_device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:3d}  {e.key[:90]}")
+            q.grad = k.grad = v.grad = None
 
 
 def call_of(q, k, v, causal: bool, backward: bool):

@@ -54,7 +54,7 @@ GPU_CASES = [
                                               sink_keys=64)),
     (1, 4, 4, 3000, 3000, 64, 64, False, dict(block_size=256, sample_size=128, lsh_num_projs=7, min_seq_len=512,
                                                sink_keys=64)),
-    # a band of previous keys (each sparse rectangle's last keys exact), with sinks, Nq < Nk; then
+    # a band of previous keys (each sparse rectangle's first rows exact), with sinks, Nq < Nk; then
     # stratified samples
     (1, 4, 2, 3500, 4100, 64, 64, True, dict(block_size=128, sample_size=128, lsh_num_projs=7, min_seq_len=512,
                                              sink_keys=16, band_keys=192)),

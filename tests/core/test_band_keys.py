@@ -7,8 +7,6 @@ for: a smaller error where rows attend to their neighbours."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -21,20 +19,14 @@ from helpers import (
     assert_pieces_are_disjoint_within,
     first_piece_row_counts,
     make_inputs,
-    segment_weights_reference,
     without_samples,
 )
 from hyperattn import testing
-from hyperattn.algorithm import run_forward
-from hyperattn.algorithm.plan import SparsePiece, disjoint_groups
+from hyperattn.algorithm.plan import disjoint_groups
 from hyperattn.config import HyperAttentionConfig
-from hyperattn.protocol import BAND_RANK
 from hyperattn.registry import backend_status
 
 REFERENCE = backend_status("reference").backend
-
-
-UNFOLDED = segment_weights_reference()  # its plans keep the band as exact pieces, as CuPy's do
 
 
 @settings(max_examples=300, deadline=None)
@@ -63,79 +55,34 @@ def test_each_row_sees_its_previous_band_keys_exactly_once(n_q, extra_keys, min_
     assert_pieces_are_disjoint_within(plan)
 
 
-@settings(max_examples=60, deadline=None)
-@given(n_q=st.integers(2, 160), extra_keys=st.integers(0, 40), min_seq_len=st.integers(1, 40),
-       band=st.integers(1, 50), sinks=st.integers(0, 10), block_size=st.integers(1, 20),
-       sample_size=st.integers(0, 12), sampling=st.sampled_from(["uniform", "stratified", "key_norm"]))
-def test_a_folded_band_computes_what_its_exact_pieces_compute(n_q, extra_keys, min_seq_len, band, sinks, block_size,
-                                                              sample_size, sampling):
-    """The band as sample slots of weight 1 (backends with per-draw weights) against the band as
-    exact pieces (backends without): the same draws, the same estimator, out and lse equal in
-    float64 to the rounding of float32 slot weights; folded plans have fewer exact pieces and their band slots rank in no block."""
-    n_k = n_q + extra_keys
-    q, k, v = make_inputs((1, 2, n_q, 4), kv_heads=1, n_k=n_k, v_dim=3, seed=n_q)
-    config = HyperAttentionConfig(block_size=block_size, sample_size=sample_size, lsh_num_projs=3,
-                                  min_seq_len=min_seq_len, sink_keys=min(sinks, min_seq_len), band_keys=band,
-                                  exact_crossover=False, sampling="stratified" if sampling == "key_norm" else sampling)
-    folded = testing.seeded_plan(REFERENCE, q, k, causal=True, scale=0.5, config=config, seed=band)
-    unfolded = testing.seeded_plan(UNFOLDED, q, k, causal=True, scale=0.5, config=config, seed=band)
-    want_out, want_lse = run_forward(UNFOLDED, unfolded, q, k, v)
-    got_out, got_lse = run_forward(REFERENCE, folded, q, k, v)
-    # per-slot log weights are float32 (SparseStructure), log(n / m) per segment float64: ~6e-8
-    # apart, times sample weights up to n / m in sums that cancel
-    np.testing.assert_allclose(got_out, want_out, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6, atol=1e-6)
-    for piece in folded.pieces:
-        if isinstance(piece, SparsePiece):
-            st_ = piece.structure
-            assert st_.sample_size == sample_size + band
-            band_keys = st_.samples[..., sample_size:]
-            assert (np.asarray(st_.k_rank)[0, 0, np.asarray(band_keys[0, 0]).reshape(-1)] == BAND_RANK).all()
-            np.testing.assert_array_equal(np.asarray(st_.sample_log_weights)[..., sample_size:], 0)
-    if sampling == "key_norm":  # per-draw weights of the draws themselves, then the band's
-        config = dataclasses.replace(config, sampling="key_norm")
-        folded = testing.seeded_plan(REFERENCE, q, k, causal=True, scale=0.5, config=config, seed=band)
-        weights = testing.plan_weights(folded, 1, 2, n_q, n_k)
-        position = np.arange(n_q)[:, None] + (n_k - n_q)
-        keys = np.arange(n_k)[None, :]
-        assert (weights[..., (keys <= position) & (keys >= position - band)] == 1).all()
-
-
-def test_backends_fold_the_band_where_their_kernels_read_slot_weights():
-    """The reference and Triton read a weight per sample slot, so their band rides in the sparse
-    pieces; CuPy's kernels read one per segment, so it keeps the band's exact pieces."""
-    assert REFERENCE.capabilities.per_draw_weights
-    triton = pytest.importorskip("hyperattn_triton.backend", exc_type=ImportError)
-    assert triton.TritonBackend.capabilities.per_draw_weights
-    cupy = pytest.importorskip("hyperattn_cupy.backend", exc_type=ImportError)
-    assert not cupy.CupyBackend.capabilities.per_draw_weights
-
-
-def test_a_folded_band_needs_no_exact_pieces_of_its_own():
-    """With per-draw weights the band adds no pieces: the same sparse calls, each rectangle w keys
-    narrower, with w more slots."""
-    from hyperattn.algorithm.plan import _pieces_of_shape
-
-    paper = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(), False, True)
-    banded = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(band_keys=256), False, True)
-    assert len(banded[0]) == len(paper[0]) and banded[2] == 256 and paper[2] == 0
-    for before, after in zip(paper[1], banded[1]):
-        np.testing.assert_array_equal(after.k_len, before.k_len - 256)
-
-
-def test_the_band_costs_one_exact_piece_a_level_and_keeps_the_sparse_calls():
-    """32k rows, leaves of 4096: three levels, so three band pieces of rows x 256 keys each, and
-    the same three sparse calls, each rectangle 256 keys narrower."""
+def test_the_band_is_each_rectangles_first_rows_exact_one_piece_a_level():
+    """32k rows, leaves of 4096: three levels, so the first 256 rows of every rectangle against
+    all its keys (256 x 16384 pairs a level), packed into three exact pieces (rows and keys
+    disjoint in each), and the same three sparse calls, each rectangle 256 rows shorter."""
     from hyperattn.algorithm.plan import _pieces_of_shape
 
     paper = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(), False)
     banded = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(band_keys=256), False)
     assert len(banded[0]) == len(paper[0]) + 3 and len(banded[1]) == len(paper[1]) == 3
     band_pieces = banded[0][len(paper[0]):]
-    assert all(not piece.causal and (piece.segments.k_len == 256).all() for piece in band_pieces)
-    assert sum(int(p.segments.q_len.sum()) for p in band_pieces) == 3 * 16384
+    assert all(not piece.causal and (piece.segments.q_len == 256).all() for piece in band_pieces)
+    assert sum(int((p.segments.q_len * p.segments.k_len).sum()) for p in band_pieces) == 3 * 256 * 16384
     for before, after in zip(paper[1], banded[1]):
-        np.testing.assert_array_equal(after.k_len, before.k_len - 256)
+        np.testing.assert_array_equal(after.q_start, before.q_start + 256)
+        np.testing.assert_array_equal(after.k_len, before.k_len)
+
+
+def test_a_band_wider_than_a_rectangle_makes_its_rows_exact():
+    """A band of at least a rectangle's rows leaves no sparse part of it."""
+    from hyperattn.algorithm.plan import _pieces_of_shape
+
+    config = HyperAttentionConfig(min_seq_len=64, band_keys=4096)
+    exact, sparse = _pieces_of_shape(1024, 1024, True, config, False)
+    assert sparse == ()
+    weights_rows = sum(int((p.segments.q_len * p.segments.k_len).sum()) for p in exact[1:])
+    leaves = exact[0].segments
+    leaf_pairs = int((leaves.q_len * (leaves.q_len + 1) // 2).sum())
+    assert weights_rows + leaf_pairs == 1024 * 1025 // 2  # every causal pair, once
 
 
 def test_disjoint_groups_pack_in_order_and_never_overlap():

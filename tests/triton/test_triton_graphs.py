@@ -57,7 +57,7 @@ def test_gpu_forward_backward_step_captures_in_a_cuda_graph(causal, options, bac
     what the eager call with the same seed computes, and as the module's call count advances
     inside the graph, the next replay draws new samples (the eager call of that count again).
     ``key_norm``: the norm-weighted draws and their weights are made on the device too; a band:
-    its slots and ranks are folded into the sparse pieces on the device."""
+    its exact pieces are part of the graph."""
     backend_options("triton", exact_below=(0, 0))
     layer = hyperattn.HyperAttention(DIM, seed=7, backend="triton", **{**PARAMS, **options}).cuda()
     q, k, v = _inputs()

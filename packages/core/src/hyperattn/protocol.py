@@ -151,10 +151,7 @@ class SparseStructure:
     samples  native int32 [B, Hk, S, m] (int64 from Nk = 2**31): absolute key indices drawn
              uniformly with replacement from each segment's key range, or None when m == 0.  A query attends to a sample
              unless the sample lies in the query's own key block; each draw has weight
-             ``n_k / m``, i.e. ``log_sample_weight[s]`` is added to its score.  With a folded
-             band (``band_keys`` w > 0) the last w slots are the w keys right after the
-             segment's key range, attended exactly (log weight 0 in ``sample_log_weights``;
-             their ``k_rank`` is ``BAND_RANK``, in no block).
+             ``n_k / m``, i.e. ``log_sample_weight[s]`` is added to its score.
     sample_log_weights  native float32 [B, Hk, S, m] or None: per-draw log weights (importance
              sampling, ``sampling="key_norm"``), added to each draw's score instead of
              ``log_sample_weight[s]``.
@@ -210,11 +207,6 @@ class Problem:
         return self.device.split(":")[0]
 
 
-#: ``SparseStructure.k_rank`` of a folded band key: in no query's block (its block index is past
-#: every segment's), so no row drops it as a sample of its own block.
-BAND_RANK = 2**31 - 1
-
-
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can run; dispatch (``hyperattn.dispatch``) turns a mismatch into a reason."""
@@ -238,9 +230,7 @@ class Capabilities:
     #: a backend lists it only when they do.
     samplings: tuple[str, ...] = ("uniform", "stratified")
     #: The sparse kernels read ``SparseStructure.sample_log_weights`` (one log weight per sample
-    #: slot).  Then a causal call's band (``band_keys``) rides in its sparse pieces as extra slots
-    #: of weight 1 instead of exact pieces of its own (``algorithm.plan``), and ``"key_norm"`` may
-    #: be listed in ``samplings``.
+    #: slot), so ``"key_norm"`` may be listed in ``samplings``.
     per_draw_weights: bool = False
 
     def __post_init__(self) -> None:

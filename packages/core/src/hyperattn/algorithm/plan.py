@@ -25,7 +25,7 @@ from array_api_compat import array_namespace
 
 from .. import sampling
 from ..config import HyperAttentionConfig, check_band
-from ..protocol import BAND_RANK, Backend, Segments, SparseStructure
+from ..protocol import Backend, Segments, SparseStructure
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def plan_attention(
     ``global_heads``: the samples are those of a larger call's heads (see :class:`GlobalHeads`).
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    exact_pieces, sparse_calls, band_slots = piece_ranges(n_q, n_k, causal, config, backend, q.shape[-1])
+    exact_pieces, sparse_calls = piece_ranges(n_q, n_k, causal, config, backend, q.shape[-1])
 
     def make_pieces():
         yield from exact_pieces  # first: they need no hashing, so they run while the rest is planned
@@ -177,7 +177,7 @@ def plan_attention(
         key_weights = backend.key_norm_weights(k) if config.sampling == "key_norm" and config.sample_size else None
         for stream, segments in enumerate(sparse_calls):
             yield SparsePiece(sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream,
-                                               global_heads, key_weights, band_slots))
+                                               global_heads, key_weights))
 
     return Plan(Pieces(len(exact_pieces) + len(sparse_calls), make_pieces()), float(scale))
 
@@ -198,35 +198,29 @@ def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
 
     ``config.band_keys`` = w > 0 (causal only): every sparse rectangle ends where its rows' own
     keys begin (the prefix ends at the square, a level's lower-left rectangle at its diagonal
-    block), so its last w keys (fewer if it is narrower) are cut out and computed exactly: a row
-    then sees at least its previous w keys exactly, the leaf it lies in covering the rest.  The
-    band rectangles are packed into as few exact pieces as keep each piece's rows and keys
-    disjoint (about one per level).  A backend whose sparse kernels read a weight per sample slot
-    (``Capabilities.per_draw_weights``) gets them folded instead: a sparse rectangle's band keys are
-    the same w keys for all its rows, right after its key range, so they ride in its sparse piece
-    as w more sample slots of weight 1 (``band_slots`` = w; ``sparse_structure``): the same
-    estimator without the band's launches and its merges into the running output.  Only a
-    rectangle the band covers whole stays an exact piece then.
+    block), so only its first w rows have previous keys in it; those w rows attend to the whole
+    rectangle exactly, and the sparse part keeps the rows after them.  A row then sees at least
+    its previous w keys exactly (rows further from a leaf's start have theirs in their own
+    square, whose levels and leaf do the same); the exact cost is w rows per rectangle, w x Nq / 2
+    pairs a level, computed as dense pieces (one per level: their rows and keys are disjoint).
 
-    Returns ``(exact pieces, sparse calls' Segments, band_slots)``.
+    Returns ``(exact pieces, sparse calls' Segments)``.
     """
     exact_call = is_exact_call(n_q, n_k, causal, config, backend, head_dim)
-    # folded only while every key's rank stays below BAND_RANK (int32 ranks)
-    fold = bool(backend.capabilities.per_draw_weights) and int(n_k) < BAND_RANK
-    return _pieces_of_shape(int(n_q), int(n_k), bool(causal), config, exact_call, fold)
+    return _pieces_of_shape(int(n_q), int(n_k), bool(causal), config, exact_call)
 
 
 @functools.lru_cache(maxsize=256)
-def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig, exact_call: bool,
-                     fold_band: bool = False) -> tuple[tuple[ExactPiece, ...], tuple[Segments, ...], int]:
+def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
+                     exact_call: bool) -> tuple[tuple[ExactPiece, ...], tuple[Segments, ...]]:
     """``piece_ranges`` once the exact decision is made (the backend's crossover is not a key)."""
     check_band(config, causal)
     sinks = min(config.sink_keys, n_k)
     if exact_call or (not causal and sinks == n_k):  # one exact rectangle (the causal prefix included; or all sinks)
-        return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal),), (), 0
+        return (ExactPiece(Segments.from_ranges([(0, n_q, 0, n_k)]), causal=causal),), ()
     if not causal:
         exact = (ExactPiece(Segments.from_ranges([(0, n_q, 0, sinks)]), causal=False),) if sinks else ()
-        return exact, (Segments.from_ranges([(0, n_q, sinks, n_k)]),), 0
+        return exact, (Segments.from_ranges([(0, n_q, sinks, n_k)]),)
     leaves, levels = causal_split(n_q, config.min_seq_len)
     offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
     leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
@@ -235,11 +229,11 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
 
     def cut_band(r0, r1, k0, k1):
         """The sparse part of rectangle rows [r0, r1) x keys [k0, k1), whose keys end where the
-        rows' causal keys begin; its last band_keys keys go to ``band_ranges``."""
-        width = min(config.band_keys, k1 - k0)
-        if width and not (fold_band and width < k1 - k0):  # folded: the sparse piece's last slots
-            band_ranges.append((r0, r1, k1 - width, k1))
-        return r0, r1, k0, k1 - width
+        rows' causal keys begin; its first band_keys rows go to ``band_ranges``, exact."""
+        edge = min(config.band_keys, r1 - r0)
+        if edge and k0 < k1:
+            band_ranges.append((r0, r0 + edge, k0, k1))
+        return r0 + edge, r1, k0, k1
 
     prefix_sinks = min(sinks, offset)
     if prefix_sinks:
@@ -257,9 +251,8 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
         sparse_calls.append([cut_band(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
                              for start, mid, end in level])
     exact += [ExactPiece(Segments.from_ranges(group), causal=False) for group in disjoint_groups(band_ranges)]
-    sparse = (Segments.from_ranges([r for r in ranges if r[2] < r[3]]) for ranges in sparse_calls)
-    return (tuple(exact), tuple(segments for segments in sparse if len(segments.q_start)),
-            config.band_keys if fold_band else 0)
+    sparse = (Segments.from_ranges([r for r in ranges if r[0] < r[1] and r[2] < r[3]]) for ranges in sparse_calls)
+    return tuple(exact), tuple(segments for segments in sparse if len(segments.q_start))
 
 
 def check_draw_weights(backend: Backend, structure: SparseStructure) -> None:
@@ -267,7 +260,7 @@ def check_draw_weights(backend: Backend, structure: SparseStructure) -> None:
     whose kernels read one weight per segment: it would silently compute another estimator."""
     if structure.sample_log_weights is not None and not backend.capabilities.per_draw_weights:
         raise ValueError(f"backend {backend.name!r} cannot run a plan with per-draw sample weights "
-                         f"(sampling='key_norm' or a folded band): its kernels read one weight per segment")
+                         f"(sampling='key_norm'): its kernels read one weight per segment")
 
 
 def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
@@ -285,12 +278,10 @@ def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0,
-                     global_heads: GlobalHeads | None = None, key_weights=None, band_slots: int = 0) -> SparseStructure:
+                     global_heads: GlobalHeads | None = None, key_weights=None) -> SparseStructure:
     """Sort each segment by LSH code and draw its samples (``backend.draw_samples``, stream ``stream``;
     with ``global_heads``, the larger call's draws of these heads; ``sampling="key_norm"``:
-    ``backend.draw_samples_by_key_norm`` of ``key_weights``, made from k when not given).
-    ``band_slots`` = w > 0: each segment's next w keys after its range as w more slots of weight 1
-    (see ``piece_ranges``)."""
+    ``backend.draw_samples_by_key_norm`` of ``key_weights``, made from k when not given)."""
     bits = config.lsh_num_projs
     q_order, k_order, k_rank = backend.sort_pair(q_codes, k_codes, segments, code_bits=bits)
     m = config.sample_size
@@ -315,35 +306,6 @@ def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, st
                 samples = global_heads.take(backend.draw_samples(seed, stream, (k.shape[0], global_heads.kv_total),
                                                                  segments, m, k.shape[2], k, stratified))
     log_weight = np.log(n_k / m) if m > 0 else np.zeros(len(segments))
-    if band_slots:
-        samples, draw_log_w, k_rank = fold_band_slots(backend, k, k_rank, segments, samples, draw_log_w, log_weight,
-                                                      band_slots)
     return SparseStructure(segments, config.block_size, q_order, k_order, k_rank, samples, log_weight, draw_log_w)
 
 
-def fold_band_slots(backend, k, k_rank, segments: Segments, samples, draw_log_w, log_weight: np.ndarray, width: int):
-    """``(samples, per-draw log weights, k_rank)``: samples and weights [B, Hk, S, m + width] with
-    each segment's band (the ``width`` keys from its ``k_end``) after its m draws, at log weight 0,
-    and k_rank with those keys' ranks ``BAND_RANK`` (the band keys lie in no segment of this piece,
-    so no block reads their rank), so that no row drops one as a sample of its own block."""
-    xp = array_namespace(k)
-    batch, kv_heads, count = k.shape[0], k.shape[1], len(segments)
-    band = segments.k_end[:, None] + np.arange(width)  # [S, w]
-    in_band = np.zeros(k.shape[2], dtype=bool)
-    in_band[band.reshape(-1)] = True
-    # a select with a scalar: no host value copied to the device (an indexed store of one would
-    # be, a synchronising copy that a CUDA graph capture refuses)
-    k_rank = xp.where(backend.host_constant(in_band, k), BAND_RANK, k_rank)
-    index_type = np.int32 if k.shape[2] < 2**31 else np.int64  # as the draws' (Backend.draw_samples)
-    band_slots = xp.broadcast_to(backend.host_constant(band.astype(index_type), k), (batch, kv_heads, count, width))
-    m = 0 if samples is None else samples.shape[-1]
-    if draw_log_w is None:  # the draws' one weight per segment, then the band's
-        weights = np.concatenate([np.repeat(np.asarray(log_weight, np.float32)[:, None], m, axis=1),
-                                  np.zeros((count, width), np.float32)], axis=1)
-        log_w = xp.broadcast_to(backend.host_constant(weights, k), (batch, kv_heads, count, m + width))
-    else:
-        zeros = xp.broadcast_to(backend.host_constant(np.zeros((count, width), np.float32), k),
-                                (batch, kv_heads, count, width))
-        log_w = xp.concat((draw_log_w, zeros), axis=-1)
-    slots = band_slots if samples is None else xp.concat((samples, band_slots), axis=-1)
-    return slots, log_w, k_rank
