@@ -295,30 +295,25 @@ def _graphed_parts(n: int, heads: int, dim: int, causal: bool, backward: bool) -
                 step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
-        times = []  # a fresh forward each time (untimed), then the timed out.backward(grad)
-        for _ in range(15):
-            out = module(q, k, v, causal=causal)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            out.backward(grad)
-            times.append(time.perf_counter() - start)
-            q.grad = k.grad = v.grad = None
-        torch.cuda.synchronize()
-        print(f"  {'out.backward(grad) (engine, replay_backward)':<44} {sorted(times)[7] * 1e6:8.1f} us", flush=True)
+        module_us = _backward_us(lambda: module(q, k, v, causal=causal), (q, k, v), grad)
+        print(f"  {'out.backward(grad) (engine, replay_backward)':<44} {module_us:8.1f} us", flush=True)
         # the yardstick: the same engine round trip around one cuDNN / flash SDPA backward launch
-        print(f"  {'SDPA out.backward(grad), same inputs':<44} {_sdpa_backward_us(q, k, v, causal, grad):8.1f} us", flush=True)
+        sdpa_us = _backward_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                               (q, k, v), grad)
+        print(f"  {'SDPA out.backward(grad), same inputs':<44} {sdpa_us:8.1f} us", flush=True)
 
 
-def _sdpa_backward_us(q, k, v, causal: bool, grad) -> float:
-    """Median host microseconds of ``out.backward(grad)`` for a fresh SDPA forward (untimed each time)."""
+def _backward_us(forward, leaves, grad) -> float:
+    """Median host microseconds of ``out.backward(grad)``, ``out`` a fresh ``forward()`` (untimed) each time."""
     times = []
     for _ in range(15):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = forward()
         torch.cuda.synchronize()
         start = time.perf_counter()
         out.backward(grad)
         times.append(time.perf_counter() - start)
-        q.grad = k.grad = v.grad = None
+        for x in leaves:
+            x.grad = None
     torch.cuda.synchronize()
     return sorted(times)[len(times) // 2] * 1e6
 
