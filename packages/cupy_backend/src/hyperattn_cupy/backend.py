@@ -39,8 +39,8 @@ class CupyBackend(Backend):
         priority=5,
         running_out_dtype="input",
         device_seed=True,
-        # (no per_draw_weights, so no "key_norm" in samplings and the band as exact pieces: the
-        # CUDA kernels read one log sample weight per segment)
+        # (no per_draw_weights, so no "key_norm" in samplings: the CUDA kernels read one log
+        # sample weight per segment)
     )
 
     def __init__(self, options: CupyOptions | None = None):
