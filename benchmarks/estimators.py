@@ -1,4 +1,4 @@
-"""Estimators at (about) the same cost, on the synthetic families of ``quality.py``: the paper's
+"""Estimators at (about) the same cost, on the synthetic families of ``quality.py`` and one with locality (``local_drift``): the paper's
 (sorted block diagonal + uniform samples), with stratified samples, with samples drawn by key norm
 (``sampling="key_norm"``), with attention sinks
 (``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
@@ -31,6 +31,20 @@ try:  # run as a script (python benchmarks/estimators.py) or imported from the b
     from quality import FAMILIES
 except ImportError:  # pragma: no cover
     from benchmarks.quality import FAMILIES
+
+
+def local_drift(rng, heads, n, dim, strength=2.0, lag=3):
+    """Keys drifting along the sequence (a normalised random walk), each query near the key ``lag``
+    positions back: every row's heaviest keys are its neighbours, as in a language model's local
+    heads (the family where a band pays: the others have no locality)."""
+    k = np.cumsum(rng.standard_normal((1, heads, n, dim)), axis=2) / 4
+    k *= strength * dim ** 0.25 / np.linalg.norm(k, axis=-1, keepdims=True)
+    q = np.roll(k, lag, axis=2) + 0.3 * rng.standard_normal(k.shape)
+    return q, k, rng.standard_normal((1, heads, n, dim))
+
+
+#: ``quality.py``'s families and one with locality
+ESTIMATOR_FAMILIES = {**FAMILIES, "local": local_drift}
 
 
 def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> dict[str, dict | int]:
@@ -67,7 +81,7 @@ def window_weights(n: int, width: int, causal: bool) -> np.ndarray:
 
 def measure(args) -> list[dict]:
     rows = []
-    for family, make in FAMILIES.items():
+    for family, make in ESTIMATOR_FAMILIES.items():
         for causal in (False, True):
             results: dict[str, list] = {}
             for seed in range(args.seeds):

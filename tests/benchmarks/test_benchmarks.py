@@ -95,7 +95,8 @@ def test_estimators_benchmark_writes_every_family_setting_and_mode(monkeypatch, 
                      "--sample_size", "32", "--sinks", "8", "--band", "16", "--min_seq_len", "64",
                      "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "estimators.json").read_text())["rows"]
-    assert len(rows) == 4 * (6 + 10)  # families x (non-causal settings + causal ones: the band's four more)
+    assert len(rows) == 5 * (6 + 10)  # families x (non-causal settings + causal ones: the band's four more)
+    assert {row["family"] for row in rows} == {"gaussian", "clustered", "sinks", "copy", "local"}
     assert {row["setting"] for row in rows if not row["causal"]} == {
         "paper b32 s32", "stratified b32 s32 (default)", "sinks 8 + b32 s24", "sinks 8 + b32 s32", "key_norm b32 s32",
         "window 64"}
