@@ -44,9 +44,11 @@ class HyperAttentionConfig:
                     ``min_seq_len`` (a causal call's first leaf computes them exactly for its rows).
     band_keys:      causal calls only: every row also attends exactly to (at least) its previous
                     ``band_keys`` keys, which the causal recursion's exact leaves miss for the rows
-                    just past a leaf's start; the approximation covers the keys before the band.
-                    0 (the default): the paper's estimator.  A non-causal call with a band is
-                    refused (there is no "previous" there).
+                    just past a leaf's start: those first ``band_keys`` rows of each leaf attend
+                    exactly to all the keys before it that the recursion would approximate
+                    (``hyperattn.algorithm.plan.piece_ranges``).  0 (the default): the paper's
+                    estimator.  A non-causal call with a band is refused (there is no "previous"
+                    there).
     sampling:       how the residual's keys are drawn: ``"stratified"`` (the default: sample j
                     uniform in the j-th of ``sample_size`` equal strata of the key range: the same
                     expected count of every key, so the same unbiased weights, with the draws
