@@ -45,8 +45,8 @@ class HyperAttentionConfig:
     band_keys:      causal calls only: every row also attends exactly to (at least) its previous
                     ``band_keys`` keys, which the causal recursion's exact leaves miss for the rows
                     just past a leaf's start: those first ``band_keys`` rows of each leaf attend
-                    exactly to all the keys before it that the recursion would approximate
-                    (``hyperattn.algorithm.plan.piece_ranges``).  0 (the default): the paper's
+                    exactly to the whole sparse rectangle that ends at the leaf's start (the
+                    recursion level's keys before it; ``hyperattn.algorithm.plan.piece_ranges``).  0 (the default): the paper's
                     estimator.  A non-causal call with a band is refused (there is no "previous"
                     there).
     sampling:       how the residual's keys are drawn: ``"stratified"`` (the default: sample j
