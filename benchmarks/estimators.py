@@ -1,4 +1,4 @@
-"""Estimators at (about) the same cost, on the synthetic families of ``quality.py`` and one with locality (``local_drift``): the paper's
+"""Estimators at (about) the same cost, on the synthetic families of ``quality.py`` and one with local keys (``local_drift``): the paper's
 (sorted block diagonal + uniform samples), with stratified samples, with samples drawn by key norm
 (``sampling="key_norm"``), with attention sinks
 (``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover
 def local_drift(rng, heads, n, dim, strength=2.0, lag=3):
     """Keys drifting along the sequence (a normalised random walk), each query near the key ``lag``
     positions back: every row's heaviest keys are its neighbours, as in a language model's local
-    heads (the family where a band pays: the others have no locality)."""
+    heads.  Neighbours here are also near in key space, so the sorted LSH blocks find them: this
+    tells locality in content apart from locality in position (what a band covers)."""
     k = np.cumsum(rng.standard_normal((1, heads, n, dim)), axis=2) / 4
     k *= strength * dim ** 0.25 / np.linalg.norm(k, axis=-1, keepdims=True)
     q = np.roll(k, lag, axis=2) + 0.3 * rng.standard_normal(k.shape)
