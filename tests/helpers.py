@@ -155,8 +155,7 @@ def poison_allocations(monkeypatch) -> None:
 
 def segment_weights_reference():
     """The reference backend declaring sparse kernels that read one log weight per segment (no
-    ``per_draw_weights``, the default samplings), as CuPy's do: dispatch refuses key_norm for it,
-    and its plans keep a band as exact pieces."""
+    ``per_draw_weights``, the default samplings), as CuPy's do: dispatch refuses key_norm for it."""
     import dataclasses
 
     from hyperattn.protocol import Capabilities

@@ -52,8 +52,8 @@ def attention(
     ``sink_keys``: the first keys every row attends to exactly, the approximation covering the
     others (see :class:`hyperattn.config.HyperAttentionConfig`); 0 is the paper's estimator.
     ``band_keys`` (causal only): every row also attends exactly to its previous ``band_keys``
-    keys (the first ``band_keys`` rows of each exact leaf attend exactly to the whole sparse
-    rectangle that ends at the leaf's start), the approximation covering the rest; 0 is the paper's estimator.  ``sampling``:
+    keys (the first ``band_keys`` rows of each sparse rectangle of the causal recursion attend
+    exactly to all of it), the approximation covering the rest; 0 is the paper's estimator.  ``sampling``:
     ``"stratified"`` (the default: one draw per stratum of the key range) or ``"uniform"`` (the
     paper's independent draws).  ``estimator``: a named set of these (``hyperattn.config.ESTIMATORS``):
     ``"paper"`` (the authors' estimator: uniform draws), ``"stratified"`` (the default's), or

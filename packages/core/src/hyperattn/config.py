@@ -44,9 +44,9 @@ class HyperAttentionConfig:
                     ``min_seq_len`` (a causal call's first leaf computes them exactly for its rows).
     band_keys:      causal calls only: every row also attends exactly to (at least) its previous
                     ``band_keys`` keys, which the causal recursion's exact leaves miss for the rows
-                    just past a leaf's start: those first ``band_keys`` rows of each leaf attend
-                    exactly to the whole sparse rectangle that ends at the leaf's start (the
-                    recursion level's keys before it; ``hyperattn.algorithm.plan.piece_ranges``).  0 (the default): the paper's
+                    just past a leaf's start: the first ``band_keys`` rows of each of its sparse
+                    rectangles attend exactly to all of that rectangle
+                    (``hyperattn.algorithm.plan.piece_ranges``).  0 (the default): the paper's
                     estimator.  A non-causal call with a band is refused (there is no "previous"
                     there).
     sampling:       how the residual's keys are drawn: ``"stratified"`` (the default: sample j

@@ -41,8 +41,8 @@ def exact_key_tiles(segments: Segments, causal: bool, block_n: int, keep_empty: 
     """Key side, [T, 7] (segment, 0, k0, k1, q0, q1, diag): every key tile with the rows that see it
     (and, with ``keep_empty``, the tiles no row sees: an overwriting backward writes their zeros).
     ``row_chunk``: each tile's rows cut into chunks of that many, one tile each (their partial sums
-    of one key tile are then added atomically): a piece with far more rows than keys (a band, the
-    sinks) otherwise gives a few programs a loop over all its rows.  Empty tiles are then dropped
+    of one key tile are then added atomically): a piece with far more rows than keys (the sinks'
+    rectangles) otherwise gives a few programs a loop over all its rows.  Empty tiles are then dropped
     whatever ``keep_empty`` says: added partial sums need their keys zeroed by the caller anyway."""
     seg, k0, k1 = split_ranges(segments.k_start, segments.k_end, block_n)
     diag = (segments.k_end - segments.q_end)[seg]

@@ -229,7 +229,7 @@ class TritonBackend(Backend):
 
     def _key_row_chunk(self, segments: Segments, overwrite: bool, deterministic: bool) -> int | None:
         """Rows per dK/dV program of a skinny exact piece, one whose segments have more rows than
-        ``options.exact_key_row_chunk`` and at least 8 times as many rows as keys (a band or sink
+        ``options.exact_key_row_chunk`` and at least 8 times as many rows as keys (a sink
         rectangle: a few key tiles, each looping over every row, would leave the GPU idle), or None:
         each key tile's program owns its keys (square leaves have key tiles enough).  Not in
         deterministic mode (atomics add in any order), nor for a first piece of many segments (its

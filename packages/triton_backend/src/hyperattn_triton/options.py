@@ -67,7 +67,7 @@ class TritonOptions(BackendOptions):
     #: rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot)
     sample_row_chunk: int = 4096
     #: rows of one partial sum of an exact piece's dK/dV where its segments have more rows than this
-    #: (a band or sink rectangle: few keys, many rows), added atomically; not in deterministic mode
+    #: (a sink rectangle: few keys, many rows), added atomically; not in deterministic mode
     exact_key_row_chunk: int = 2048
     #: positions per chunk of the counting sort (one program of each launch), on a GPU and under the
     #: interpreter (which sorts long chunks very slowly)
