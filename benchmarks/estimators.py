@@ -1,11 +1,12 @@
-"""Estimators at (about) the same cost, on the synthetic families of ``quality.py`` and one with local keys (``local_drift``): the paper's
-(sorted block diagonal + uniform samples), with stratified samples, with samples drawn by key norm
-(``sampling="key_norm"``), with attention sinks
-(``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window that attends to as many keys
-per row exactly (the yardstick every user asks about).
+"""Estimators at (about) the same cost, on the synthetic families of ``quality.py`` and one with
+local keys (``local_drift``): the paper's (sorted block diagonal + uniform samples), with
+stratified samples, with samples drawn by key norm (``sampling="key_norm"``), with attention sinks
+(``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window
+that attends to as many keys per row exactly (the yardstick every user asks about).
 
-Cost here is keys attended per row (block + samples + sinks + band; the window's width): the GPU
-kernel time is measured separately (``benchmarks/estimator_cost.py``).  Per family, causal or not, averaged over
+Cost here is nominal keys per row (block + samples + sinks + band width; the window's width; a
+band's exact rows actually cost w rows times each rectangle's keys): the GPU kernel time is
+measured separately (``benchmarks/estimator_cost.py``).  Per family, causal or not, averaged over
 seeds: ‖O − O*‖/‖V‖, the mean |lse − lse*|, and the normaliser's mean ratio exp(lse − lse*)
 over seeds (1 for an unbiased normaliser; an exact window's is below 1: it drops the mass
 outside it).
@@ -33,15 +34,12 @@ except ImportError:  # pragma: no cover
     from benchmarks.quality import FAMILIES
 
 
-def local_drift(rng, heads, n, dim, strength=2.0, lag=3):
-    """Keys drifting along the sequence (a normalised random walk), each query near the key ``lag``
-    positions back: every row's heaviest keys are its neighbours, as in a language model's local
-    heads.  Neighbours here are also near in key space, so the sorted LSH blocks find them: this
-    tells locality in content apart from locality in position (what a band covers)."""
-    k = np.cumsum(rng.standard_normal((1, heads, n, dim)), axis=2) / 4
-    k *= strength * dim ** 0.25 / np.linalg.norm(k, axis=-1, keepdims=True)
-    q = np.roll(k, lag, axis=2) + 0.3 * rng.standard_normal(k.shape)
-    return q, k, rng.standard_normal((1, heads, n, dim))
+def local_drift(rng, heads, n, dim):
+    """``hyperattn.testing.local_drift_inputs``: every row's heaviest keys are its neighbours, as in
+    a language model's local heads.  Neighbours here are also near in key space, so the sorted LSH
+    blocks find them: this tells locality in content apart from locality in position (what a band
+    covers)."""
+    return testing.local_drift_inputs(rng, heads, n, dim)
 
 
 #: ``quality.py``'s families and one with locality

@@ -79,10 +79,10 @@ def test_a_band_wider_than_a_rectangle_makes_its_rows_exact():
     config = HyperAttentionConfig(min_seq_len=64, band_keys=4096)
     exact, sparse = _pieces_of_shape(1024, 1024, True, config, False)
     assert sparse == ()
-    weights_rows = sum(int((p.segments.q_len * p.segments.k_len).sum()) for p in exact[1:])
+    band_pairs = sum(int((p.segments.q_len * p.segments.k_len).sum()) for p in exact[1:])
     leaves = exact[0].segments
     leaf_pairs = int((leaves.q_len * (leaves.q_len + 1) // 2).sum())
-    assert weights_rows + leaf_pairs == 1024 * 1025 // 2  # every causal pair, once
+    assert band_pairs + leaf_pairs == 1024 * 1025 // 2  # every causal pair, once
 
 
 def test_disjoint_groups_pack_in_order_and_never_overlap():
@@ -139,25 +139,13 @@ def test_a_band_is_validated_and_refused_on_non_causal_calls():
         hyperattn.HyperAttention(input_dim=4, band_keys=16)(*(torch.zeros(1, 1, 8, 4),) * 3, causal=False)
 
 
-def _local_inputs(seed: int, n: int, dim: int = 16, heads: int = 4, strength: float = 2.0):
-    """Keys that drift along the sequence (a random walk), queries matching the key a few
-    positions back: each row's heaviest keys are its neighbours."""
-    rng = np.random.default_rng(seed)
-    k = np.cumsum(rng.standard_normal((1, heads, n, dim)), axis=2) / 4
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    k *= strength * np.sqrt(dim) ** 0.5
-    q = np.roll(k, 3, axis=2) + 0.3 * rng.standard_normal(k.shape)
-    v = rng.standard_normal((1, heads, n, dim))
-    return q, k, v
-
-
 def test_a_band_lowers_the_error_where_rows_attend_to_their_neighbours():
     """On inputs whose heavy keys are each row's neighbours, the same blocks and samples with a
     band of 32 previous keys give a smaller output and log-sum-exp error (three seeds)."""
     params = dict(block_size=32, sample_size=32, lsh_num_projs=4, min_seq_len=128, exact_crossover=False)
     errors = {0: [], 32: []}
     for seed in range(3):
-        q, k, v = _local_inputs(seed, 1024)
+        q, k, v = testing.local_drift_inputs(np.random.default_rng(seed), 4, 1024, 16)
         want_out, want_lse = testing.exact_attention_f64(q, k, v, causal=True)
         for band in errors:
             out, lse = hyperattn.attention(q, k, v, causal=True, seed=seed, return_lse=True, backend="reference",

@@ -6,6 +6,8 @@
   ``n_k / m``, or the draw's own weight under importance sampling, per draw of a sample outside
   its block), then a weighted softmax.  It shares
   nothing with the kernels but the plan.
+* :func:`local_drift_inputs` — inputs whose heavy keys are each row's neighbours (the band's tests
+  and ``benchmarks/estimators.py``).
 """
 
 from __future__ import annotations
@@ -125,6 +127,17 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300))
 
 
+def local_drift_inputs(rng: np.random.Generator, heads: int, n: int, dim: int, strength: float = 2.0, lag: int = 3):
+    """(q, k, v) float64 [1, heads, n, dim]: keys drifting along the sequence (a normalised random
+    walk), each query near the key ``lag`` positions back, so every row's heaviest keys are its
+    neighbours (near in position and in key space alike)."""
+    k = np.cumsum(rng.standard_normal((1, heads, n, dim)), axis=2) / 4
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    k *= strength * np.sqrt(dim) ** 0.5
+    q = np.roll(k, lag, axis=2) + 0.3 * rng.standard_normal(k.shape)
+    return q, k, rng.standard_normal((1, heads, n, dim))
+
+
 #: Rounding unit of each dtype; tolerances are multiples of it.
 EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 
@@ -135,6 +148,7 @@ __all__ = [
     "causal_mask",
     "dense_attention_from_plan",
     "exact_attention_f64",
+    "local_drift_inputs",
     "plan_weights",
     "relative_error",
     "seeded_plan",
