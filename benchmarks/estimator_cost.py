@@ -75,6 +75,8 @@ def main(argv=None) -> None:
     add("--kv_heads", type=int, default=32)
     add("--dim", type=int, default=64)
     add("--backend", default="triton")
+    add("--backend_options", nargs="*", default=[], metavar="NAME=INT",
+        help="integer options of the backend for every setting (hyperattn.configure), e.g. fused_split_min_keys=0")
     add("--repeats", type=int, default=5)
     add("--out", type=Path, default=RESULTS)
     add("--tag", default="estimator_cost")
@@ -83,12 +85,22 @@ def main(argv=None) -> None:
         raise SystemExit("estimator_cost.py times GPU kernels: no CUDA device here")
     import sys
 
+    import hyperattn
+
+    backend_options = {}
+    for item in args.backend_options:
+        name, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise SystemExit(f"--backend_options: {item!r}: expected NAME=INT")
+        backend_options[name] = int(value)
+    if backend_options:
+        hyperattn.configure(args.backend, **backend_options)
     result = dict(what="benchmarks/estimator_cost.py", card=device_name("cuda"),
                   date=datetime.date.today().isoformat(), commit=_git_commit(),
                   command="python benchmarks/estimator_cost.py " + " ".join(repr(a) if " " in a or not a else a
                                                                            for a in sys.argv[1:]),
                   shape=dict(batch=1, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim, dtype="bfloat16",
-                             causal=True, backend=args.backend),
+                             causal=True, backend=args.backend, backend_options=backend_options),
                   rows=measure(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -22,7 +22,6 @@ from helpers import (
     without_samples,
 )
 from hyperattn import testing
-from hyperattn.algorithm.plan import disjoint_groups
 from hyperattn.config import HyperAttentionConfig
 from hyperattn.registry import backend_status
 
@@ -85,9 +84,21 @@ def test_a_band_wider_than_a_rectangle_makes_its_rows_exact():
     assert band_pairs + leaf_pairs == 1024 * 1025 // 2  # every causal pair, once
 
 
-def test_disjoint_groups_pack_in_order_and_never_overlap():
-    ranges = [(0, 10, 0, 10), (10, 20, 10, 20), (5, 15, 20, 30), (20, 30, 5, 8)]
-    assert disjoint_groups(ranges) == [[(0, 10, 0, 10), (10, 20, 10, 20)], [(5, 15, 20, 30), (20, 30, 5, 8)]]
+def test_each_levels_band_is_one_strided_tiling_the_fused_kernels_batch():
+    """Each level's band rows are equal rectangles at constant strides (what
+    ``hyperattn.torch.fused`` runs as one batched call): 1, 2, 4 rectangles of 256 x 16384,
+    8192, 4096 at 32k; a ragged split (halves that differ by one) is a piece the kernels run as
+    it is."""
+    from hyperattn.algorithm.plan import _pieces_of_shape
+
+    paper = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(), False)
+    banded = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(band_keys=256), False)
+    tilings = [piece.segments.strided_tiling() for piece in banded[0][len(paper[0]):]]
+    assert [(t.count, t.rows, t.keys, t.q_step, t.k_step) for t in tilings] == [
+        (1, 256, 16384, 256, 16384), (2, 256, 8192, 16384, 16384), (4, 256, 4096, 8192, 8192)]
+    assert [(t.q_start, t.k_start) for t in tilings] == [(16384, 0), (8192, 0), (4096, 0)]
+    ragged = _pieces_of_shape(20002, 20002, True, HyperAttentionConfig(band_keys=256, min_seq_len=1024), False)
+    assert any(piece.segments.strided_tiling() is None for piece in ragged[0][1:])
 
 
 @settings(max_examples=30, deadline=None)

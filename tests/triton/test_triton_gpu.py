@@ -111,6 +111,49 @@ def test_gpu_flash_exact_backward_matches_the_kernels(fused, chunk_bytes, backen
     assert not flash_exact_backward(q, k[:, :2], v[:, :2], out, lse, dout, leaves, True, 0.125, *kernel, False, options)
 
 
+@pytest.mark.parametrize("fused", ["cudnn", "flash"])
+@pytest.mark.parametrize("split_min_keys", [0, 256])
+def test_gpu_band_levels_through_the_fused_kernels_match_the_kernels(fused, split_min_keys, backend_options):
+    """A level's band (equal rectangles at constant strides, 96 rows x 1024 keys every 2048) runs
+    as one fused call (its keys split in 4 with ``split_min_keys``), merged into an earlier piece's
+    (out, lse), and its backward through the fused kernels: both equal the Triton kernels'."""
+    from hyperattn.protocol import Segments
+    from hyperattn.tiles import exact_tiles
+    from hyperattn.torch import fused as fused_module
+    from hyperattn_triton.exact import flash_exact_backward, flash_exact_forward
+    from hyperattn_triton.launches import launch_for
+
+    backend = TRITON.backend
+    options = backend_options("triton", fused_kernels=(fused,), fused_split_min_keys=split_min_keys)
+    band = Segments.from_ranges([(s + 1024, s + 1120, s, s + 1024) for s in range(0, 4096, 2048)])
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    if split_min_keys:
+        assert fused_module.key_splits(*fused_module.strided_views(band.strided_tiling(), q, k, v)[:2],
+                                       split_min_keys) == 4
+    out = torch.randn(2, 4, 4096, 64, device="cuda")  # an earlier piece's, merged into
+    lse = torch.randn(2, 4, 4096, device="cuda")
+    kernel_out, kernel_lse = out.clone(), lse.clone()
+    assert flash_exact_forward(q, k, v, band, False, 0.125, out, lse, False, options)
+    launch = launch_for(options.launches, "forward", 64, 64)
+    tiles = backend.device_tables.get(exact_tiles, q, band, False, launch.block_m)
+    backend._forward(q, k, v, tiles, None, 0.125, kernel_out, kernel_lse, False, False, launch)
+    torch.testing.assert_close(lse, kernel_lse, atol=1e-3, rtol=1e-4)
+    assert testing.relative_error(out, kernel_out) < 1e-2
+    rows = torch.zeros(4096, dtype=torch.bool, device="cuda")
+    rows[1024:1120] = rows[3072:3168] = True
+    assert torch.equal(out[:, :, ~rows], kernel_out[:, :, ~rows])  # other rows untouched
+    dout = torch.randn(out.shape, device="cuda")
+    delta = (dout * out).sum(-1)
+    through_fused = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
+    assert flash_exact_backward(q, k, v, out, lse, dout, band, False, 0.125, *through_fused, False, options)
+    kernel = [torch.zeros(x.shape, device="cuda") for x in (q, k, v)]
+    backend.exact_backward(q, k, v, lse, dout, delta, band, False, 0.125, *kernel)  # no out: kernels
+    for name, got, want in zip(("dq", "dk", "dv"), through_fused, kernel):
+        assert testing.relative_error(got, want) < 1e-2, name
+        assert torch.isfinite(got).all(), name
+
+
 def test_gpu_pinned_ring_copies_survive_wraparound():
     """Index tables staged through the pinned ring arrive intact even when the ring wraps."""
     from hyperattn_triton.staging import PinnedRing

@@ -107,6 +107,42 @@ class Segments:
         k_start, k_end = int(table[0, 2]), int(table[-1, 3])
         return Tiling(len(table), n, (k_end - k_start) // len(table), k_start, k_end)
 
+    def strided_tiling(self) -> StridedTiling | None:
+        """The :class:`StridedTiling` when these segments are L >= 1 equal non-causal rectangles at
+        constant strides (rows ``[q_start + i * q_step, + rows)``, keys ``[k_start + i * k_step,
+        + keys)``: one causal level's band rows, a sink rectangle), not skinny (rows <= keys: the
+        fused backwards parallelise over key blocks, and a few key blocks over many rows would
+        leave the GPU idle).  Else None.  For the causal leaves see :meth:`equal_tiling`."""
+        if not len(self):
+            return None
+        rows, keys = self.q_len, self.k_len
+        q_steps, k_steps = np.diff(self.q_start), np.diff(self.k_start)
+        n_rows, n_keys = int(rows[0]), int(keys[0])
+        q_step = int(q_steps[0]) if len(q_steps) else n_rows
+        k_step = int(k_steps[0]) if len(k_steps) else n_keys
+        regular = (
+            0 < n_rows <= n_keys
+            and (rows == n_rows).all() and (keys == n_keys).all()
+            and (q_steps == q_step).all() and (k_steps == k_step).all()
+            and q_step >= n_rows and k_step >= n_keys  # in order, disjoint
+        )
+        if not regular:
+            return None
+        return StridedTiling(len(self), n_rows, n_keys, int(self.q_start[0]), q_step, int(self.k_start[0]), k_step)
+
+
+class StridedTiling(NamedTuple):
+    """See :meth:`Segments.strided_tiling`: ``count`` rectangles of ``rows`` x ``keys``, the i-th
+    at rows ``q_start + i * q_step`` and keys ``k_start + i * k_step``."""
+
+    count: int
+    rows: int
+    keys: int
+    q_start: int
+    q_step: int
+    k_start: int
+    k_step: int
+
 
 class Tiling(NamedTuple):
     """See :meth:`Segments.equal_tiling`."""

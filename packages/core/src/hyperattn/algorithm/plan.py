@@ -202,7 +202,8 @@ def piece_ranges(n_q: int, n_k: int, causal: bool, config: HyperAttentionConfig,
     rectangle exactly, and the sparse part keeps the rows after them.  A row then sees at least
     its previous w keys exactly (rows further from a leaf's start have theirs in their own
     square, whose levels and leaf do the same); the exact cost is w rows per rectangle, w x Nq / 2
-    pairs a level, computed as dense pieces (one per level: their rows and keys are disjoint).
+    pairs a level, computed as dense pieces (one per level: their rows and keys are disjoint, and
+    where the split is even they are equal rectangles at constant strides, one fused batch).
 
     Returns ``(exact pieces, sparse calls' Segments)``.
     """
@@ -225,21 +226,28 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
     offset = n_k - n_q  # keys [0, offset) are seen by every query: one non-causal rectangle
     leaf_ranges = [(start, end, start + offset, end + offset) for start, end in leaves]
     exact = [ExactPiece(Segments.from_ranges(leaf_ranges), causal=True)]
-    sparse_calls, band_ranges = [], []
+    sparse_calls, band_pieces = [], []
 
-    def cut_band(r0, r1, k0, k1):
-        """The sparse part of rectangle rows [r0, r1) x keys [k0, k1), whose keys end where the
-        rows' causal keys begin; its first band_keys rows go to ``band_ranges``, exact."""
-        edge = min(config.band_keys, r1 - r0)
-        if edge and k0 < k1:
-            band_ranges.append((r0, r0 + edge, k0, k1))
-        return r0 + edge, r1, k0, k1
+    def cut_band(rectangles):
+        """The sparse parts of one sparse call's rectangles (rows [r0, r1) x keys [k0, k1)), whose
+        keys end where the rows' causal keys begin; their first band_keys rows are one exact piece
+        (a level's: equal rectangles at constant strides where the split is even, which the fused
+        kernels run as one batch)."""
+        band, kept = [], []
+        for r0, r1, k0, k1 in rectangles:
+            edge = min(config.band_keys, r1 - r0)
+            if edge and k0 < k1:
+                band.append((r0, r0 + edge, k0, k1))
+            kept.append((r0 + edge, r1, k0, k1))
+        if band:
+            band_pieces.append(ExactPiece(Segments.from_ranges(band), causal=False))
+        return kept
 
     prefix_sinks = min(sinks, offset)
     if prefix_sinks:
         exact.append(ExactPiece(Segments.from_ranges([(0, n_q, 0, prefix_sinks)]), causal=False))
     if offset > prefix_sinks:  # it has n_q >= min_seq_len rows (there are levels), so it is sparse
-        sparse_calls.append([cut_band(0, n_q, prefix_sinks, offset)])
+        sparse_calls.append(cut_band([(0, n_q, prefix_sinks, offset)]))
     # sink keys [offset, offset + square_sinks) of the causal square: at most the first leaf's keys
     # (it has min_seq_len - 1 rows or more, so only sink_keys = min_seq_len can lose one)
     first_leaf_end = min(end for start, end in leaves if start == 0)
@@ -248,9 +256,9 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
         exact.append(ExactPiece(Segments.from_ranges([(first_leaf_end, n_q, offset, offset + square_sinks)]),
                                 causal=False))
     for level in levels:
-        sparse_calls.append([cut_band(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
-                             for start, mid, end in level])
-    exact += [ExactPiece(Segments.from_ranges(group), causal=False) for group in disjoint_groups(band_ranges)]
+        sparse_calls.append(cut_band([(mid, end, start + offset + (square_sinks if start == 0 else 0), mid + offset)
+                                      for start, mid, end in level]))
+    exact += band_pieces
     sparse = (Segments.from_ranges([r for r in ranges if r[0] < r[1] and r[2] < r[3]]) for ranges in sparse_calls)
     return tuple(exact), tuple(segments for segments in sparse if len(segments.q_start))
 
@@ -261,20 +269,6 @@ def check_draw_weights(backend: Backend, structure: SparseStructure) -> None:
     if structure.sample_log_weights is not None and not backend.capabilities.per_draw_weights:
         raise ValueError(f"backend {backend.name!r} cannot run a plan with per-draw sample weights "
                          f"(sampling='key_norm'): its kernels read one weight per segment")
-
-
-def disjoint_groups(ranges) -> list[list[tuple[int, int, int, int]]]:
-    """``ranges`` (q_start, q_end, k_start, k_end) packed greedily, in order, into groups whose
-    query ranges are disjoint and whose key ranges are disjoint (what one kernel call may hold)."""
-    groups: list[list] = []
-    for r in ranges:
-        for group in groups:
-            if all(r[1] <= g[0] or g[1] <= r[0] for g in group) and all(r[3] <= g[2] or g[3] <= r[2] for g in group):
-                group.append(r)
-                break
-        else:
-            groups.append([r])
-    return groups
 
 
 def sparse_structure(backend, q, k, q_codes, k_codes, segments, config, seed, stream: int = 0,
