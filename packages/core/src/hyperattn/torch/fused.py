@@ -182,7 +182,7 @@ def _strided_view(x, start: int, step: int, count: int, n: int):
 
 @functools.lru_cache(maxsize=16)
 def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multiprocessor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def key_splits(q, k, min_keys: int) -> int:
