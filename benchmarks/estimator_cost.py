@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     add("--dim", type=int, default=64)
     add("--backend", default="triton")
     add("--backend_options", nargs="*", default=[], metavar="NAME=INT",
-        help="integer options of the backend for every setting (hyperattn.configure), e.g. fused_split_min_keys=0")
+        help="integer options of the backend for every setting (hyperattn.configure), e.g. exact_key_row_chunk=4096")
     add("--repeats", type=int, default=5)
     add("--out", type=Path, default=RESULTS)
     add("--tag", default="estimator_cost")

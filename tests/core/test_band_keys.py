@@ -93,12 +93,12 @@ def test_each_levels_band_is_one_strided_tiling_the_fused_kernels_batch():
 
     paper = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(), False)
     banded = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(band_keys=256), False)
-    tilings = [piece.segments.strided_tiling() for piece in banded[0][len(paper[0]):]]
+    tilings = [piece.segments.strided_tiling for piece in banded[0][len(paper[0]):]]
     assert [(t.count, t.rows, t.keys, t.q_step, t.k_step) for t in tilings] == [
         (1, 256, 16384, 256, 16384), (2, 256, 8192, 16384, 16384), (4, 256, 4096, 8192, 8192)]
     assert [(t.q_start, t.k_start) for t in tilings] == [(16384, 0), (8192, 0), (4096, 0)]
     ragged = _pieces_of_shape(20002, 20002, True, HyperAttentionConfig(band_keys=256, min_seq_len=1024), False)
-    assert any(piece.segments.strided_tiling() is None for piece in ragged[0][1:])
+    assert any(piece.segments.strided_tiling is None for piece in ragged[0][1:])
 
 
 @settings(max_examples=30, deadline=None)

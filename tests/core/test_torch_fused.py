@@ -32,7 +32,7 @@ def test_strided_rectangles_fold_as_views_of_their_rows_and_keys():
     from hyperattn.torch.fused import strided_views
 
     segments = Segments.from_ranges([(4, 6, 0, 4), (12, 14, 8, 12)])  # 2 rows x 4 keys, every 8
-    tiling = segments.strided_tiling()
+    tiling = segments.strided_tiling
     assert tiling == (2, 2, 4, 4, 8, 0, 8)
     q, out = torch.randn(2, 3, 16, 5), torch.zeros(2, 3, 16, 5)
     kv, lse = torch.randn(2, 3, 16, 5), torch.zeros(2, 3, 16)
@@ -45,54 +45,10 @@ def test_strided_rectangles_fold_as_views_of_their_rows_and_keys():
     touched[4:6] = touched[12:14] = True
     assert (out[:, :, touched] == 1).all() and (out[:, :, ~touched] == 0).all() and (lse[:, :, touched] == 1).all()
     assert strided_views(tiling, q.transpose(0, 1), kv, kv) is None  # batch and heads do not merge
-    assert Segments.from_ranges([(0, 8, 0, 2)]).strided_tiling() is None  # skinny
-    assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 7)]).strided_tiling() is None  # unequal
-    assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 8), (9, 11, 8, 12)]).strided_tiling() is None  # steps
-    assert Segments.from_ranges([(0, 2, 0, 4)]).strided_tiling() == (1, 2, 4, 0, 2, 0, 4)
-
-
-def test_a_split_forward_merges_its_key_chunks_into_the_unsplit_result(monkeypatch):
-    """``split_attention_forward`` (the rows repeated against each key chunk, merged by
-    log-sum-exp) equals one call over all keys; the fused kernel is replaced by the math one, as
-    CPUs have no cuDNN or FlashAttention."""
-    from hyperattn.torch import fused
-
-    def math_forward(q, k, v, causal, scale, kernels):
-        assert not causal and q.dim() == 4
-        scores = (q.double() @ k.double().transpose(-1, -2)) * scale
-        lse = torch.logsumexp(scores, dim=-1)
-        return (torch.exp(scores - lse[..., None]) @ v.double()).to(q.dtype), lse.float()
-
-    monkeypatch.setattr(fused, "fused_attention_forward", math_forward)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, n, 8, generator=gen) for n in (5, 32, 32))
-    whole_out, whole_lse = math_forward(q, k, v, False, 0.4, ())
-    for splits in (2, 4, 8):
-        out, lse = fused.split_attention_forward(q, k, v, 0.4, (), splits)
-        torch.testing.assert_close(out, whole_out.float(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, whole_lse, rtol=1e-6, atol=1e-5)
-
-
-def test_key_splits_fill_the_multiprocessors_in_powers_of_two(monkeypatch):
-    """A band level of one 256-row rectangle a head splits until two programs a multiprocessor
-    (32 heads x 2 row tiles x 4 chunks on 132), never below ``min_keys`` keys, and not at all
-    off the GPU, with ``min_keys`` 0, or for many rows."""
-    from hyperattn.torch import fused
-
-    monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
-
-    class Cuda:
-        def __init__(self, *shape):
-            self.shape, self.is_cuda, self.device = shape, True, None
-
-        def stride(self, dim):
-            return [self.shape[1] * self.shape[2] * self.shape[3], self.shape[2] * self.shape[3]][dim]
-
-    assert fused.key_splits(Cuda(32, 1, 256, 64), Cuda(32, 1, 16384, 64), 1024) == 4
-    assert fused.key_splits(Cuda(32, 1, 256, 64), Cuda(32, 1, 16384, 64), 8192) == 2
-    assert fused.key_splits(Cuda(32, 1, 256, 64), Cuda(32, 1, 16384, 64), 0) == 1
-    assert fused.key_splits(Cuda(32, 4, 256, 64), Cuda(32, 4, 4096, 64), 1024) == 1
-    assert fused.key_splits(torch.zeros(32, 1, 256, 4), torch.zeros(32, 1, 16384, 4), 1024) == 1
+    assert Segments.from_ranges([(0, 8, 0, 2)]).strided_tiling is None  # skinny
+    assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 7)]).strided_tiling is None  # unequal
+    assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 8), (9, 11, 8, 12)]).strided_tiling is None  # steps
+    assert Segments.from_ranges([(0, 2, 0, 4)]).strided_tiling == (1, 2, 4, 0, 2, 0, 4)
 
 
 def test_first_fused_follows_the_order_and_falls_back(monkeypatch):

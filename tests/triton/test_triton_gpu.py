@@ -112,25 +112,20 @@ def test_gpu_flash_exact_backward_matches_the_kernels(fused, chunk_bytes, backen
 
 
 @pytest.mark.parametrize("fused", ["cudnn", "flash"])
-@pytest.mark.parametrize("split_min_keys", [0, 256])
-def test_gpu_band_levels_through_the_fused_kernels_match_the_kernels(fused, split_min_keys, backend_options):
+def test_gpu_band_levels_through_the_fused_kernels_match_the_kernels(fused, backend_options):
     """A level's band (equal rectangles at constant strides, 96 rows x 1024 keys every 2048) runs
-    as one fused call (its keys split in 4 with ``split_min_keys``), merged into an earlier piece's
-    (out, lse), and its backward through the fused kernels: both equal the Triton kernels'."""
+    as one fused call, merged into an earlier piece's (out, lse), and its backward through the
+    fused kernels: both equal the Triton kernels'."""
     from hyperattn.protocol import Segments
     from hyperattn.tiles import exact_tiles
-    from hyperattn.torch import fused as fused_module
     from hyperattn_triton.exact import flash_exact_backward, flash_exact_forward
     from hyperattn_triton.launches import launch_for
 
     backend = TRITON.backend
-    options = backend_options("triton", fused_kernels=(fused,), fused_split_min_keys=split_min_keys)
+    options = backend_options("triton", fused_kernels=(fused,))
     band = Segments.from_ranges([(s + 1024, s + 1120, s, s + 1024) for s in range(0, 4096, 2048)])
     gen = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(2, 4, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    if split_min_keys:
-        assert fused_module.key_splits(*fused_module.strided_views(band.strided_tiling(), q, k, v)[:2],
-                                       split_min_keys) == 4
     out = torch.randn(2, 4, 4096, 64, device="cuda")  # an earlier piece's, merged into
     lse = torch.randn(2, 4, 4096, device="cuda")
     kernel_out, kernel_lse = out.clone(), lse.clone()

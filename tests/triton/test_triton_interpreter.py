@@ -487,7 +487,6 @@ def test_options_are_validated_and_name_the_field():
     for changes, field in ((dict(sort_chunk=48), "sort_chunk"), (dict(sdpa_order=("cudnn", "fast")), "sdpa_order"),
                            (dict(fused_kernels=()), "fused_kernels"), (dict(sample_row_chunk=0), "sample_row_chunk"),
                            (dict(exact_key_row_chunk=0), "exact_key_row_chunk"),
-                           (dict(fused_split_min_keys=-1), "fused_split_min_keys"),
                            (dict(launches={}), "launches")):
         with pytest.raises((ValueError, TypeError), match=rf"TritonOptions\.{field}: expected .*, got"):
             TritonOptions(**changes)

@@ -107,12 +107,14 @@ class Segments:
         k_start, k_end = int(table[0, 2]), int(table[-1, 3])
         return Tiling(len(table), n, (k_end - k_start) // len(table), k_start, k_end)
 
+    @functools.cached_property
     def strided_tiling(self) -> StridedTiling | None:
         """The :class:`StridedTiling` when these segments are L >= 1 equal non-causal rectangles at
         constant strides (rows ``[q_start + i * q_step, + rows)``, keys ``[k_start + i * k_step,
         + keys)``: one causal level's band rows, a sink rectangle), not skinny (rows <= keys: the
         fused backwards parallelise over key blocks, and a few key blocks over many rows would
-        leave the GPU idle).  Else None.  For the causal leaves see :meth:`equal_tiling`."""
+        leave the GPU idle).  Else None.  For the causal leaves see :meth:`equal_tiling`.  Computed
+        once (a plan's segments are reused by every call)."""
         if not len(self):
             return None
         rows, keys = self.q_len, self.k_len
@@ -132,7 +134,7 @@ class Segments:
 
 
 class StridedTiling(NamedTuple):
-    """See :meth:`Segments.strided_tiling`: ``count`` rectangles of ``rows`` x ``keys``, the i-th
+    """See :attr:`Segments.strided_tiling`: ``count`` rectangles of ``rows`` x ``keys``, the i-th
     at rows ``q_start + i * q_step`` and keys ``k_start + i * k_step``."""
 
     count: int

@@ -39,8 +39,7 @@ def exact_forward(q, k, v, segments, causal: bool, scale: float, out, lse, overw
 
     tq, tk, tv, tout, tlse = (arrays.cupy_to_torch(x) for x in (q, k, v, out, lse))
     return fused.fused_exact_forward(tq, tk, tv, segments, causal, scale, tout, tlse, overwrite,
-                                     options.fused_kernels, adopt=False,
-                                     split_min_keys=options.fused_split_min_keys)
+                                     options.fused_kernels, adopt=False)
 
 
 def exact_backward(q, k, v, out, lse, dout, segments, causal: bool, scale: float, dq, dk, dv, overwrite: bool,

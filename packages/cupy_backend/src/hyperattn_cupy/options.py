@@ -22,9 +22,7 @@ class CupyOptions(BackendOptions):
     ``fused_kernels``: PyTorch's fused kernels for exact pieces with torch inputs, tried in this
     order (names of ``FUSED_KERNELS``); ``fused_backward_chunk_bytes``: gradients one fused backward
     call produces at most (it is chunked over heads and segments beyond that); ``sdpa_order``:
-    SDPA's kernels tried first for whole exact calls with torch inputs (names of ``SDPA_KERNELS``);
-    ``fused_split_min_keys``: the fewest keys per chunk where a fused forward of few rows has its
-    keys split to fill the GPU (``hyperattn.torch.fused.key_splits``; 0: never split).
+    SDPA's kernels tried first for whole exact calls with torch inputs (names of ``SDPA_KERNELS``).
     The exact crossover (``exact_below``) is off until it has been measured for this backend.
     """
 
@@ -34,7 +32,6 @@ class CupyOptions(BackendOptions):
     fused_kernels: tuple[str, ...] = FUSED_KERNELS
     fused_backward_chunk_bytes: int = 256 << 20
     sdpa_order: tuple[str, ...] = SDPA_KERNELS
-    fused_split_min_keys: int = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,11 +50,8 @@ class CupyOptions(BackendOptions):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"CupyOptions.{name} must be an int >= 1, got {value!r}")
-        split = self.fused_split_min_keys
-        if not (isinstance(split, int) and not isinstance(split, bool) and split >= 0):
-            raise ValueError(f"CupyOptions.fused_split_min_keys must be an int >= 0, got {split!r}")
 
     def __hash__(self):
         return hash((self.exact_below, self.backward_chunk_bytes, tuple(self.launches.items()),
                      self.sample_row_chunk, self.device_tables_capacity, self.fused_kernels,
-                     self.fused_backward_chunk_bytes, self.sdpa_order, self.fused_split_min_keys))
+                     self.fused_backward_chunk_bytes, self.sdpa_order))

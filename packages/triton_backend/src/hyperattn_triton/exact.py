@@ -32,13 +32,11 @@ def cast_into(dst, src, add: bool, options: TritonOptions) -> None:
 
 def flash_exact_forward(q, k, v, segments, causal: bool, scale: float, out, lse, overwrite: bool,
                         options: TritonOptions) -> bool:
-    """``fused.fused_exact_forward`` with ``options.fused_kernels`` and
-    ``options.fused_split_min_keys``; False under the interpreter."""
+    """``fused.fused_exact_forward`` with ``options.fused_kernels``; False under the interpreter."""
     if interpreting():
         return False
     return fused.fused_exact_forward(q, k, v, segments, causal, scale, out, lse, overwrite, options.fused_kernels,
-                                     lambda dst, src, add: cast_into(dst, src, add, options),
-                                     split_min_keys=options.fused_split_min_keys)
+                                     lambda dst, src, add: cast_into(dst, src, add, options))
 
 
 def flash_exact_backward(q, k, v, out, lse, dout, segments, causal: bool, scale: float, dq, dk, dv,

@@ -64,9 +64,6 @@ class TritonOptions(BackendOptions):
     #: bytes of gradients one fused backward call of exact pieces produces at most (it is chunked
     #: over heads and segments beyond that): they sit next to the fp32 accumulators at the memory peak
     fused_backward_chunk_bytes: int = 256 << 20
-    #: the fewest keys per chunk where a fused forward of few rows (a band level) has its keys
-    #: split to fill the GPU (``hyperattn.torch.fused.key_splits``); 0: never split
-    fused_split_min_keys: int = 1024
     #: rows of one partial sum of the sample keys' dK/dV (one atomic add per chunk and sample slot)
     sample_row_chunk: int = 4096
     #: rows of one partial sum of an exact piece's dK/dV where its segments have more rows than this
@@ -104,9 +101,6 @@ class TritonOptions(BackendOptions):
         for name in ("fused_backward_chunk_bytes", "sample_row_chunk", "exact_key_row_chunk", "sort_starts_part",
                      "device_tables_capacity"):
             _check_positive(name, getattr(self, name))
-        split = self.fused_split_min_keys
-        if not (isinstance(split, int) and not isinstance(split, bool) and split >= 0):
-            raise ValueError(f"TritonOptions.fused_split_min_keys: expected an int >= 0, got {split!r}")
         for name in ("sort_chunk", "sort_interpreter_chunk", "sort_scatter_warps", "sort_starts_chunks"):
             value = getattr(self, name)
             if not _power_of_two(value):

@@ -16,7 +16,6 @@ torch passes torch views of them (DLPack), and a ``cast_into`` that writes throu
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -26,8 +25,6 @@ from ..kernel_utils import merge_partial
 from ..protocol import Segments, StridedTiling
 from .kernel_names import FUSED_KERNELS, SDPA_KERNELS  # noqa: F401  (re-exported)
 
-#: Programs per multiprocessor a split forward aims at (see :func:`key_splits`).
-SPLIT_PROGRAMS_PER_SM = 2
 #: The widest head the fused kernels take.
 MAX_FUSED_HEAD_DIM = 256
 #: The fused kernels' inputs' alignment, in bytes (cuDNN's SDPA reads a tensor at an address off
@@ -143,7 +140,7 @@ def fold(segments: Segments, causal: bool, q, k, v, query_side=(), key_side=()):
     tiling = segments.equal_tiling(q.shape[2], causal)
     if tiling is not None:
         return fold_views(tiling, q, k, v, query_side, key_side)
-    strided = None if causal else segments.strided_tiling()
+    strided = None if causal else segments.strided_tiling
     return None if strided is None else strided_views(strided, q, k, v, query_side, key_side)
 
 
@@ -180,46 +177,6 @@ def _strided_view(x, start: int, step: int, count: int, n: int):
                         x.storage_offset() + start * seq)
 
 
-@functools.lru_cache(maxsize=16)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def key_splits(q, k, min_keys: int) -> int:
-    """Chunks to split the keys of a folded forward into (flash-decoding): the largest power of two
-    c such that its programs, one per (batch, head, 128 rows, chunk), stay within
-    ``SPLIT_PROGRAMS_PER_SM`` per multiprocessor, the keys divide into c chunks of at least
-    ``min_keys``, and k's (batch, head) axes merge without a copy; 1 (no split) for ``min_keys``
-    0.  A band level's rectangle (256 rows, 16384 keys) is one fused program per head otherwise."""
-    if min_keys <= 0 or not q.is_cuda:
-        return 1
-    batch, heads, rows, _ = q.shape
-    keys = k.shape[2]
-    if heads > 1 and batch > 1 and k.stride(0) != heads * k.stride(1):
-        return 1
-    programs = batch * heads * -(-rows // 128)
-    target = SPLIT_PROGRAMS_PER_SM * _multiprocessors(q.device)
-    splits = 1
-    while programs * splits * 2 <= target and keys % (splits * 2) == 0 and keys // (splits * 2) >= min_keys:
-        splits *= 2
-    return splits
-
-
-def split_attention_forward(q, k, v, scale: float, kernels, splits: int):
-    """(out [B, H, n, Dv] float32, lse [B, H, n]) of non-causal attention with the keys split into
-    ``splits`` chunks, each a fused call's batch entry (the rows repeated), merged by log-sum-exp."""
-    batch, heads, rows, dim = q.shape
-    chunk = k.shape[2] // splits
-    q_rep = q.unsqueeze(2).expand(batch, heads, splits, rows, dim).reshape(batch * heads, splits, rows, dim)
-    k_chunks, v_chunks = (x.reshape(batch * heads, splits, chunk, x.shape[3]) for x in (k, v))
-    o, lse = fused_attention_forward(q_rep, k_chunks, v_chunks, False, scale, kernels)
-    lse = lse.reshape(batch * heads, splits, rows)
-    total = torch.logsumexp(lse, dim=1)
-    weights = torch.exp(lse - total.unsqueeze(1)).unsqueeze(-1)
-    out = (o.float() * weights).sum(dim=1)
-    return out.reshape(batch, heads, rows, v.shape[3]), total.reshape(batch, heads, rows)
-
-
 def adopt_storage(whole, view, result) -> bool:
     """Point ``whole`` at ``result``'s memory instead of copying ``result`` into ``view`` (a view of
     all of ``whole``) when both lay the same elements out alike: a causal call's leaves are its
@@ -235,23 +192,17 @@ def adopt_storage(whole, view, result) -> bool:
 
 
 def fused_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float, out, lse, overwrite: bool,
-                        kernels, cast_into: CastInto = torch_cast_into, adopt: bool = True,
-                        split_min_keys: int = 0) -> bool:
+                        kernels, cast_into: CastInto = torch_cast_into, adopt: bool = True) -> bool:
     """Exact pieces through PyTorch's fused attention (which returns the log-sum-exp), merged into
     ``(out, lse)`` (copied when ``overwrite``: no earlier piece wrote).  ``adopt``: ``out`` may be
     pointed at the fused kernel's output instead of receiving a copy (only where ``out`` is the
-    caller's own tensor, not a view of another library's array).  ``split_min_keys`` > 0: a
-    non-causal piece of few rows has its keys split (see :func:`key_splits`).  Returns False when
-    the segments do not fold (see ``fold``); the backend's kernel runs instead."""
+    caller's own tensor, not a view of another library's array).  Returns False when the segments
+    do not fold (see ``fold``); the backend's kernel runs instead."""
     folded = fold(segments, causal, q, k, v, query_side=(out, lse))
     if folded is None:
         return False
     qf, kf, vf, out_view, lse_view = folded
-    splits = 1 if causal else key_splits(qf, kf, split_min_keys)
-    if splits > 1:
-        o, row_lse = split_attention_forward(qf, kf, vf, scale, kernels, splits)
-    else:
-        o, row_lse = fused_attention_forward(qf, kf, vf, causal, scale, kernels)
+    o, row_lse = fused_attention_forward(qf, kf, vf, causal, scale, kernels)
     row_lse = row_lse.reshape(lse_view.shape)
     if overwrite:  # the usual case (exact pieces run first): no merge, no fp32 temporaries
         if not (adopt and adopt_storage(out, out_view, o)):
