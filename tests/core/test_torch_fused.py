@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,21 @@ def test_strided_rectangles_fold_as_views_of_their_rows_and_keys():
     assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 7)]).strided_tiling is None  # unequal
     assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 8), (9, 11, 8, 12)]).strided_tiling is None  # steps
     assert Segments.from_ranges([(0, 2, 0, 4)]).strided_tiling == (1, 2, 4, 0, 2, 0, 4)
+
+
+def test_batch_chunks_cover_the_batch_once_within_the_budget():
+    """Whole outer rows where they fit (a strided fold's B * H axis is the outer one), else pieces
+    of a row; every entry of [outer, inner] exactly once, in order."""
+    from hyperattn.torch.fused import batch_chunks
+
+    assert batch_chunks(3, 4, 12) == [(slice(None), slice(None))]
+    assert batch_chunks(3, 4, 9) == [(slice(0, 2), slice(None)), (slice(2, 4), slice(None))]
+    for outer, inner, per_chunk in ((3, 4, 9), (32, 1, 1), (5, 3, 2), (2, 7, 3), (4, 4, 100), (1, 5, 1)):
+        seen = np.zeros((outer, inner), dtype=int)
+        for rows, cols in batch_chunks(outer, inner, per_chunk):
+            assert seen[rows, cols].size <= per_chunk
+            seen[rows, cols] += 1
+        assert (seen == 1).all(), (outer, inner, per_chunk)
 
 
 def test_first_fused_follows_the_order_and_falls_back(monkeypatch):

@@ -93,7 +93,7 @@ def test_gpu_flash_exact_path_merges_like_the_kernel():
 @pytest.mark.parametrize("chunk_bytes", [1, 256 << 20])
 def test_gpu_flash_exact_backward_matches_the_kernels(fused, chunk_bytes, backend_options):
     """Leaves' gradients through the fused backward (final out and lse; in one call, or one call per
-    (head, leaf) with batch 2, i.e. strided views) equal the Triton kernels'."""
+    (batch, head, leaf) entry of batch 2, i.e. strided views) equal the Triton kernels'."""
     from hyperattn_triton.exact import flash_exact_backward, flash_exact_forward
 
     options = backend_options("triton", fused_kernels=(fused,), fused_backward_chunk_bytes=chunk_bytes)

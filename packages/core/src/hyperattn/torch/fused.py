@@ -213,6 +213,18 @@ def fused_exact_forward(q, k, v, segments: Segments, causal: bool, scale: float,
     return True
 
 
+def batch_chunks(outer: int, inner: int, per_chunk: int) -> list[tuple[slice, slice]]:
+    """Index pairs covering an [outer, inner] batch once, in order, each at most ``per_chunk``
+    entries: whole rows of the outer axis where one fits (a folded [B, H * S] batch, or a strided
+    fold's [B * H, S]), else pieces of one row."""
+    if per_chunk >= outer * inner:
+        return [(slice(None), slice(None))]
+    if per_chunk >= inner:
+        step = per_chunk // inner
+        return [(slice(i, i + step), slice(None)) for i in range(0, outer, step)]
+    return [(slice(i, i + 1), slice(j, j + per_chunk)) for i in range(outer) for j in range(0, inner, per_chunk)]
+
+
 def fused_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bool, scale: float, dq, dk, dv,
                          overwrite: bool, kernels, chunk_bytes: int, cast_into: CastInto = torch_cast_into) -> bool:
     """This piece's gradients through PyTorch's fused backward (cuDNN's, else FlashAttention-2's),
@@ -221,7 +233,8 @@ def fused_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
     Given the *final* ``out`` and ``lse`` it computes ``P = exp(S - lse)`` and
     ``delta = rowsum(dout * out)``: exactly this piece's share of the whole call's gradient (the
     usual trick of ring attention), so only without a log-sum-exp gradient.  The fused calls run
-    in chunks of (head, segment) pairs producing at most ``chunk_bytes`` of gradients each.
+    in chunks of (batch, head, segment) entries producing at most ``chunk_bytes`` of gradients
+    each (:func:`batch_chunks`).
     Returns False when the segments do not fold.
     """
     if out is None:
@@ -235,12 +248,12 @@ def fused_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
     # in chunks of (head, segment) pairs: the fused kernel's own gradients (and workspace) for the
     # whole call would sit next to our fp32 accumulators, at the backward's memory peak
     inputs, accumulators = (qf, kf, vf, out_f, dout_f, lse_f), (dq_f, dk_f, dv_f)
-    per_head = (qf.shape[2] * qf.shape[3] + 2 * kf.shape[2] * kf.shape[3]) * qf.shape[0] * qf.element_size()
-    step = max(1, chunk_bytes // max(per_head, 1))
-    for h0 in range(0, qf.shape[1], step):
-        if step < qf.shape[1]:  # slice views only when there is more than one chunk (each costs host time)
-            inputs = tuple(x[:, h0:h0 + step] for x in (qf, kf, vf, out_f, dout_f, lse_f))
-            accumulators = tuple(x[:, h0:h0 + step] for x in (dq_f, dk_f, dv_f))
+    per_pair = (qf.shape[2] * qf.shape[3] + 2 * kf.shape[2] * kf.shape[3]) * qf.element_size()
+    chunks = batch_chunks(qf.shape[0], qf.shape[1], max(1, chunk_bytes // max(per_pair, 1)))
+    for chunk in chunks:
+        if len(chunks) > 1:  # slice views only when there is more than one chunk (each costs host time)
+            inputs = tuple(x[chunk] for x in (qf, kf, vf, out_f, dout_f, lse_f))
+            accumulators = tuple(x[chunk] for x in (dq_f, dk_f, dv_f))
         *tensors, lse_part = inputs
         grads = fused_attention_backward(*tensors, lse_part.contiguous(), causal, scale, kernels)
         for acc, grad in zip(accumulators, grads):
