@@ -90,7 +90,18 @@ class Segments:
 
         Such segments fold into the head axis: q [B, H, n_q, D] as [B, H * L, rows, D] and
         k[:, :, k_start:k_end] as [B, H * L, keys, D], so one fused attention call runs them all.
+        Computed once per (n_q, causal): every call of a layer asks again, forward and backward.
         """
+        known = self._equal_tilings
+        if (n_q, causal) not in known:
+            known[(n_q, causal)] = self._equal_tiling(n_q, causal)
+        return known[(n_q, causal)]
+
+    @functools.cached_property
+    def _equal_tilings(self) -> dict:
+        return {}
+
+    def _equal_tiling(self, n_q: int, causal: bool) -> Tiling | None:
         table = self.table
         n = int(table[0, 1] - table[0, 0])
         starts = np.arange(len(table)) * n
