@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_fold_views_are_views_or_nothing():
@@ -50,6 +52,36 @@ def test_strided_rectangles_fold_as_views_of_their_rows_and_keys():
     assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 7)]).strided_tiling is None  # unequal
     assert Segments.from_ranges([(0, 2, 0, 4), (4, 6, 4, 8), (9, 11, 8, 12)]).strided_tiling is None  # steps
     assert Segments.from_ranges([(0, 2, 0, 4)]).strided_tiling == (1, 2, 4, 0, 2, 0, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_q=st.integers(2, 300), extra_keys=st.integers(0, 50), min_seq_len=st.integers(1, 40),
+       band=st.integers(1, 40), sinks=st.integers(0, 8), batch=st.integers(1, 2), heads=st.integers(1, 3))
+def test_every_strided_piece_of_a_plan_views_exactly_its_rows_and_keys(n_q, extra_keys, min_seq_len, band, sinks,
+                                                                       batch, heads):
+    """For any causal plan with a band (and sinks, Nq <= Nk), each exact piece that is a strided
+    tiling folds into views whose entry (b * H + h, i) holds exactly rows / keys of segment i of
+    head h (positions written into the tensors)."""
+    from hyperattn.algorithm.plan import _pieces_of_shape
+    from hyperattn.config import HyperAttentionConfig
+    from hyperattn.torch.fused import strided_views
+
+    n_k = n_q + extra_keys
+    config = HyperAttentionConfig(min_seq_len=min_seq_len, band_keys=band, sink_keys=min(sinks, min_seq_len))
+    exact, _ = _pieces_of_shape(n_q, n_k, True, config, False)
+    position = torch.arange(4096, dtype=torch.float32)
+    head = torch.arange(batch * heads, dtype=torch.float32).reshape(batch, heads, 1, 1) * 10000
+    q = (position[:n_q, None] + head).expand(batch, heads, n_q, 2).contiguous()
+    k = (position[:n_k, None] + head).expand(batch, heads, n_k, 2).contiguous()
+    for piece in exact:
+        tiling = None if piece.causal else piece.segments.strided_tiling
+        if tiling is None:
+            continue
+        qf, kf, _ = strided_views(tiling, q, k, k)
+        for i, (q0, q1, k0, k1) in enumerate(piece.segments.table.tolist()):
+            for bh in range(batch * heads):
+                assert torch.equal(qf[bh, i, :, 0], position[q0:q1] + bh * 10000)
+                assert torch.equal(kf[bh, i, :, 0], position[k0:k1] + bh * 10000)
 
 
 def test_batch_chunks_cover_the_batch_once_within_the_budget():
