@@ -99,6 +99,11 @@ def test_each_levels_band_is_one_strided_tiling_the_fused_kernels_batch():
     assert [(t.q_start, t.k_start) for t in tilings] == [(16384, 0), (8192, 0), (4096, 0)]
     ragged = _pieces_of_shape(20002, 20002, True, HyperAttentionConfig(band_keys=256, min_seq_len=1024), False)
     assert any(piece.segments.strided_tiling is None for piece in ragged[0][1:])
+    # with sinks a level's first rectangle starts its keys after them: a piece of its own, the rest strided
+    sunk = _pieces_of_shape(32768, 32768, True, HyperAttentionConfig(band_keys=256, sink_keys=64), False)
+    band_pieces = [piece for piece in sunk[0] if not piece.causal and (piece.segments.q_len == 256).all()]
+    assert [len(piece.segments) for piece in band_pieces] == [1, 1, 1, 1, 3]
+    assert all(piece.segments.strided_tiling is not None for piece in band_pieces)
 
 
 @settings(max_examples=30, deadline=None)

@@ -122,7 +122,7 @@ class Segments:
     def strided_tiling(self) -> StridedTiling | None:
         """The :class:`StridedTiling` when these segments are L >= 1 equal non-causal rectangles at
         constant strides (rows ``[q_start + i * q_step, + rows)``, keys ``[k_start + i * k_step,
-        + keys)``: one causal level's band rows, a sink rectangle), not skinny (rows <= keys: the
+        + keys)``: one causal level's band rows), not skinny (rows <= keys: the
         fused backwards parallelise over key blocks, and a few key blocks over many rows would
         leave the GPU idle).  Else None.  For the causal leaves see :meth:`equal_tiling`.  Computed
         once (a plan's segments are reused by every call)."""

@@ -232,15 +232,19 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
         """The sparse parts of one sparse call's rectangles (rows [r0, r1) x keys [k0, k1)), whose
         keys end where the rows' causal keys begin; their first band_keys rows are one exact piece
         (a level's: equal rectangles at constant strides where the split is even, which the fused
-        kernels run as one batch)."""
+        kernels run as one batch), or two where only the first rectangle differs (its keys start
+        after the square's sink keys)."""
         band, kept = [], []
         for r0, r1, k0, k1 in rectangles:
             edge = min(config.band_keys, r1 - r0)
             if edge and k0 < k1:
                 band.append((r0, r0 + edge, k0, k1))
             kept.append((r0 + edge, r1, k0, k1))
-        if band:
-            band_pieces.append(ExactPiece(Segments.from_ranges(band), causal=False))
+        whole = Segments.from_ranges(band)
+        if len(band) > 1 and whole.strided_tiling is None and Segments.from_ranges(band[1:]).strided_tiling:
+            band_pieces.extend(ExactPiece(Segments.from_ranges(part), causal=False) for part in (band[:1], band[1:]))
+        elif band:
+            band_pieces.append(ExactPiece(whole, causal=False))
         return kept
 
     prefix_sinks = min(sinks, offset)

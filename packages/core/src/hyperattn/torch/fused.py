@@ -6,7 +6,7 @@ send exact pieces here when their inputs are torch CUDA tensors.
 * :func:`whole_exact_call` / :func:`sdpa_in_order`: a whole exact call through SDPA, the given
   kernels first.
 * :func:`fused_exact_forward` / :func:`fused_exact_backward`: exact pieces whose segments fold
-  into the head axis (see :func:`fold`) through the fused kernels that return the log-sum-exp
+  into the batch axes (see :func:`fold`) through the fused kernels that return the log-sum-exp
   (first of ``kernels`` that accepts the inputs), merged into the running output or added into the
   gradients.  They return False where the backend's own kernels must run.
 
@@ -245,7 +245,7 @@ def fused_exact_backward(q, k, v, out, lse, dout, segments: Segments, causal: bo
     qf, kf, vf, out_f, dout_f, lse_f, dq_f, dk_f, dv_f = folded
     # in the kernel's dtype (a no-op, without an operation, where they have it already)
     out_f, dout_f = (x if x.dtype == q.dtype else x.to(q.dtype) for x in (out_f, dout_f))
-    # in chunks of (head, segment) pairs: the fused kernel's own gradients (and workspace) for the
+    # in chunks of (batch, head, segment) entries: the fused kernel's own gradients (and workspace) for the
     # whole call would sit next to our fp32 accumulators, at the backward's memory peak
     inputs, accumulators = (qf, kf, vf, out_f, dout_f, lse_f), (dq_f, dk_f, dv_f)
     per_pair = (qf.shape[2] * qf.shape[3] + 2 * kf.shape[2] * kf.shape[3]) * qf.element_size()
