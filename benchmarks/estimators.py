@@ -1,5 +1,5 @@
 """Estimators at (about) the same cost, on the synthetic families of ``quality.py`` and one with
-local keys (``local_drift``): the paper's (sorted block diagonal + uniform samples), with
+local keys (``local``): the paper's (sorted block diagonal + uniform samples), with
 stratified samples, with samples drawn by key norm (``sampling="key_norm"``), with attention sinks
 (``sink_keys``), with a band of previous keys (``band_keys``, causal calls), and the local window
 that attends to as many keys per row exactly (the yardstick every user asks about).
@@ -34,16 +34,11 @@ except ImportError:  # pragma: no cover
     from benchmarks.quality import FAMILIES
 
 
-def local_drift(rng, heads, n, dim):
-    """``hyperattn.testing.local_drift_inputs``: every row's heaviest keys are its neighbours, as in
-    a language model's local heads.  Neighbours here are also near in key space, so the sorted LSH
-    blocks find them: this tells locality in content apart from locality in position (what a band
-    covers)."""
-    return testing.local_drift_inputs(rng, heads, n, dim)
-
-
-#: ``quality.py``'s families and one with locality
-ESTIMATOR_FAMILIES = {**FAMILIES, "local": local_drift}
+#: ``quality.py``'s families and one with locality (``hyperattn.testing.local_drift_inputs``):
+#: every row's heaviest keys are its neighbours, as in a language model's local heads.  Neighbours
+#: there are also near in key space, so the sorted LSH blocks find them: it tells locality in
+#: content apart from locality in position (what a band covers).
+ESTIMATOR_FAMILIES = {**FAMILIES, "local": testing.local_drift_inputs}
 
 
 def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> dict[str, dict | int]:

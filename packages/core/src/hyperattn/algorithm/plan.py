@@ -240,11 +240,9 @@ def _pieces_of_shape(n_q: int, n_k: int, causal: bool, config: HyperAttentionCon
             if edge and k0 < k1:
                 band.append((r0, r0 + edge, k0, k1))
             kept.append((r0 + edge, r1, k0, k1))
-        whole = Segments.from_ranges(band)
-        if len(band) > 1 and whole.strided_tiling is None and Segments.from_ranges(band[1:]).strided_tiling:
-            band_pieces.extend(ExactPiece(Segments.from_ranges(part), causal=False) for part in (band[:1], band[1:]))
-        elif band:
-            band_pieces.append(ExactPiece(whole, causal=False))
+        whole, rest = Segments.from_ranges(band), Segments.from_ranges(band[1:])
+        parts = [Segments.from_ranges(band[:1]), rest] if whole.strided_tiling is None and rest.strided_tiling else [whole]
+        band_pieces.extend(ExactPiece(part, causal=False) for part in parts if len(part))
         return kept
 
     prefix_sinks = min(sinks, offset)
