@@ -210,8 +210,13 @@ def test_a_backend_without_per_draw_weights_refuses_key_norm_with_its_reason():
                                config=HyperAttentionConfig(**dict(PARAMS, min_seq_len=64)), seed=1)
     with pytest.raises(ValueError, match="per-draw sample weights"):
         run_forward(other, plan, q, k, v)
-    cupy = pytest.importorskip("hyperattn_cupy.backend", exc_type=ImportError)
-    assert "key_norm" not in cupy.CupyBackend.capabilities.samplings
+
+
+@pytest.mark.parametrize("module, name", [("hyperattn_triton.backend", "TritonBackend"),
+                                          ("hyperattn_cupy.backend", "CupyBackend")])
+def test_the_gpu_backends_read_per_draw_weights(module, name):
+    backend = getattr(pytest.importorskip(module, exc_type=ImportError), name)
+    assert "key_norm" in backend.capabilities.samplings and backend.capabilities.per_draw_weights
 
 
 def test_key_norm_calls_compile_to_the_eager_result():

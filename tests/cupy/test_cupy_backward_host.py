@@ -25,9 +25,11 @@ L64 = Launch(64, 64, 4)
 
 def test_name_expressions_spell_the_templates():
     assert ab.dq_name(BF16, BF16, 128, 128, L64, True, False, True, True) == (
-        "hyperattn::attention_bwd_dq<__nv_bfloat16, __nv_bfloat16, 128, 128, 64, 64, 4, true, false, true, true>")
+        "hyperattn::attention_bwd_dq<__nv_bfloat16, __nv_bfloat16, 128, 128, 64, 64, 4, true, false, true, true, "
+        "false>")
     assert ab.dkdv_name(np.float16, np.float32, 64, 32, Launch(32, 64, 4), False, True, False, False) == (
-        "hyperattn::attention_bwd_dkdv<__half, float, 64, 32, 32, 64, 4, false, true, false, false>")
+        "hyperattn::attention_bwd_dkdv<__half, float, 64, 32, 32, 64, 4, false, true, false, false, false>")
+    assert ab.dkdv_name(BF16, BF16, 64, 64, L64, True, False, True, False, True).endswith("true, false, true>")
     assert ab.c_type(np.float32) == "float"
     with pytest.raises(TypeError, match="float64"):
         ab.c_type(np.float64)
@@ -73,7 +75,7 @@ class Recorder:
         return _Kernel()
 
 
-def _inputs(dtype=BF16, dout_dtype=None):
+def _inputs(dtype=BF16, dout_dtype=None, draw_weights=False):
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, HQ, NQ, D)).astype(dtype)
     k = rng.standard_normal((B, HK, NK, D)).astype(dtype)
@@ -85,7 +87,8 @@ def _inputs(dtype=BF16, dout_dtype=None):
     ix = IndexArrays(
         q_order=np.zeros((B, HQ, NQ), np.int32), k_order=np.zeros((B, HK, NK), np.int32),
         samples=np.zeros((B, HK, S, M), np.int32), sample_blocks=np.zeros((B, HK, S, M), np.int32),
-        log_w=np.zeros(S, np.float32), sample_size=M)
+        log_w=np.zeros(S, np.float32), sample_size=M,
+        draw_log_w=np.zeros((B, HK, S, M), np.float32) if draw_weights else None, draw_weights=draw_weights)
     return q, k, v, lse, dout, delta, grads, ix
 
 
@@ -97,8 +100,8 @@ def recorder(monkeypatch):
     return rec
 
 
-def _run(recorder, dtype=BF16, dout_dtype=None, overwrite=True, delta_transposed=False):
-    q, k, v, lse, dout, delta, (dq, dk, dv), ix = _inputs(dtype, dout_dtype)
+def _run(recorder, dtype=BF16, dout_dtype=None, overwrite=True, delta_transposed=False, draw_weights=False):
+    q, k, v, lse, dout, delta, (dq, dk, dv), ix = _inputs(dtype, dout_dtype, draw_weights)
     if delta_transposed:  # other strides than lse's
         delta = np.ascontiguousarray(delta.transpose(0, 2, 1)).transpose(0, 2, 1)
     q_tiles = np.zeros((5, 7), np.int64)
@@ -140,15 +143,15 @@ def test_backward_launches_dq_then_each_key_table(recorder):
     (_, dq_name, dq_grid, dq_block, dq_args, dq_shared), (_, key_name, key_grid, _, key_args, _), \
         (_, slot_name, slot_grid, _, slot_args, _) = launches
     # overwrite: dQ and the keys write, the sample slots add (never causal)
-    assert dq_name.endswith("64, 64, 64, 64, 4, true, false, true, true>")
-    assert key_name.endswith("64, 64, 64, 64, 4, true, false, false, true>")
-    assert slot_name.endswith("64, 64, 64, 64, 4, true, false, true, false>")
+    assert dq_name.endswith("64, 64, 64, 64, 4, true, false, true, true, false>")
+    assert key_name.endswith("64, 64, 64, 64, 4, true, false, false, true, false>")
+    assert slot_name.endswith("64, 64, 64, 64, 4, true, false, true, false, false>")
     assert dq_grid == (5, B * HQ, 1) and key_grid == (6, B * HK, 1) and slot_grid == (3, B * HK, 1)
     assert dq_block == (128, 1, 1)
     assert dq_shared == ab.dq_shared_bytes(BF16, 64, 64, L64)
     assert calls == [1]  # query blocks: for the sample slots only
-    assert len(dq_args) == 13 + 30 + 7 and len(key_args) == 15 + 34 + 6
-    assert _kinds(dq_args)[:13] == _kinds(key_args)[:13] == ["u64"] * 13  # NumPy scalars of C types
+    assert len(dq_args) == 14 + 30 + 7 and len(key_args) == 16 + 34 + 6
+    assert _kinds(dq_args)[:14] == _kinds(key_args)[:14] == ["u64"] * 14  # NumPy scalars of C types
     # trailing scalars: num_heads, group, scale, scale_log2, num_samples, head_dim, v_dim
     assert [type(x) for x in dq_args[-7:]] == [np.int32, np.int32, np.float32, np.float32, np.int32, np.int32,
                                               np.int32]
@@ -156,15 +159,26 @@ def test_backward_launches_dq_then_each_key_table(recorder):
     assert np.isclose(dq_args[-4], 0.125 * ab.LOG2E)
     assert key_args[-6:-4] == (HK, HQ // HK) and key_args[-2:] == (D, D)
     # q strides first, then k's: elements, int64
-    assert dq_args[13:17] == (NQ * D * HQ, NQ * D, D, 1) and dq_args[17:21] == (NK * D * HK, NK * D, D, 1)
-    assert all(type(x) is np.int64 for x in dq_args[13:43])
+    assert dq_args[14:18] == (NQ * D * HQ, NQ * D, D, 1) and dq_args[18:22] == (NK * D * HK, NK * D, D, 1)
+    assert all(type(x) is np.int64 for x in dq_args[14:44])
     # the slots' table reads QBlock (argument 11); the keys' table gets a placeholder
     assert slot_args[11].shape == (NQ,)
 
 
 def test_without_overwrite_everything_adds(recorder):
     launches, _ = _run(recorder, overwrite=False)
-    assert all(name.endswith("false>") for _, name, *_ in launches)
+    assert all(name.endswith("false, false>") for _, name, *_ in launches)
+
+
+def test_per_draw_weights_take_the_draw_weights_kernels(recorder):
+    """key_norm: dQ and the sample slots' dK/dV read the per-draw log weights (argument 13 / 15, after
+    LogW); the block keys' dK/dV does not; dQ's shared memory holds their tables too."""
+    launches, _ = _run(recorder, draw_weights=True)
+    (_, dq_name, _, _, dq_args, dq_shared), (_, key_name, *_), (_, slot_name, _, _, slot_args, _) = launches
+    assert dq_name.endswith("true, false, true, true, true>") and slot_name.endswith("true, false, true, false, true>")
+    assert key_name.endswith("true, false, false, true, false>")
+    assert dq_shared == ab.dq_shared_bytes(BF16, 64, 64, L64, True) == ab.dq_shared_bytes(BF16, 64, 64, L64) + 3 * 64 * 4
+    assert dq_args[13].shape == slot_args[15].shape == (B, HK, S, M)
 
 
 def test_fp32_dout_and_fp32_inputs_name_their_types(recorder):
@@ -222,17 +236,18 @@ def _nvcc(tmp_path: Path, code: str, *flags: str) -> Path:
 
 @needs_nvcc
 def test_shared_bytes_match_the_kernel_layouts(tmp_path):
-    cases = [(BF16, 64, 64, Launch(64, 64, 4)), (np.float16, 128, 64, Launch(64, 32, 4)),
-             (np.float32, 64, 128, Launch(32, 64, 4)), (BF16, 256, 256, Launch(32, 32, 2))]
+    cases = [(BF16, 64, 64, Launch(64, 64, 4), False), (np.float16, 128, 64, Launch(64, 32, 4), False),
+             (np.float32, 64, 128, Launch(32, 64, 4), False), (BF16, 256, 256, Launch(32, 32, 2), False),
+             (BF16, 64, 64, Launch(64, 64, 4), True), (np.float32, 64, 64, Launch(32, 64, 4), True)]
     lines = []
-    for dtype, d, dv, launch in cases:
+    for dtype, d, dv, launch, draws in cases:
         args = f"{ab.c_type(dtype)}, {d}, {dv}, {launch.block_m}, {launch.block_n}"
-        lines.append(f'printf("%d %d\\n", hyperattn::bwd::DqSmem<{args}>::BYTES, '
+        lines.append(f'printf("%d %d\\n", hyperattn::bwd::DqSmem<{args}, {str(draws).lower()}>::BYTES, '
                      f'hyperattn::bwd::DkdvSmem<{args}>::BYTES);')
     exe = _nvcc(tmp_path, "#include <cstdio>\nint main() {\n" + "\n".join(lines) + "\n}")
     printed = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
-    for (dtype, d, dv, launch), line in zip(cases, printed):
-        assert line.split() == [str(ab.dq_shared_bytes(dtype, d, dv, launch)),
+    for (dtype, d, dv, launch, draws), line in zip(cases, printed):
+        assert line.split() == [str(ab.dq_shared_bytes(dtype, d, dv, launch, draws)),
                                 str(ab.dkdv_shared_bytes(dtype, d, dv, launch))]
 
 
@@ -244,7 +259,11 @@ def _entry_params(ptx: str) -> list[str]:
 
 @needs_nvcc
 def test_packed_arguments_match_the_kernel_parameters(tmp_path, recorder):
-    launches, _ = _run(recorder)
-    for _, name, _, _, args, _ in launches[:1] + launches[2:]:  # dQ; dK/dV of the slots
+    checked = []
+    for draw_weights in (False, True):  # (key_norm: the DRAW_WEIGHTS kernels)
+        recorder.launches.clear()
+        launches, _ = _run(recorder, draw_weights=draw_weights)
+        checked += launches[:1] + launches[2:]  # dQ; dK/dV of the slots
+    for _, name, _, _, args, _ in checked:
         ptx = _nvcc(tmp_path, f"const void* const check = reinterpret_cast<const void*>(&{name});", "-ptx")
         assert _entry_params(ptx.read_text()) == _kinds(args), name

@@ -45,9 +45,12 @@ def fake_kernels(monkeypatch):
 def test_name_expression_spells_the_template():
     name = fwd.name_expression(BF16, BF16, 64, 64, Launch(64, 64, 4), True, False, True, False)
     assert name == ("hyperattn::attention_fwd<__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 64, 64, 4, "
-                    "true, false, true, false>")
+                    "true, false, true, false, false>")
     name = fwd.name_expression(np.float16, np.float32, 72, 40, Launch(64, 32, 4), False, True, False, True)
-    assert name == "hyperattn::attention_fwd<__half, float, 72, 128, 40, 64, 64, 32, 4, false, true, false, true>"
+    assert name == ("hyperattn::attention_fwd<__half, float, 72, 128, 40, 64, 64, 32, 4, false, true, false, true, "
+                    "false>")
+    name = fwd.name_expression(BF16, BF16, 64, 64, Launch(64, 64, 4), True, False, True, False, True)
+    assert name.endswith("4, true, false, true, false, true>")  # per-draw weights
     assert fwd.name_expression(np.float32, np.float32, 16, 16, Launch(64, 64, 4), False, False, False, False) \
         .startswith("hyperattn::attention_fwd<float, float, 16, 16, 16, 16,")
 
@@ -87,8 +90,9 @@ def test_launches_the_kernel_cannot_take_are_refused():
 def _instantiations():
     text = (compiler.KERNEL_DIR / "attention_fwd.cu").read_text()
     block = text[text.index("#ifdef HYPERATTN_COMPILE_CHECK"):]
-    return {tuple(a.strip() for a in m.group(1).split(","))
-            for m in re.finditer(r"^HYPERATTN_FWD\(([^)]*)\)", block, re.MULTILINE)}
+    # HYPERATTN_FWD(...) leaves DRAW_WEIGHTS false; HYPERATTN_FWD_W(...) names it
+    return {tuple(a.strip() for a in m.group(2).split(",")) + (() if m.group(1) else ("false",))
+            for m in re.finditer(r"^HYPERATTN_FWD(_W)?\(([^)]*)\)", block, re.MULTILINE)}
 
 
 def _template_args(name):
@@ -101,6 +105,7 @@ def test_the_compile_check_covers_the_table_launches(dim):
     the exact causal first piece at D <= 128."""
     launch = launch_for(DEFAULT_LAUNCHES, "forward", dim)
     wanted = [(True, False, True, False)] + ([(False, True, False, True)] if dim <= 128 else [])
+    wanted += [(True, False, True, False, True)] if dim <= 64 else []  # key_norm's per-draw weights
     for flags in wanted:
         assert _template_args(fwd.name_expression(BF16, BF16, dim, dim, launch, *flags)) in _instantiations()
 
@@ -149,20 +154,21 @@ def test_forward_packs_the_exact_launch(fake_kernels):
     launch = Launch(64, 64, 4)
     fwd.forward(q, k, v, tiles, _index_arrays(), False, 0.125, out, lse, True, True, launch)
     (name, kernel), = fake_kernels.items()
-    assert name == "hyperattn::attention_fwd<__half, __half, 64, 64, 32, 32, 64, 64, 4, false, true, false, true>"
+    assert name == ("hyperattn::attention_fwd<__half, __half, 64, 64, 32, 32, 64, 64, 4, false, true, false, true, "
+                    "false>")
     (grid, block, args, shared), = kernel.launches
     assert grid == (5, 8, 1) and block == (128, 1, 1)
     assert shared == fwd.shared_bytes(np.float16, 64, 32, launch)
-    assert len(args) == 11 + 26 + 4
+    assert len(args) == 12 + 26 + 4
     assert args[0] is q and args[3] is out and args[4] is lse and args[5] is tiles
-    strides = args[11:37]
+    strides = args[12:38]
     assert all(type(s) is np.int64 for s in strides)
     assert [int(s) for s in strides[:4]] == [10 * 4 * 64, 64, 4 * 64, 1]  # q [B, N, H, D] transposed
     assert [int(s) for s in strides[4:8]] == [2 * 12 * 64, 12 * 64, 64, 1]
     assert [int(s) for s in strides[12:16]] == [10 * 4 * 32, 32, 4 * 32, 1]  # out
     assert [int(s) for s in strides[16:19]] == [40, 10, 1]  # lse
     assert [int(s) for s in strides[19:]] == [0] * 7  # orders and samples are not read
-    tail = args[37:]
+    tail = args[38:]
     assert [type(x) for x in tail] == [np.int32, np.int32, np.float32, np.int32]
     assert (int(tail[0]), int(tail[1]), int(tail[3])) == (4, 2, 0)
     assert tail[2] == np.float32(0.125 * fwd.LOG2E)
@@ -173,13 +179,29 @@ def test_forward_packs_the_sparse_launch(fake_kernels):
     ix = _index_arrays(m=5)
     fwd.forward(q, k, v, np.zeros((3, 7), np.int32), ix, True, 0.5, out, lse, False, False, Launch(64, 64, 4))
     (name, kernel), = fake_kernels.items()
-    assert _template_args(name)[:2] == ("__nv_bfloat16", "float") and _template_args(name)[-4:] == (
-        "true", "false", "true", "false")
+    assert _template_args(name)[:2] == ("__nv_bfloat16", "float") and _template_args(name)[-5:] == (
+        "true", "false", "true", "false", "false")
     (_, _, args, _), = kernel.launches
     assert args[5].dtype == np.int64 and args[5].flags.c_contiguous  # int32 tiles made int64
     assert args[6] is ix.q_order and args[8] is ix.samples and args[9] is ix.sample_blocks and args[10] is ix.log_w
-    assert [int(s) for s in args[30:37]] == [40, 10, 24, 12, 30, 15, 5]  # orders (b, h), samples (b, h, s)
-    assert int(args[40]) == 5
+    assert [int(s) for s in args[31:38]] == [40, 10, 24, 12, 30, 15, 5]  # orders (b, h), samples (b, h, s)
+    assert int(args[41]) == 5
+
+
+def test_forward_packs_per_draw_weights(fake_kernels):
+    """key_norm: the DRAW_WEIGHTS kernel, the per-draw log weights after LogW; weights of another layout
+    than the samples' are refused (the kernel indexes them with the samples' strides)."""
+    q, k, v, out, lse = _problem()
+    ix = _index_arrays(m=5)
+    ix.draw_log_w, ix.draw_weights = np.full(ix.samples.shape, -1.5, np.float32), True
+    fwd.forward(q, k, v, np.zeros((3, 7), np.int64), ix, True, 0.5, out, lse, False, False, Launch(64, 64, 4))
+    (name, kernel), = fake_kernels.items()
+    assert _template_args(name)[-5:] == ("true", "false", "true", "false", "true")
+    (_, _, args, _), = kernel.launches
+    assert args[10] is ix.log_w and args[11] is ix.draw_log_w
+    ix.draw_log_w = np.asfortranarray(ix.draw_log_w)
+    with pytest.raises(ValueError, match="draw_log_w must be float32 with the samples' shape"):
+        fwd.forward(q, k, v, np.zeros((3, 7), np.int64), ix, True, 0.5, out, lse, False, False, Launch(64, 64, 4))
 
 
 def test_forward_copies_orders_whose_positions_are_strided(fake_kernels):
@@ -189,7 +211,7 @@ def test_forward_copies_orders_whose_positions_are_strided(fake_kernels):
     fwd.forward(q, k, v, np.zeros((1, 7), np.int64), ix, True, 1.0, out, lse, False, False, Launch(64, 64, 4))
     (_, _, args, _), = next(iter(fake_kernels.values())).launches
     assert args[6].strides[-1] == 4 and (args[6] == ix.q_order).all()
-    assert [int(s) for s in args[30:32]] == [40, 10]
+    assert [int(s) for s in args[31:33]] == [40, 10]
 
 
 def test_forward_without_tiles_launches_nothing(fake_kernels):

@@ -1,8 +1,8 @@
 """The CuPy backend on a GPU (``pytest -m gpu``, skipped elsewhere), what is its own: its kernels
 compile under NVRTC, the structure kernels against their definitions (hashing against float64
 signs, the counting sort against the reference's sort, device draws bit-equal to
-``hyperattn.sampling``, row dot), cupy arrays in and out, torch tensors through DLPack with
-gradients, and the same answer as the Triton backend on one seed.  The cross-validation every GPU
+``hyperattn.sampling``, key-norm draws, row dot), cupy arrays in and out, torch tensors through
+DLPack with gradients, and the same answer as the Triton backend on one seed.  The cross-validation every GPU
 backend passes is ``tests/test_gpu_backends.py``."""
 
 from __future__ import annotations
@@ -76,6 +76,33 @@ def test_drawn_samples_equal_the_specification(cp, stratified):
         want = sample_keys(seed, stream, (2, 3), segments.k_start, segments.k_len, 70, 4099, stratified)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed_in_memory", [False, True])
+def test_key_norm_draws_equal_the_specification(cp, seed_in_memory):
+    """The key-norm draw kernel against ``hyperattn.sampling.sample_keys_by_key_norm``: the same keys
+    and log weights (to float32 rounding) for heavy keys, a segment of zero keys, segments swamped
+    by a heavy key before them, several streams, and the heads of a larger call (``head_ids``)."""
+    from hyperattn.protocol import Segments
+    from hyperattn.sampling import key_norm_weights, sample_keys_by_key_norm
+
+    segments = Segments.from_ranges([(0, 10, 0, 7), (10, 20, 7, 1000), (20, 30, 1000, 4099)])
+    k = np.random.default_rng(0).standard_normal((2, 3, 4099, 16)).astype(np.float32)
+    k[:, :, 5] *= 5
+    k[0, 0, 7:1000] = 0
+    k[1, 1, 3] *= 1e4  # swamps the next segments' prefix sums: they draw uniformly
+    weights = key_norm_weights(k)
+    k_device = cp.asarray(k)
+    key_weights = CUPY.backend.key_norm_weights(k_device)
+    for seed, stream, heads in [(0, 0, None), (12345, 2, (4, 0, 2)), (2**63 - 1, 1, None)]:
+        given = cp.asarray(seed, dtype=cp.int64) if seed_in_memory else seed
+        got, got_w = CUPY.backend.draw_samples_by_key_norm(given, stream, segments, 70, key_weights, k_device, heads,
+                                                           None if heads is None else 5)
+        want, want_w = sample_keys_by_key_norm(seed, stream, weights, segments.k_start, segments.k_len, 70, heads,
+                                               None if heads is None else 5)
+        assert got.dtype == cp.int32 and got_w.dtype == cp.float32
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
+        np.testing.assert_allclose(cp.asnumpy(got_w), want_w, rtol=1e-6, atol=1e-6)
 
 
 def test_row_dot_is_the_fp32_row_sum(cp):

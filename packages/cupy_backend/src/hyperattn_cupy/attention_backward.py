@@ -42,29 +42,31 @@ def _cpp_bool(flag: bool) -> str:
 
 
 def dq_name(dtype, dout_dtype, d_pad: int, dv_pad: int, launch: Launch, permuted: bool, causal: bool,
-            has_samples: bool, overwrite: bool) -> str:
+            has_samples: bool, overwrite: bool, draw_weights: bool = False) -> str:
     """The name expression of ``hyperattn::attention_bwd_dq`` for these template arguments."""
-    flags = ", ".join(_cpp_bool(f) for f in (permuted, causal, has_samples, overwrite))
+    flags = ", ".join(_cpp_bool(f) for f in (permuted, causal, has_samples, overwrite, draw_weights))
     return (f"hyperattn::attention_bwd_dq<{c_type(dtype)}, {c_type(dout_dtype)}, {d_pad}, {dv_pad}, "
             f"{launch.block_m}, {launch.block_n}, {launch.warps}, {flags}>")
 
 
 def dkdv_name(dtype, dout_dtype, d_pad: int, dv_pad: int, launch: Launch, permuted: bool, causal: bool,
-              samples: bool, overwrite: bool) -> str:
+              samples: bool, overwrite: bool, draw_weights: bool = False) -> str:
     """The name expression of ``hyperattn::attention_bwd_dkdv`` for these template arguments."""
-    flags = ", ".join(_cpp_bool(f) for f in (permuted, causal, samples, overwrite))
+    flags = ", ".join(_cpp_bool(f) for f in (permuted, causal, samples, overwrite, draw_weights))
     return (f"hyperattn::attention_bwd_dkdv<{c_type(dtype)}, {c_type(dout_dtype)}, {d_pad}, {dv_pad}, "
             f"{launch.block_m}, {launch.block_n}, {launch.warps}, {flags}>")
 
 
-def dq_shared_bytes(dtype, d_pad: int, dv_pad: int, launch: Launch) -> int:
+def dq_shared_bytes(dtype, d_pad: int, dv_pad: int, launch: Launch, draw_weights: bool = False) -> int:
     """Dynamic shared memory of a dQ launch: ``DqSmem`` in attention_bwd.cu.  q, dO [BLOCK_M] and k, v
     [BLOCK_N] rows padded by 8 elements (16-bit) or 1 (fp32), the fp32 kernel's dS [BLOCK_M][BLOCK_N + 1],
-    and the staged keys' indices (int [BLOCK_N]); 16-bit: two k, v buffers and three key tables."""
+    and the staged keys' indices (int [BLOCK_N]) and, ``draw_weights``, their per-draw log weights (float
+    [BLOCK_N]); 16-bit: two k, v buffers and three key tables."""
     bm, bn = launch.block_m, launch.block_n
+    tables = 2 if draw_weights else 1  # keys, and the slots' log weights
     if np.dtype(dtype).name == "float32":
-        return (bm + bn) * ((d_pad + 1) + (dv_pad + 1)) * 4 + bm * (bn + 1) * 4 + bn * 4
-    return (bm + 2 * bn) * ((d_pad + 8) + (dv_pad + 8)) * 2 + 3 * bn * 4
+        return (bm + bn) * ((d_pad + 1) + (dv_pad + 1)) * 4 + bm * (bn + 1) * 4 + tables * bn * 4
+    return (bm + 2 * bn) * ((d_pad + 8) + (dv_pad + 8)) * 2 + tables * 3 * bn * 4
 
 
 def dkdv_shared_bytes(dtype, d_pad: int, dv_pad: int, launch: Launch) -> int:
@@ -145,24 +147,29 @@ def _tile_table(tiles):
 
 
 def _index_arrays(ix: IndexArrays):
-    """(q_order, k_order, samples, sample_blocks) with the layouts the kernels assume: unit stride along
-    positions and slots; sample_blocks indexed with the samples' strides."""
+    """(q_order, k_order, samples, sample_blocks, draw_log_w) with the layouts the kernels assume: unit
+    stride along positions and slots; sample_blocks (and per-draw log weights) indexed with the samples'
+    strides."""
     q_order, k_order = _unit_last_stride(ix.q_order), _unit_last_stride(ix.k_order)
-    samples, sample_blocks = ix.samples, ix.sample_blocks
+    samples, sample_blocks, draw_log_w = ix.samples, ix.sample_blocks, ix.draw_log_w
     if ix.sample_size > 0:
         samples = _unit_last_stride(samples)
-        if tuple(sample_blocks.shape) != tuple(samples.shape) or sample_blocks.strides != samples.strides:
-            sample_blocks = sample_blocks.copy(order="C")
-            samples = samples.copy(order="C")
-    return q_order, k_order, samples, sample_blocks
+        alike = [sample_blocks] + ([draw_log_w] if ix.draw_weights else [])
+        if any(tuple(x.shape) != tuple(samples.shape) or element_strides(x) != element_strides(samples)
+               for x in alike):
+            samples, sample_blocks = samples.copy(order="C"), sample_blocks.copy(order="C")
+            if ix.draw_weights:
+                draw_log_w = draw_log_w.copy(order="C")
+    return q_order, k_order, samples, sample_blocks, draw_log_w
 
 
-def dq_args(q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sample_blocks, log_w, scale: float,
-            sample_size: int) -> tuple:
-    """The arguments of ``attention_bwd_dq``, in its order: 13 arrays, 30 int64 strides, then
-    num_heads, group (int32), scale, scale_log2 (float32), num_samples, head_dim, v_dim (int32)."""
+def dq_args(q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sample_blocks, log_w, draw_log_w,
+            scale: float, sample_size: int) -> tuple:
+    """The arguments of ``attention_bwd_dq``, in its order: 14 arrays, 30 int64 strides, then
+    num_heads, group (int32), scale, scale_log2 (float32), num_samples, head_dim, v_dim (int32).
+    ``draw_log_w``: a log weight per draw with the samples' strides (read by the DRAW_WEIGHTS kernels)."""
     return (
-        q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sample_blocks, log_w,
+        q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sample_blocks, log_w, draw_log_w,
         *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(dout),
         *element_strides(lse), *element_strides(dq),
         *leading_strides(q_order, 2), *leading_strides(k_order, 2), *leading_strides(samples, 3),
@@ -172,11 +179,12 @@ def dq_args(q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sam
 
 
 def dkdv_args(q, k, v, dout, lse, delta, dk, dv, tiles, q_order, k_order, q_blocks, samples, sample_blocks, log_w,
-              scale: float) -> tuple:
-    """The arguments of ``attention_bwd_dkdv``, in its order: 15 arrays, 34 int64 strides, then
+              draw_log_w, scale: float) -> tuple:
+    """The arguments of ``attention_bwd_dkdv``, in its order: 16 arrays, 34 int64 strides, then
     num_kv_heads, group (int32), scale, scale_log2 (float32), head_dim, v_dim (int32)."""
     return (
         q, k, v, dout, lse, delta, dk, dv, tiles, q_order, k_order, q_blocks, samples, sample_blocks, log_w,
+        draw_log_w,
         *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(dout),
         *element_strides(lse), *element_strides(dk), *element_strides(dv),
         *leading_strides(q_order, 2), *leading_strides(k_order, 2), *leading_strides(samples, 3),
@@ -211,8 +219,9 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexArrays, permu
         lse, delta = _c_contiguous(lse), _c_contiguous(delta)
     dtype, dout_dtype = np.dtype(q.dtype), np.dtype(dout.dtype)
     d_pad, dv_pad = padded_dim(q.shape[3]), padded_dim(v.shape[3])
-    q_order, k_order, samples, sample_blocks = _index_arrays(ix)
+    q_order, k_order, samples, sample_blocks, draw_log_w = _index_arrays(ix)
     has_samples = ix.sample_size > 0
+    draw_weights = has_samples and ix.draw_weights
 
     if len(q_tiles):
         check_launch("dq", dtype, dq_launch)
@@ -220,13 +229,14 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexArrays, permu
         if grid_y > MAX_GRID_Y:
             raise ValueError(f"attention backward: batch x heads = {grid_y} exceeds the grid limit {MAX_GRID_Y}")
         tiles = _tile_table(q_tiles)
-        shared = dq_shared_bytes(dtype, d_pad, dv_pad, dq_launch)
+        shared = dq_shared_bytes(dtype, d_pad, dv_pad, dq_launch, draw_weights)
         _check_shared("dq", shared, dq_launch, dtype)
-        name = dq_name(dtype, dout_dtype, d_pad, dv_pad, dq_launch, permuted, causal, has_samples, overwrite)
+        name = dq_name(dtype, dout_dtype, d_pad, dv_pad, dq_launch, permuted, causal, has_samples, overwrite,
+                       draw_weights)
         compiler.kernel(SOURCE, name).launch(
             (len(tiles), grid_y, 1), (32 * dq_launch.warps, 1, 1),
-            dq_args(q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sample_blocks, ix.log_w, scale,
-                    ix.sample_size),
+            dq_args(q, k, v, dout, lse, delta, dq, tiles, q_order, k_order, samples, sample_blocks, ix.log_w,
+                    draw_log_w, scale, ix.sample_size),
             shared)
 
     first_keys = True  # the first key table that is not sample slots may overwrite
@@ -248,9 +258,9 @@ def backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix: IndexArrays, permu
         shared = dkdv_shared_bytes(dtype, d_pad, dv_pad, dkdv_launch)
         _check_shared("dkdv", shared, dkdv_launch, dtype)
         name = dkdv_name(dtype, dout_dtype, d_pad, dv_pad, dkdv_launch, permuted, causal and not are_samples,
-                         are_samples, write)
+                         are_samples, write, draw_weights and are_samples)
         compiler.kernel(SOURCE, name).launch(
             (len(tiles), grid_y, 1), (32 * dkdv_launch.warps, 1, 1),
             dkdv_args(q, k, v, dout, lse, delta, dk, dv, tiles, q_order, k_order, q_blocks, samples, sample_blocks,
-                      ix.log_w, scale),
+                      ix.log_w, draw_log_w, scale),
             shared)

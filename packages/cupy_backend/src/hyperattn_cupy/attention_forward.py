@@ -45,14 +45,15 @@ def _cpp_bool(flag: bool) -> str:
 
 
 def name_expression(dtype, out_dtype, head_dim: int, v_dim: int, launch: Launch, permuted: bool, causal: bool,
-                    has_samples: bool, overwrite: bool) -> str:
+                    has_samples: bool, overwrite: bool, draw_weights: bool = False) -> str:
     """The kernel instantiation, in the template's parameter order: ``<T, TOut, HEAD_DIM, D_PAD,
-    V_DIM, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, HAS_SAMPLES, OVERWRITE>``."""
+    V_DIM, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, HAS_SAMPLES, OVERWRITE, DRAW_WEIGHTS>``."""
     t, t_out = cuda_type(dtype), cuda_type(out_dtype)
     if t_out not in (t, "float"):
         raise TypeError(f"out must be in the inputs' dtype or float32, not {np.dtype(out_dtype).name}")
     values = (t, t_out, head_dim, padded_dim(head_dim), v_dim, padded_dim(v_dim), launch.block_m, launch.block_n,
-              launch.warps, _cpp_bool(permuted), _cpp_bool(causal), _cpp_bool(has_samples), _cpp_bool(overwrite))
+              launch.warps, _cpp_bool(permuted), _cpp_bool(causal), _cpp_bool(has_samples), _cpp_bool(overwrite),
+              _cpp_bool(draw_weights))
     return f"{TEMPLATE}<{', '.join(str(v) for v in values)}>"
 
 
@@ -102,10 +103,11 @@ def kernel_args(q, k, v, tiles, ix: IndexArrays, permuted: bool, scale: float, o
     """The kernel's arguments in its parameter order (arrays for pointers, NumPy scalars of the
     parameters' C types):
 
-    Q, K, V, Out, Lse, Tiles, QOrder, KOrder, Samples, SampleBlock, LogW,
+    Q, K, V, Out, Lse, Tiles, QOrder, KOrder, Samples, SampleBlock, LogW, DrawLogW,
     sq_b, sq_h, sq_n, sq_d, sk_*, sv_*, so_* (int64, 4 each), sl_b, sl_h, sl_n,
     sqo_b, sqo_h, sko_b, sko_h, ss_b, ss_h, ss_s (int64),
     num_heads (int32 Hq), group (int32 Hq / Hk), scale_log2 (float32), num_samples (int32 m)
+    (DrawLogW: a log weight per draw with the samples' strides, read by the DRAW_WEIGHTS kernels)
     """
     if permuted:
         q_order, k_order = _rows_contiguous(ix.q_order), _rows_contiguous(ix.k_order)
@@ -119,15 +121,28 @@ def kernel_args(q, k, v, tiles, ix: IndexArrays, permuted: bool, scale: float, o
                 or samples.strides[-1] != samples.itemsize:
             raise ValueError("samples and sample_blocks must be contiguous arrays of one shape [B, Hk, S, m]")
         sample_strides = element_strides(samples)[:3]
+        check_draw_weights(ix)
     else:  # not read
         sample_strides = _ZERO_STRIDES[:3]
     num_heads, kv_heads = q.shape[1], k.shape[1]
     return (
-        q, k, v, out, lse, tiles, q_order, k_order, samples, sample_blocks, ix.log_w,
+        q, k, v, out, lse, tiles, q_order, k_order, samples, sample_blocks, ix.log_w, ix.draw_log_w,
         *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(out),
         *element_strides(lse), *order_strides, *sample_strides,
         np.int32(num_heads), np.int32(num_heads // kv_heads), np.float32(scale * LOG2E), np.int32(ix.sample_size),
     )
+
+
+def check_draw_weights(ix: IndexArrays) -> None:
+    """Raise ValueError unless per-draw log weights (where the structure has them) are float32 of the
+    samples' shape and strides: the kernels index them with the samples' offsets."""
+    if not ix.draw_weights:
+        return
+    w, samples = ix.draw_log_w, ix.samples
+    if np.dtype(w.dtype) != np.float32 or w.shape != samples.shape \
+            or element_strides(w) != element_strides(samples):
+        raise ValueError(f"draw_log_w must be float32 with the samples' shape {tuple(samples.shape)} and element "
+                         f"strides; got {np.dtype(w.dtype).name} {tuple(w.shape)}")
 
 
 def _check_arrays(q, k, v, out, lse) -> None:
@@ -163,8 +178,9 @@ def forward(q, k, v, tiles, ix: IndexArrays, permuted: bool, scale: float, out, 
     check_launch(q.dtype, head_dim, v_dim, launch)
     if np.dtype(tiles.dtype) != np.int64 or not tiles.flags.c_contiguous:  # the kernel reads rows of 7 int64
         tiles = tiles.astype(np.int64, order="C")
-    name = name_expression(q.dtype, out.dtype, head_dim, v_dim, launch, permuted, causal, ix.sample_size > 0,
-                           overwrite)
+    has_samples = ix.sample_size > 0
+    name = name_expression(q.dtype, out.dtype, head_dim, v_dim, launch, permuted, causal, has_samples, overwrite,
+                           has_samples and ix.draw_weights)
     args = kernel_args(q, k, v, tiles, ix, permuted, scale, out, lse)
     grid = (len(tiles), q.shape[0] * q.shape[1], 1)
     compiler.kernel(SOURCE, name).launch(grid, (launch.warps * 32, 1, 1), args,

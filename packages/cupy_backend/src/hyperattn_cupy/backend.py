@@ -39,8 +39,8 @@ class CupyBackend(Backend):
         priority=5,
         running_out_dtype="input",
         device_seed=True,
-        # (no per_draw_weights, so no "key_norm" in samplings: the CUDA kernels read one log
-        # sample weight per segment)
+        samplings=("uniform", "stratified", "key_norm"),  # key_norm: the kernels' draw_weights
+        per_draw_weights=True,
     )
 
     def __init__(self, options: CupyOptions | None = None):
@@ -150,6 +150,31 @@ class CupyBackend(Backend):
             return utility.draw_samples(seed, stream, heads[0], heads[1], k_start, k_len, m, n_k,
                                         self.options.launches, stratified)
 
+    def key_norm_weights(self, k):
+        """(float32 [B, Hk, Nk] ``||k||**4``, their float64 inclusive prefix sums) on the device,
+        made once per call (``utility.key_norm_weights``)."""
+        from . import utility
+
+        with arrays.on_device_of(k, self.streams):
+            return utility.key_norm_weights(k, self.options.launches)
+
+    def draw_samples_by_key_norm(self, seed, stream: int, segments: Segments, m: int, key_weights, like,
+                                 head_ids=None, kv_total=None):
+        """One launch on the device (``kernels/utility.cu``): a binary search of each norm draw's
+        target in the prefix sums; the seed as in :meth:`draw_samples`."""
+        from . import utility
+
+        if arrays.is_torch(seed):
+            seed = arrays.torch_to_cupy(seed)
+        kv_heads = key_weights[0].shape[1]
+        ids = tuple(range(kv_heads)) if head_ids is None else tuple(head_ids)
+        with arrays.on_device_of(like, self.streams):
+            k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
+            ids_device = self.device_tables.get(_head_ids, like, ids)
+            return utility.draw_samples_by_key_norm(seed, stream, key_weights, k_start, k_len, segments.max_k_len, m,
+                                                    ids_device, kv_heads if kv_total is None else kv_total,
+                                                    self.options.launches)
+
     def row_dot(self, a, b):
         from . import utility
 
@@ -234,6 +259,11 @@ def _deterministic_requested() -> bool:
 
 def _as_is(values: np.ndarray) -> np.ndarray:
     return values
+
+
+def _head_ids(head_ids: tuple[int, ...]) -> np.ndarray:
+    """int64 [Hk]: each KV head's index in the call whose draws it takes (the key-norm draw kernel's)."""
+    return np.asarray(head_ids, dtype=np.int64)
 
 
 def _sample_bounds(segments: Segments) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,8 @@ class IndexArrays:
     samples           int32 [B, Hk, S, m]: sampled key indices per segment (contiguous)
     sample_blocks     int32 [B, Hk, S, m]: each sample's key block (``k_rank // block_size``)
     log_w             float32 [S]: each segment's log sample weight
+    draw_log_w        float32 [B, Hk, S, m] with the samples' layout: each draw's log weight
+                      (``sampling="key_norm"``; read instead of log_w when ``draw_weights``)
     q_blocks          int32 [Nq]: the key block of each sorted query position (made on first use,
                       by the dK/dV kernel of the sample slots)
     """
@@ -31,7 +33,13 @@ class IndexArrays:
     sample_blocks: object
     log_w: object
     sample_size: int
+    draw_log_w: object = None
+    draw_weights: bool = False
     q_blocks: object | None = None
+
+    def __post_init__(self):
+        if self.draw_log_w is None:  # a pointer argument the kernels do not read
+            self.draw_log_w = self.log_w
 
 
 def as_int32(x):
@@ -75,16 +83,22 @@ class StructureIndices:
         return self._dummies[device]
 
     def _make(self, q, structure: SparseStructure) -> IndexArrays:
+        import cupy
+
         from . import utility
 
         dummy, _ = self._dummy(q)
         q_order, k_order = as_int32(structure.q_order), as_int32(structure.k_order)
-        samples = sample_blocks = dummy
+        samples = sample_blocks = draw_log_w = dummy
         if structure.samples is not None:
             samples = as_int32(structure.samples)
             if not samples.flags.c_contiguous:
                 samples = samples.copy()
             sample_blocks = utility.sample_blocks(samples, structure.k_rank, structure.block_size, self._launches())
+        draws = structure.samples is not None and structure.sample_log_weights is not None
+        if draws:  # C-contiguous like the samples: the kernels read it with their strides
+            draw_log_w = cupy.ascontiguousarray(structure.sample_log_weights, dtype=cupy.float32)
         log_w = self._tables.get(log_sample_weights, q, structure)
-        return IndexArrays(q_order, k_order, samples, sample_blocks, log_w, structure.sample_size)
+        return IndexArrays(q_order, k_order, samples, sample_blocks, log_w, structure.sample_size,
+                           draw_log_w if draws else None, draws)
 

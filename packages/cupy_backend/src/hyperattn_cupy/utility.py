@@ -1,7 +1,8 @@
 """The small kernels of ``kernels/utility.cu``, host side: the backward's delta (:func:`row_dot`), the
 widening copy of the exact path's results (:func:`cast_into`), the residual's samples
-(:func:`draw_samples`, ``hyperattn.sampling.sample_keys`` bit for bit, on the device) and each
-sample's key block (:func:`sample_blocks`); and the helpers the structure kernels' hosts share
+(:func:`draw_samples`, ``hyperattn.sampling.sample_keys`` bit for bit, on the device, and
+:func:`draw_samples_by_key_norm` of ``sampling="key_norm"``) and each sample's key block
+(:func:`sample_blocks`); and the helpers the structure kernels' hosts share
 (:func:`c_type`, :func:`row_launch`; ``arrays.element_strides``).
 
 Every ``launch_*`` function only packs arguments and launches: it takes arrays with ``shape``,
@@ -164,15 +165,7 @@ def draw_samples(seed, stream: int, batch: int, kv_heads: int, k_start, k_len, m
         return out
     k_start = cupy.ascontiguousarray(k_start, dtype=cupy.int64)
     k_len = cupy.ascontiguousarray(k_len, dtype=cupy.int64)
-    if isinstance(seed, cupy.ndarray):
-        if seed.size != 1 or seed.dtype != cupy.int64:
-            raise TypeError(f"draw_samples: a device seed is a 0-d int64 array, got {seed.dtype} {seed.shape}")
-        seed_in_memory = True
-    else:
-        seed = int(seed)
-        if not 0 <= seed < sampling.SEED_LIMIT:
-            raise ValueError(f"draw_samples: seed {seed} is outside [0, 2**63)")
-        seed_in_memory = False
+    seed, seed_in_memory = _seed_argument(seed)
     launch_draw_samples(out, k_start, k_len, seed, seed_in_memory, stream, m, row_launch(launches, "draw_samples"))
     if stratified:
         out[...] = stratify(cupy, out, k_start, k_len, m)
@@ -201,6 +194,68 @@ def launch_draw_samples(out, k_start, k_len, seed, seed_in_memory: bool, stream:
     name = f"hyperattn::draw_samples<{int_type(out.dtype)}>"
     args = (out, k_start, k_len, seed_value, seed_ptr, i32(seed_in_memory), u64(stream), i64(total), i64(per_head),
             i64(m), i32(launch.block))
+    compiler.kernel(SOURCE, name).launch((cdiv(total, launch.block),), (launch.threads,), args)
+
+
+def _seed_argument(seed):
+    """``(seed, seed_in_memory)`` of a draw launch: an int in [0, 2**63), or a 0-d int64 device array."""
+    import cupy
+
+    if isinstance(seed, cupy.ndarray):
+        if seed.size != 1 or seed.dtype != cupy.int64:
+            raise TypeError(f"draw_samples: a device seed is a 0-d int64 array, got {seed.dtype} {seed.shape}")
+        return seed, True
+    seed = int(seed)
+    if not 0 <= seed < sampling.SEED_LIMIT:
+        raise ValueError(f"draw_samples: seed {seed} is outside [0, 2**63)")
+    return seed, False
+
+
+# -- draw_key_norm_samples -------------------------------------------------------------------------
+def key_norm_weights(k, launches):
+    """``(weights, prefix)``: float32 [B, Hk, Nk] ``||k||**4`` (:func:`row_dot` of k with itself,
+    squared) and their inclusive float64 prefix sums along the keys (contiguous), made once per call."""
+    import cupy
+
+    squared = row_dot(k, k, launches)
+    weights = cupy.ascontiguousarray(squared * squared, dtype=cupy.float32)
+    return weights, cupy.cumsum(weights, axis=-1, dtype=cupy.float64)
+
+
+def draw_samples_by_key_norm(seed, stream: int, key_weights, k_start, k_len, max_span: int, m: int, head_ids,
+                             kv_total: int, launches):
+    """``(keys, log_weights)`` [B, Hk, S, m] of ``sampling="key_norm"``: ``hyperattn.sampling.
+    sample_keys_by_key_norm`` (up to the rounding of the float64 prefix sums) in one launch.
+    ``key_weights``: :func:`key_norm_weights`; ``k_start``, ``k_len``: int64 [S] device arrays, the
+    longest span ``max_span``; ``head_ids``: int64 [Hk] device array, each KV head's index in a call of
+    ``kv_total`` KV heads; ``seed`` as in :func:`draw_samples`."""
+    import cupy
+
+    weights, prefix = key_weights
+    batch, kv_heads, n_k = weights.shape
+    keys = cupy.empty((batch, kv_heads, len(k_start), m), dtype=sample_dtype(n_k))
+    log_w = cupy.empty(keys.shape, dtype=cupy.float32)
+    if keys.size == 0:
+        return keys, log_w
+    seed, seed_in_memory = _seed_argument(seed)
+    launch_draw_key_norm_samples(keys, log_w, weights, prefix, k_start, k_len, head_ids, seed, seed_in_memory, stream,
+                                 m, kv_total, max_span.bit_length() + 1, row_launch(launches, "draw_samples"))
+    return keys, log_w
+
+
+def launch_draw_key_norm_samples(keys, log_w, weights, prefix, k_start, k_len, head_ids, seed, seed_in_memory: bool,
+                                 stream: int, m: int, kv_total: int, search_steps: int, launch: RowLaunch) -> None:
+    """``draw_key_norm_samples<OutT>(keys, log_w, weights, prefix, k_start, k_len, head_ids, seed, seed_ptr,
+    seed_in_memory, stream, total, per_head, m, m_u, m_n, kv_heads, kv_total, n_k, search_steps,
+    block_elems)``; grid ceil(total / block); the seed as in :func:`launch_draw_samples`."""
+    batch, kv_heads, segments, _ = keys.shape
+    total = batch * kv_heads * segments * m
+    m_u, m_n = sampling.split_key_norm_draws(m)
+    seed_value, seed_ptr = (u64(0), seed) if seed_in_memory else (u64(seed), k_start)
+    name = f"hyperattn::draw_key_norm_samples<{int_type(keys.dtype)}>"
+    args = (keys, log_w, weights, prefix, k_start, k_len, head_ids, seed_value, seed_ptr, i32(seed_in_memory),
+            u64(stream), i64(total), i64(segments * m), i64(m), i64(m_u), i64(m_n), i32(kv_heads), i64(kv_total),
+            i64(weights.shape[2]), i32(search_steps), i32(launch.block))
     compiler.kernel(SOURCE, name).launch((cdiv(total, launch.block),), (launch.threads,), args)
 
 

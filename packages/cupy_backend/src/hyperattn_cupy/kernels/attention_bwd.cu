@@ -3,6 +3,8 @@
 // The same computation as the Triton backend's attention_bwd_dq_kernel / attention_bwd_dkdv_kernel
 // (hyperattn_triton/kernels/attention.py), FlashAttention's formulas with the final Lse and Delta:
 //   P  = exp2(S * scale_log2 - lse * LOG2E [+ log_w * LOG2E for sample slots]),  S = q . k
+// where log_w is the segment's LogW[seg], or with DRAW_WEIGHTS each slot's DrawLogW[b, hk, seg, j]
+// (importance sampling: a log weight per draw, laid out as Samples).
 //   dP = dO . v,   dS = P * (dP - delta) * scale,   dQ += dS K,   dK += dS^T Q,   dV += P^T dO
 //
 // dQ (attention_bwd_dq): grid (T, B * Hq); one block per query-side tile row (seg, blk, q0, q1, k0, k1,
@@ -28,7 +30,7 @@
 // Element types: T in {__half, __nv_bfloat16, float} for Q, K, V; TDO is T or float (dO is converted
 // to T when staged); Lse, Delta and the gradients DQ, DK, DV are float32.  Index arrays are int32:
 // QOrder [B, Hq, Nq], KOrder [B, Hk, Nk], Samples / SampleBlock [B, Hk, S, m] (slots contiguous),
-// LogW float32 [S], QBlock int32 [Nq] (contiguous).  Every stride is an int64 element stride (any
+// LogW float32 [S], DrawLogW float32 [B, Hk, S, m] (Samples' strides), QBlock int32 [Nq] (contiguous).  Every stride is an int64 element stride (any
 // layout); row and key indices are int (they come from int32 orders), offsets are int64.
 //
 // Template parameters: D_PAD, DV_PAD (the head dims padded to a power of two >= 16, see
@@ -274,6 +276,7 @@ template <typename T, typename TDO>
 struct DqArgs {
   const T* q; const T* k; const T* v; const TDO* dout; const float* lse; const float* delta; float* dq;
   const int* q_order; const int* k_order; const int* samples; const int* sample_blocks;  // samples: the segment's row
+  const float* draw_log_w;  // the segment's row of DrawLogW, or nullptr: every slot weighs log_w2
   long long sq_n, sq_d, sk_n, sk_d, sv_n, sv_d, sdo_n, sdo_d, sl_n, sdq_n, sdq_d;
   int q0, q1, k0, k1, diag, blk;
   int num_samples, head_dim, v_dim;
@@ -284,18 +287,19 @@ template <typename T, typename TDO>
 struct DkdvArgs {
   const T* q; const T* k; const T* v; const TDO* dout; const float* lse; const float* delta; float* dk; float* dv;
   const int* q_order; const int* k_order; const int* q_block; const int* samples; const int* sample_blocks;
+  const float* draw_log_w;  // SAMPLES: the segment's row of DrawLogW, or nullptr (every slot weighs bias2)
   long long sq_b, sq_h, sq_n, sq_d, sdo_b, sdo_h, sdo_n, sdo_d, sl_b, sl_h, sl_n, sqo_b, sqo_h;
   long long sk_n, sk_d, sv_n, sv_d, sdk_n, sdk_d, sdv_n, sdv_d;
   int b, hk, group;
   int q0, q1, k0, k1, diag;
   int head_dim, v_dim;
-  float scale, scale_log2, bias2;  // bias2: the sample slots' log weight in base 2 (0 for keys)
+  float scale, scale_log2, bias2;  // bias2: the sample slots' log weight in base 2 (0 for keys and per-draw weights)
 };
 
 // Shared-memory layouts (byte offsets).  16-bit: rows padded by 8 elements (16 bytes), so the 8 rows
 // an ldmatrix reads fall in distinct banks.  fp32: rows padded by 1 element, so that the SIMT loops'
 // 16 threads reading one column of 16 rows fall in distinct banks.
-template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N>
+template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, bool DRAW_WEIGHTS = false>
 struct DqSmem {
   static constexpr bool F32 = SameType<T, float>::value;
   static constexpr int PAD = F32 ? 1 : 8;
@@ -311,7 +315,9 @@ struct DqSmem {
   static constexpr int STAGE = BLOCK_N * (LDQ + LDV) * (int)sizeof(T);         // bytes of one K/V buffer
   static constexpr int DS = K + STAGES * STAGE;                                // fp32 only: float [BLOCK_M][LDS]
   static constexpr int KEY = DS + (F32 ? BLOCK_M * LDS * 4 : 0);               // int [KEY_TABLES][BLOCK_N]: key, or -1
-  static constexpr int BYTES = KEY + KEY_TABLES * BLOCK_N * 4;
+  // DRAW_WEIGHTS: float [KEY_TABLES][BLOCK_N], the slots' per-draw log weights in base 2
+  static constexpr int BIAS = KEY + KEY_TABLES * BLOCK_N * 4;
+  static constexpr int BYTES = BIAS + (DRAW_WEIGHTS ? KEY_TABLES * BLOCK_N * 4 : 0);
 };
 
 template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N>
@@ -344,9 +350,11 @@ struct DkdvSmem {
 
 // dq += dS K for the staged keys (s_key[c]: key index, or -1 for a key that does not count).
 // off2 / delta / row_lim: the thread's rows (g and g + 8 of each slice): lse2 (minus the keys' log
-// weight), delta, row + diag.
-template <typename T, int D_PAD, int DV_PAD, int BLOCK_N, int MT, bool CAUSAL, typename L>
-__device__ __forceinline__ void dq_step_mma(const unsigned char* smem, int stage, const int* s_key, int warp_row0,
+// weight), delta, row + diag.  DRAW_BIAS: s_bias[c] (base 2) is added to key c's exponent (the
+// sample steps of DRAW_WEIGHTS; off2 is then lse2 itself).
+template <typename T, int D_PAD, int DV_PAD, int BLOCK_N, int MT, bool CAUSAL, bool DRAW_BIAS, typename L>
+__device__ __forceinline__ void dq_step_mma(const unsigned char* smem, int stage, const int* s_key,
+                                            const float* s_bias, int warp_row0,
                                             int lane, const float (&off2)[MT][2], const float (&delta)[MT][2],
                                             const int (&row_lim)[MT][2], float scale, float scale_log2,
                                             int head_dim, int v_dim, float (&dq)[MT][D_PAD / 8][4]) {
@@ -368,13 +376,17 @@ __device__ __forceinline__ void dq_step_mma(const unsigned char* smem, int stage
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       const int2 keys = *reinterpret_cast<const int2*>(s_key + n * 8 + 2 * (lane & 3));
+      float2 bias = make_float2(0.0f, 0.0f);
+      if (DRAW_BIAS) bias = *reinterpret_cast<const float2*>(s_bias + n * 8 + 2 * (lane & 3));
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = (e & 1) ? keys.y : keys.x;
         const int ri = e >> 1;
         bool ok = key >= 0;
         if (CAUSAL) ok = ok && key <= row_lim[mt][ri];
-        const float p = ok ? fast_exp2(s[n][e] * scale_log2 - off2[mt][ri]) : 0.0f;
+        float x = s[n][e] * scale_log2 - off2[mt][ri];
+        if (DRAW_BIAS) x += (e & 1) ? bias.y : bias.x;
+        const float p = ok ? fast_exp2(x) : 0.0f;
         s[n][e] = p * (dp[n][e] - delta[mt][ri]) * scale;  // dS, in place of S
       }
     }
@@ -383,9 +395,9 @@ __device__ __forceinline__ void dq_step_mma(const unsigned char* smem, int stage
 }
 
 template <typename T, typename TDO, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, int WARPS, bool PERMUTED,
-          bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE>
+          bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned char* smem) {
-  using L = DqSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>;
+  using L = DqSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, DRAW_WEIGHTS>;
   constexpr int NTHREADS = WARPS * 32;
   constexpr int MT = BLOCK_M / (16 * WARPS);
   static_assert(BLOCK_M % (16 * WARPS) == 0, "dQ (fp16/bf16): BLOCK_M must be a multiple of 16 * WARPS");
@@ -393,6 +405,7 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
   T* Qs = reinterpret_cast<T*>(smem + L::Q);
   T* DOs = reinterpret_cast<T*>(smem + L::DO);
   int* key_tables = reinterpret_cast<int*>(smem + L::KEY);  // [3][BLOCK_N]: the tables of steps s % 3
+  float* bias_tables = reinterpret_cast<float*>(smem + L::BIAS);  // DRAW_WEIGHTS: [3][BLOCK_N], as key_tables
   static_assert(BLOCK_N <= NTHREADS, "dQ (fp16/bf16): one thread per key slot of a step");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
@@ -438,6 +451,12 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
     const int slot = (step - block_steps) * BLOCK_N + r;
     return (slot < a.num_samples && a.sample_blocks[slot] != a.blk) ? a.samples[slot] : -1;
   };
+  // slot r's per-draw log weight in base 2 (sample steps with draw weights; 0 elsewhere)
+  constexpr bool draws = HAS_SAMPLES && DRAW_WEIGHTS;
+  auto bias_at = [&](int step, int r) -> float {
+    const int slot = (step - block_steps) * BLOCK_N + r;
+    return (draws && step >= block_steps && slot < a.num_samples) ? a.draw_log_w[slot] * LOG2E : 0.0f;
+  };
   float off2[MT][2];  // sample slots: lse2 minus the slots' log weight
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -456,9 +475,12 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
   // written (from registers loaded a step earlier, so that their global latency hides behind a
   // whole step) at the top of step s - 1, into table (s % 3), whose last reader was step s - 3.
   int next = -1;
+  float next_bias = 0.0f;
   if (tid < BLOCK_N) {
     if (steps > 0) key_tables[tid] = key_at(0, tid);
+    if (draws && steps > 0) bias_tables[tid] = bias_at(0, tid);
     if (steps > 1) next = key_at(1, tid);
+    if (draws && steps > 1) next_bias = bias_at(1, tid);
   }
   __syncthreads();  // step 0's table (and the staged q, dO)
   if (steps > 0) issue(0, key_tables);
@@ -467,7 +489,9 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
   for (int step = 0; step < steps; ++step) {
     if (tid < BLOCK_N) {
       if (step + 1 < steps) key_tables[((step + 1) % 3) * BLOCK_N + tid] = next;
+      if (draws && step + 1 < steps) bias_tables[((step + 1) % 3) * BLOCK_N + tid] = next_bias;
       if (step + 2 < steps) next = key_at(step + 2, tid);
+      if (draws && step + 2 < steps) next_bias = bias_at(step + 2, tid);
     }
     __syncthreads();  // step s + 1's table is visible, and every warp is done with step s - 1's buffer
     if (step + 1 < steps) issue((step + 1) & 1, key_tables + ((step + 1) % 3) * BLOCK_N);
@@ -475,12 +499,19 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
     cp_async_wait<1>();  // this thread's copies of step s landed
     __syncthreads();     // and everyone's
     const int* keys = key_tables + (step % 3) * BLOCK_N;
+    const float* biases = bias_tables + (step % 3) * BLOCK_N;
     if (!HAS_SAMPLES || step < block_steps)
-      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, CAUSAL, L>(smem, step & 1, keys, warp_row0, lane, lse2, delta, row_lim,
-                                                            a.scale, a.scale_log2, a.head_dim, a.v_dim, dq);
+      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, CAUSAL, false, L>(smem, step & 1, keys, biases, warp_row0, lane, lse2,
+                                                                   delta, row_lim, a.scale, a.scale_log2, a.head_dim,
+                                                                   a.v_dim, dq);
+    else if (draws)  // per-draw weights: lse2 and each slot's bias
+      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, true, L>(smem, step & 1, keys, biases, warp_row0, lane, lse2,
+                                                                 delta, row_lim, a.scale, a.scale_log2, a.head_dim,
+                                                                 a.v_dim, dq);
     else
-      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, L>(smem, step & 1, keys, warp_row0, lane, off2, delta, row_lim,
-                                                           a.scale, a.scale_log2, a.head_dim, a.v_dim, dq);
+      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, false, L>(smem, step & 1, keys, biases, warp_row0, lane, off2,
+                                                                  delta, row_lim, a.scale, a.scale_log2, a.head_dim,
+                                                                  a.v_dim, dq);
   }
   cp_async_wait<0>();  // no copy outlives the block
 
@@ -508,7 +539,7 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
 // ---------------------------------------------------------------------------------------------------
 // dQ, fp32 SIMT.  Thread (ty, tx) of a 16-column grid owns rows ty + i TY and columns tx + 16 j.
 // ---------------------------------------------------------------------------------------------------
-template <int D_PAD, int DV_PAD, int BLOCK_N, int NTHREADS, int RI, bool CAUSAL, typename L>
+template <int D_PAD, int DV_PAD, int BLOCK_N, int NTHREADS, int RI, bool CAUSAL, bool DRAW_BIAS, typename L>
 __device__ __forceinline__ void dq_step_simt(unsigned char* smem, int tx, int ty, const float (&off2)[RI],
                                              const float (&delta)[RI], const int (&row_lim)[RI], float scale,
                                              float scale_log2, int head_dim, int v_dim, float (&dq)[RI][D_PAD / 16]) {
@@ -519,6 +550,7 @@ __device__ __forceinline__ void dq_step_simt(unsigned char* smem, int tx, int ty
   const float* Vs = reinterpret_cast<const float*>(smem + L::V);
   float* dSs = reinterpret_cast<float*>(smem + L::DS);
   const int* s_key = reinterpret_cast<const int*>(smem + L::KEY);
+  const float* s_bias = reinterpret_cast<const float*>(smem + L::BIAS);  // DRAW_BIAS: per-draw log weights, base 2
   float s[RI][CJ], dp[RI][CJ];
 #pragma unroll
   for (int i = 0; i < RI; ++i)
@@ -551,11 +583,12 @@ __device__ __forceinline__ void dq_step_simt(unsigned char* smem, int tx, int ty
 #pragma unroll
   for (int j = 0; j < CJ; ++j) {
     const int key = s_key[tx + 16 * j];
+    const float bias = DRAW_BIAS ? s_bias[tx + 16 * j] : 0.0f;
 #pragma unroll
     for (int i = 0; i < RI; ++i) {
       bool ok = key >= 0;
       if (CAUSAL) ok = ok && key <= row_lim[i];
-      const float p = ok ? fast_exp2(s[i][j] * scale_log2 - off2[i]) : 0.0f;
+      const float p = ok ? fast_exp2(s[i][j] * scale_log2 - off2[i] + bias) : 0.0f;
       dSs[(ty + i * TY) * L::LDS + tx + 16 * j] = p * (dp[i][j] - delta[i]) * scale;
     }
   }
@@ -575,9 +608,9 @@ __device__ __forceinline__ void dq_step_simt(unsigned char* smem, int tx, int ty
 }
 
 template <typename TDO, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, int WARPS, bool PERMUTED, bool CAUSAL,
-          bool HAS_SAMPLES, bool OVERWRITE>
+          bool HAS_SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __device__ __forceinline__ void dq_body_simt(const DqArgs<float, TDO>& a, unsigned char* smem) {
-  using L = DqSmem<float, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>;
+  using L = DqSmem<float, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, DRAW_WEIGHTS>;
   constexpr int NTHREADS = WARPS * 32, TY = NTHREADS / 16, RI = BLOCK_M / TY, DJ = D_PAD / 16;
   static_assert(BLOCK_M % TY == 0, "dQ (fp32): BLOCK_M must be a multiple of 2 * WARPS");
   static_assert(BLOCK_N % 16 == 0, "dQ (fp32): BLOCK_N must be a multiple of 16");
@@ -586,6 +619,7 @@ __device__ __forceinline__ void dq_body_simt(const DqArgs<float, TDO>& a, unsign
   float* Ks = reinterpret_cast<float*>(smem + L::K);
   float* Vs = reinterpret_cast<float*>(smem + L::V);
   int* s_key = reinterpret_cast<int*>(smem + L::KEY);
+  float* s_bias = reinterpret_cast<float*>(smem + L::BIAS);  // DRAW_WEIGHTS
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 
   auto row_of = [&](int r) -> int {
@@ -621,13 +655,14 @@ __device__ __forceinline__ void dq_body_simt(const DqArgs<float, TDO>& a, unsign
     stage_rows<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(Vs, a.v, a.sv_n, a.sv_d, a.v_dim, key_of);
     for (int r = tid; r < BLOCK_N; r += NTHREADS) s_key[r] = key_of(r);
     __syncthreads();
-    dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, CAUSAL, L>(smem, tx, ty, lse2, delta, row_lim, a.scale,
-                                                                  a.scale_log2, a.head_dim, a.v_dim, dq);
+    dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, CAUSAL, false, L>(smem, tx, ty, lse2, delta, row_lim, a.scale,
+                                                                         a.scale_log2, a.head_dim, a.v_dim, dq);
   }
   if (HAS_SAMPLES) {
+    constexpr bool draws = DRAW_WEIGHTS;  // per-draw weights: lse2 and each slot's bias
     float off2[RI];
 #pragma unroll
-    for (int i = 0; i < RI; ++i) off2[i] = lse2[i] - a.log_w2;
+    for (int i = 0; i < RI; ++i) off2[i] = draws ? lse2[i] : lse2[i] - a.log_w2;
     for (int start = 0; start < a.num_samples; start += BLOCK_N) {
       auto key_of = [&](int r) -> int {
         const int slot = start + r;
@@ -636,10 +671,18 @@ __device__ __forceinline__ void dq_body_simt(const DqArgs<float, TDO>& a, unsign
       __syncthreads();
       stage_rows<BLOCK_N, D_PAD, L::LDQ, NTHREADS>(Ks, a.k, a.sk_n, a.sk_d, a.head_dim, key_of);
       stage_rows<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(Vs, a.v, a.sv_n, a.sv_d, a.v_dim, key_of);
-      for (int r = tid; r < BLOCK_N; r += NTHREADS) s_key[r] = key_of(r);
+      for (int r = tid; r < BLOCK_N; r += NTHREADS) {
+        s_key[r] = key_of(r);
+        if (draws) s_bias[r] = start + r < a.num_samples ? a.draw_log_w[start + r] * LOG2E : 0.0f;
+      }
       __syncthreads();
-      dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, false, L>(smem, tx, ty, off2, delta, row_lim, a.scale,
-                                                                   a.scale_log2, a.head_dim, a.v_dim, dq);
+      if (draws)
+        dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, false, true, L>(smem, tx, ty, off2, delta, row_lim, a.scale,
+                                                                           a.scale_log2, a.head_dim, a.v_dim, dq);
+      else
+        dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, false, false, L>(smem, tx, ty, off2, delta, row_lim,
+                                                                            a.scale, a.scale_log2, a.head_dim, a.v_dim,
+                                                                            dq);
     }
   }
 #pragma unroll
@@ -704,10 +747,13 @@ struct DkdvRowChunk {
 
 // dK/dV, tensor cores.  Warp w owns keys [16 w KT, 16 (w + 1) KT) of the tile (KT slices of 16);
 // per pass of ROW_CHUNK rows it forms S^T = K Q^T and dP^T = V dO^T (keys x rows) in registers.
-// keys / key_blocks: the thread's keys (g and g + 8 of each slice) and, for samples, their key blocks.
-template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int KT, bool CAUSAL, bool SAMPLES, typename L>
+// keys / key_blocks: the thread's keys (g and g + 8 of each slice) and, for samples, their key blocks;
+// DRAW_BIAS: key_bias (base 2) is added to each key's exponent (per-draw sample weights).
+template <typename T, int D_PAD, int DV_PAD, int BLOCK_M, int KT, bool CAUSAL, bool SAMPLES, bool DRAW_BIAS,
+          typename L>
 __device__ __forceinline__ void dkdv_step_mma(const unsigned char* smem, int stage, int table, int warp_key0, int lane,
-                                              const int (&keys)[KT][2], const int (&key_blocks)[KT][2], float scale,
+                                              const int (&keys)[KT][2], const int (&key_blocks)[KT][2],
+                                              const float (&key_bias)[KT][2], float scale,
                                               float scale_log2, int head_dim, int v_dim, float (&dk)[KT][D_PAD / 8][4],
                                               float (&dv)[KT][DV_PAD / 8][4]) {
   const T* Ks = reinterpret_cast<const T*>(smem + L::K);
@@ -746,7 +792,9 @@ __device__ __forceinline__ void dkdv_step_mma(const unsigned char* smem, int sta
         for (int e = 0; e < 4; ++e) {
           const int ki = e >> 1;  // key g or g + 8 of the slice
           const bool hi = e & 1;
-          float p = fast_exp2(s[n][e] * scale_log2 - (hi ? off2.y : off2.x));
+          float x = s[n][e] * scale_log2 - (hi ? off2.y : off2.x);
+          if (DRAW_BIAS) x += key_bias[kt][ki];
+          float p = fast_exp2(x);
           if (CAUSAL) p = keys[kt][ki] <= (hi ? row_lim.y : row_lim.x) ? p : 0.0f;
           if (SAMPLES) p = key_blocks[kt][ki] != (hi ? rblk.y : rblk.x) ? p : 0.0f;
           s[n][e] = p;                                                   // P^T
@@ -760,7 +808,7 @@ __device__ __forceinline__ void dkdv_step_mma(const unsigned char* smem, int sta
 }
 
 template <typename T, typename TDO, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, int WARPS, bool PERMUTED,
-          bool CAUSAL, bool SAMPLES, bool OVERWRITE>
+          bool CAUSAL, bool SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __device__ __forceinline__ void dkdv_body_mma(const DkdvArgs<T, TDO>& a, unsigned char* smem) {
   using L = DkdvSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>;
   constexpr int NTHREADS = WARPS * 32;
@@ -778,16 +826,20 @@ __device__ __forceinline__ void dkdv_body_mma(const DkdvArgs<T, TDO>& a, unsigne
   stage_rows<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(reinterpret_cast<T*>(smem + L::V), a.v, a.sv_n, a.sv_d, a.v_dim,
                                                 key_of);
 
-  // this thread's keys: g and g + 8 of each of the warp's slices, and (samples) their key blocks
+  // this thread's keys: g and g + 8 of each of the warp's slices, and (samples) their key blocks and
+  // per-draw log weights (base 2)
   const int warp_key0 = warp * KT * 16;
   int keys[KT][2], key_blocks[KT][2];
+  float key_bias[KT][2];
 #pragma unroll
   for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
     for (int ki = 0; ki < 2; ++ki) {
       const int r = warp_key0 + kt * 16 + (lane >> 2) + 8 * ki;
+      const bool slot = SAMPLES && a.k0 + r < a.k1;
       keys[kt][ki] = key_of(r);
-      key_blocks[kt][ki] = (SAMPLES && a.k0 + r < a.k1) ? a.sample_blocks[a.k0 + r] : -1;
+      key_blocks[kt][ki] = slot ? a.sample_blocks[a.k0 + r] : -1;
+      key_bias[kt][ki] = DRAW_WEIGHTS && slot ? a.draw_log_w[a.k0 + r] * LOG2E : 0.0f;
     }
 
   float dk[KT][D_PAD / 8][4], dv[KT][DV_PAD / 8][4];
@@ -857,9 +909,9 @@ __device__ __forceinline__ void dkdv_body_mma(const DkdvArgs<T, TDO>& a, unsigne
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of step s landed
     __syncthreads();     // and everyone's
-    dkdv_step_mma<T, D_PAD, DV_PAD, BLOCK_M, KT, CAUSAL, SAMPLES, L>(smem, step & 1, step % 3, warp_key0, lane, keys,
-                                                                    key_blocks, a.scale, a.scale_log2, a.head_dim,
-                                                                    a.v_dim, dk, dv);
+    dkdv_step_mma<T, D_PAD, DV_PAD, BLOCK_M, KT, CAUSAL, SAMPLES, SAMPLES && DRAW_WEIGHTS, L>(
+        smem, step & 1, step % 3, warp_key0, lane, keys, key_blocks, key_bias, a.scale, a.scale_log2, a.head_dim,
+        a.v_dim, dk, dv);
   }
   cp_async_wait<0>();  // no copy outlives the block
 
@@ -899,7 +951,7 @@ __device__ __forceinline__ void dkdv_body_mma(const DkdvArgs<T, TDO>& a, unsigne
 // dK/dV, fp32 SIMT.  Thread (ty, tx) owns keys ty + i TY and, per product, columns tx + 16 j; P^T and
 // then dS^T pass through one shared buffer (two would not fit at D = 128 on sm_80).
 template <typename TDO, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, int WARPS, bool PERMUTED, bool CAUSAL,
-          bool SAMPLES, bool OVERWRITE>
+          bool SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __device__ __forceinline__ void dkdv_body_simt(const DkdvArgs<float, TDO>& a, unsigned char* smem) {
   using L = DkdvSmem<float, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>;
   constexpr int NTHREADS = WARPS * 32, TY = NTHREADS / 16, KI = BLOCK_N / TY, RJ = BLOCK_M / 16;
@@ -925,12 +977,17 @@ __device__ __forceinline__ void dkdv_body_simt(const DkdvArgs<float, TDO>& a, un
                                                key_of);
   stage_rows<BLOCK_N, DV_PAD, L::LDV, NTHREADS>(reinterpret_cast<float*>(smem + L::V), a.v, a.sv_n, a.sv_d, a.v_dim,
                                                 key_of);
+  // the thread's keys and (samples) their key blocks and per-draw log weights (base 2; 0 without)
+  constexpr bool draws = SAMPLES && DRAW_WEIGHTS;
   int keys[KI], key_blocks[KI];
+  float key_bias[KI];
 #pragma unroll
   for (int i = 0; i < KI; ++i) {
     const int r = ty + i * TY;
+    const bool slot = SAMPLES && a.k0 + r < a.k1;
     keys[i] = key_of(r);
-    key_blocks[i] = (SAMPLES && a.k0 + r < a.k1) ? a.sample_blocks[a.k0 + r] : -1;
+    key_blocks[i] = slot ? a.sample_blocks[a.k0 + r] : -1;
+    key_bias[i] = draws && slot ? a.draw_log_w[a.k0 + r] * LOG2E : 0.0f;
   }
   float dk[KI][DJ], dv[KI][VJ];
 #pragma unroll
@@ -982,7 +1039,7 @@ __device__ __forceinline__ void dkdv_body_simt(const DkdvArgs<float, TDO>& a, un
         const float off2 = s_off2[c], delta = s_delta[c];
 #pragma unroll
         for (int i = 0; i < KI; ++i) {
-          float p = fast_exp2(s[i][j] * a.scale_log2 - off2);
+          float p = fast_exp2(s[i][j] * a.scale_log2 - off2 + (draws ? key_bias[i] : 0.0f));
           if (CAUSAL) p = keys[i] <= s_row_lim[c] ? p : 0.0f;
           if (SAMPLES) p = key_blocks[i] != s_rblk[c] ? p : 0.0f;
           Ps[(ty + i * TY) * L::LDP + c] = p;
@@ -1055,14 +1112,16 @@ __device__ __forceinline__ void dkdv_body_simt(const DkdvArgs<float, TDO>& a, un
 // ---------------------------------------------------------------------------------------------------
 
 // dQ over a query-side tile table: grid (T, B * Hq), WARPS * 32 threads,
-// DqSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>::BYTES of dynamic shared memory.
+// DqSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, DRAW_WEIGHTS>::BYTES of dynamic shared memory.  With
+// HAS_SAMPLES and DRAW_WEIGHTS the sample slots weigh DrawLogW (a log weight per draw), else LogW[seg].
 template <typename T, typename TDO, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, int WARPS, bool PERMUTED,
-          bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE>
+          bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dq(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const TDO* __restrict__ DO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, float* __restrict__ DQ,
     const long long* __restrict__ Tiles, const int* __restrict__ QOrder, const int* __restrict__ KOrder,
     const int* __restrict__ Samples, const int* __restrict__ SampleBlock, const float* __restrict__ LogW,
+    const float* __restrict__ DrawLogW,
     long long sq_b, long long sq_h, long long sq_n, long long sq_d,
     long long sk_b, long long sk_h, long long sk_n, long long sk_d,
     long long sv_b, long long sv_h, long long sv_n, long long sv_d,
@@ -1072,8 +1131,9 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dq(
     long long sqo_b, long long sqo_h, long long sko_b, long long sko_h,
     long long ss_b, long long ss_h, long long ss_s,
     int num_heads, int group, float scale, float scale_log2, int num_samples, int head_dim, int v_dim) {
+  static_assert(HAS_SAMPLES || !DRAW_WEIGHTS, "per-draw weights are the samples'");
   extern __shared__ __align__(16) unsigned char smem[];
-  bwd::check_smem(bwd::DqSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>::BYTES);
+  bwd::check_smem(bwd::DqSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, DRAW_WEIGHTS>::BYTES);
   int b, h, hk;
   program_heads(num_heads, group, b, h, hk);
   const Tile tile = load_tile(Tiles);
@@ -1090,6 +1150,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dq(
   const long long sample_row = b * ss_b + hk * ss_h + tile.seg * ss_s;
   a.samples = Samples + (HAS_SAMPLES ? sample_row : 0);
   a.sample_blocks = SampleBlock + (HAS_SAMPLES ? sample_row : 0);
+  a.draw_log_w = DRAW_WEIGHTS ? DrawLogW + sample_row : nullptr;
   a.sq_n = sq_n; a.sq_d = sq_d; a.sk_n = sk_n; a.sk_d = sk_d; a.sv_n = sv_n; a.sv_d = sv_d;
   a.sdo_n = sdo_n; a.sdo_d = sdo_d; a.sl_n = sl_n; a.sdq_n = sdq_n; a.sdq_d = sdq_d;
   a.blk = static_cast<int>(tile.blk);
@@ -1098,24 +1159,26 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dq(
   a.diag = static_cast<int>(tile.diag);
   a.num_samples = num_samples; a.head_dim = head_dim; a.v_dim = v_dim;
   a.scale = scale; a.scale_log2 = scale_log2;
-  a.log_w2 = HAS_SAMPLES ? LogW[tile.seg] * LOG2E : 0.0f;
+  a.log_w2 = HAS_SAMPLES && !DRAW_WEIGHTS ? LogW[tile.seg] * LOG2E : 0.0f;
   if constexpr (bwd::SameType<T, float>::value)
-    bwd::dq_body_simt<TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, HAS_SAMPLES, OVERWRITE>(a, smem);
+    bwd::dq_body_simt<TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, HAS_SAMPLES, OVERWRITE,
+                      DRAW_WEIGHTS>(a, smem);
   else
-    bwd::dq_body_mma<T, TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, HAS_SAMPLES, OVERWRITE>(a, smem);
+    bwd::dq_body_mma<T, TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, HAS_SAMPLES, OVERWRITE,
+                     DRAW_WEIGHTS>(a, smem);
 }
 
 // dK/dV over a key-side tile table (keys, or with SAMPLES sample slots): grid (T, B * Hk), WARPS * 32
 // threads, DkdvSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>::BYTES of dynamic shared memory.  Sample slots
-// are never causal and always add (atomically).
+// are never causal and always add (atomically); they weigh DrawLogW with DRAW_WEIGHTS, else LogW[seg].
 template <typename T, typename TDO, int D_PAD, int DV_PAD, int BLOCK_M, int BLOCK_N, int WARPS, bool PERMUTED,
-          bool CAUSAL, bool SAMPLES, bool OVERWRITE>
+          bool CAUSAL, bool SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dkdv(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const TDO* __restrict__ DO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, float* __restrict__ DK, float* __restrict__ DV,
     const long long* __restrict__ Tiles, const int* __restrict__ QOrder, const int* __restrict__ KOrder,
     const int* __restrict__ QBlock, const int* __restrict__ Samples, const int* __restrict__ SampleBlock,
-    const float* __restrict__ LogW,
+    const float* __restrict__ LogW, const float* __restrict__ DrawLogW,
     long long sq_b, long long sq_h, long long sq_n, long long sq_d,
     long long sk_b, long long sk_h, long long sk_n, long long sk_d,
     long long sv_b, long long sv_h, long long sv_n, long long sv_d,
@@ -1127,6 +1190,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dkdv(
     long long ss_b, long long ss_h, long long ss_s,
     int num_kv_heads, int group, float scale, float scale_log2, int head_dim, int v_dim) {
   static_assert(!(SAMPLES && (CAUSAL || OVERWRITE)), "sample slots are never causal and always add");
+  static_assert(SAMPLES || !DRAW_WEIGHTS, "per-draw weights are the sample slots'");
   extern __shared__ __align__(16) unsigned char smem[];
   bwd::check_smem(bwd::DkdvSmem<T, D_PAD, DV_PAD, BLOCK_M, BLOCK_N>::BYTES);
   int b, hk, unused;
@@ -1144,6 +1208,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dkdv(
   const long long sample_row = b * ss_b + hk * ss_h + tile.seg * ss_s;
   a.samples = Samples + (SAMPLES ? sample_row : 0);
   a.sample_blocks = SampleBlock + (SAMPLES ? sample_row : 0);
+  a.draw_log_w = DRAW_WEIGHTS ? DrawLogW + sample_row : nullptr;
   a.sq_b = sq_b; a.sq_h = sq_h; a.sq_n = sq_n; a.sq_d = sq_d;
   a.sdo_b = sdo_b; a.sdo_h = sdo_h; a.sdo_n = sdo_n; a.sdo_d = sdo_d;
   a.sl_b = sl_b; a.sl_h = sl_h; a.sl_n = sl_n; a.sqo_b = sqo_b; a.sqo_h = sqo_h;
@@ -1155,11 +1220,13 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dkdv(
   a.diag = static_cast<int>(tile.diag);
   a.head_dim = head_dim; a.v_dim = v_dim;
   a.scale = scale; a.scale_log2 = scale_log2;
-  a.bias2 = SAMPLES ? LogW[tile.seg] * LOG2E : 0.0f;
+  a.bias2 = SAMPLES && !DRAW_WEIGHTS ? LogW[tile.seg] * LOG2E : 0.0f;
   if constexpr (bwd::SameType<T, float>::value)
-    bwd::dkdv_body_simt<TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, SAMPLES, OVERWRITE>(a, smem);
+    bwd::dkdv_body_simt<TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, SAMPLES, OVERWRITE,
+                        DRAW_WEIGHTS>(a, smem);
   else
-    bwd::dkdv_body_mma<T, TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, SAMPLES, OVERWRITE>(a, smem);
+    bwd::dkdv_body_mma<T, TDO, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, PERMUTED, CAUSAL, SAMPLES, OVERWRITE,
+                       DRAW_WEIGHTS>(a, smem);
 }
 
 }  // namespace hyperattn
@@ -1167,10 +1234,16 @@ __global__ void __launch_bounds__(WARPS * 32) attention_bwd_dkdv(
 #ifdef HYPERATTN_COMPILE_CHECK
 // The tuned launches (launches.DEFAULT_LAUNCHES "dq" / "dkdv"), instantiated for nvcc's ahead-of-time
 // check (compiler.nvcc_check): taking their addresses instantiates them.
+#define HA_DQ_W(T, TDO, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER, DRAW) \
+  reinterpret_cast<const void*>(                                         \
+      &hyperattn::attention_bwd_dq<T, TDO, D, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER, DRAW>)
+#define HA_DKDV_W(T, TDO, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER, DRAW) \
+  reinterpret_cast<const void*>(                                           \
+      &hyperattn::attention_bwd_dkdv<T, TDO, D, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER, DRAW>)
 #define HA_DQ(T, TDO, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER) \
-  reinterpret_cast<const void*>(&hyperattn::attention_bwd_dq<T, TDO, D, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER>)
+  HA_DQ_W(T, TDO, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER, false)
 #define HA_DKDV(T, TDO, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER) \
-  reinterpret_cast<const void*>(&hyperattn::attention_bwd_dkdv<T, TDO, D, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER>)
+  HA_DKDV_W(T, TDO, D, BM, BN, W, PERM, CAUSAL, SAMPLES, OVER, false)
 const void* const hyperattn_bwd_compile_check[] = {
     // dQ: sparse pieces (LSH order, samples, first piece) and exact causal pieces (adding)
     HA_DQ(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 4, true, false, true, true),
@@ -1192,7 +1265,16 @@ const void* const hyperattn_bwd_compile_check[] = {
     HA_DKDV(__half, __half, 128, 64, 64, 4, true, false, false, false),
     HA_DKDV(float, float, 64, 64, 64, 4, true, false, true, false),  // fp32 (not tuned): the 32-row launch spills 64 B on sm_80
     HA_DKDV(__nv_bfloat16, __nv_bfloat16, 256, 32, 32, 2, true, false, false, true),
+    // sampling="key_norm": per-draw weights (dQ of sparse pieces, dK/dV of their sample slots)
+    HA_DQ_W(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 4, true, false, true, true, true),
+    HA_DQ_W(__nv_bfloat16, __nv_bfloat16, 128, 64, 64, 4, true, false, true, false, true),
+    HA_DQ_W(float, float, 64, 64, 64, 4, true, false, true, true, true),
+    HA_DKDV_W(__nv_bfloat16, __nv_bfloat16, 64, 32, 64, 4, true, false, true, false, true),
+    HA_DKDV_W(__nv_bfloat16, __nv_bfloat16, 128, 64, 64, 4, true, false, true, false, true),
+    HA_DKDV_W(float, float, 64, 64, 64, 4, true, false, true, false, true),
 };
 #undef HA_DQ
 #undef HA_DKDV
+#undef HA_DQ_W
+#undef HA_DKDV_W
 #endif  // HYPERATTN_COMPILE_CHECK

@@ -7,7 +7,8 @@
 // CAUSAL keeps key j for row i when j <= i + diag.  With HAS_SAMPLES the m sample slots of
 // segment seg follow (keys Samples[b, hk, seg, :], their key blocks SampleBlock[b, hk, seg, :]):
 // a slot drawn from the tile's own key block blk is left out (that block is computed exactly),
-// the others weigh exp(LogW[seg]).  Online softmax in base 2 and fp32, then (o, lse) merged by
+// the others weigh exp(LogW[seg]), or with DRAW_WEIGHTS exp(DrawLogW[b, hk, seg, j]) each (importance
+// sampling: a log weight per draw, laid out as Samples).  Online softmax in base 2 and fp32, then (o, lse) merged by
 // log-sum-exp into the running (Out, Lse), or written without reading when OVERWRITE.
 //
 // Template parameters: T (__half, __nv_bfloat16 or float inputs), TOut (T or float: the running
@@ -115,18 +116,21 @@ struct KeySource {
   const int* samples;      // Samples of (b, hk, seg)
   const int* sample_block; // SampleBlock of (b, hk, seg)
   int k0, k1, block_steps, num_samples, blk;
+  const float* draw_log_w; // DrawLogW of (b, hk, seg), or nullptr: every draw weighs sample_bias
   float sample_bias;       // LogW[seg] in raw score units (/ scale), added to a sample's score
+  float to_score;          // a natural log weight -> raw score units: LOG2E / scale_log2
 };
 
 // One slot's raw values, loaded a step before they are needed.
 struct SlotFetch {
   int key, key_block;
+  float bias;  // a sample's score bias (raw score units)
   bool in_range, sample;
 };
 
 template <int BLOCK_N, bool PERMUTED, bool HAS_SAMPLES>
 __device__ __forceinline__ SlotFetch fetch_slot(const KeySource& src, int step, int slot) {
-  SlotFetch f{-1, -1, false, false};
+  SlotFetch f{-1, -1, 0.f, false, false};
   if (!HAS_SAMPLES || step < src.block_steps) {
     const int pos = src.k0 + step * BLOCK_N + slot;
     f.in_range = pos < src.k1;
@@ -138,6 +142,7 @@ __device__ __forceinline__ SlotFetch fetch_slot(const KeySource& src, int step, 
     if (f.in_range) {
       f.key = src.samples[j];
       f.key_block = src.sample_block[j];
+      f.bias = src.draw_log_w != nullptr ? src.draw_log_w[j] * src.to_score : src.sample_bias;
     }
   }
   return f;
@@ -148,7 +153,7 @@ __device__ __forceinline__ void commit_slot(const SlotFetch& f, const KeySource&
                                             int slot) {
   const bool keep = f.in_range && !(f.sample && f.key_block == src.blk);
   kidx[slot] = keep ? f.key : -1;
-  kbias[slot] = keep ? (f.sample ? src.sample_bias : 0.f) : neg_inf();
+  kbias[slot] = keep ? (f.sample ? f.bias : 0.f) : neg_inf();
 }
 
 // -- writing a tile's rows: _store_partial ---------------------------------------------------------
@@ -575,15 +580,16 @@ struct MinBlocks {
 // (element strides s*_b, s*_h, s*_n, s*_d; Lse's sl_b, sl_h, sl_n); Tiles int64 [T, 7] contiguous;
 // QOrder int32 [B, Hq, Nq] / KOrder int32 [B, Hk, Nk] (strides (b, h), positions contiguous; read
 // when PERMUTED); Samples / SampleBlock int32 [B, Hk, S, m] (strides (b, h, s), slots contiguous;
-// read when HAS_SAMPLES), LogW float32 [S]; num_heads = Hq, group = Hq / Hk, scale_log2 =
+// read when HAS_SAMPLES), LogW float32 [S], DrawLogW float32 [B, Hk, S, m] (Samples' strides; read
+// instead of LogW when DRAW_WEIGHTS); num_heads = Hq, group = Hq / Hk, scale_log2 =
 // scale * log2(e), num_samples = m.  Positions, indices and diag fit in int32 (the orders do).
 template <typename T, typename TOut, int HEAD_DIM, int D_PAD, int V_DIM, int DV_PAD, int BLOCK_M, int BLOCK_N,
-          int WARPS, bool PERMUTED, bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE>
+          int WARPS, bool PERMUTED, bool CAUSAL, bool HAS_SAMPLES, bool OVERWRITE, bool DRAW_WEIGHTS>
 __global__ void __launch_bounds__(WARPS * 32, fwd_detail::MinBlocks<T, D_PAD, DV_PAD, WARPS>::value)
 attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, TOut* __restrict__ Out,
               float* __restrict__ Lse, const long long* __restrict__ Tiles, const int* __restrict__ QOrder,
               const int* __restrict__ KOrder, const int* __restrict__ Samples, const int* __restrict__ SampleBlock,
-              const float* __restrict__ LogW,
+              const float* __restrict__ LogW, const float* __restrict__ DrawLogW,
               long long sq_b, long long sq_h, long long sq_n, long long sq_d,
               long long sk_b, long long sk_h, long long sk_n, long long sk_d,
               long long sv_b, long long sv_h, long long sv_n, long long sv_d,
@@ -597,6 +603,7 @@ attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
   constexpr int THREADS = WARPS * 32;
   using L = SmemLayout<T, BLOCK_M, BLOCK_N, D_PAD, DV_PAD, SIMT>;
   static_assert(same_type<TOut, T>::value || same_type<TOut, float>::value, "Out is the input dtype or float");
+  static_assert(HAS_SAMPLES || !DRAW_WEIGHTS, "per-draw weights are the samples'");
   static_assert(HEAD_DIM <= D_PAD && V_DIM <= DV_PAD && D_PAD % 16 == 0 && DV_PAD % 16 == 0, "padded head dims");
   static_assert(BLOCK_N <= THREADS, "one thread per key slot of a step");
   using Rows = typename pick<SIMT, SimtRows<HEAD_DIM, V_DIM, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, WARPS, L::LDQ, L::LDV, L::LDP>,
@@ -631,12 +638,15 @@ attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
   src.num_samples = HAS_SAMPLES ? num_samples : 0;
   src.samples = Samples;
   src.sample_block = SampleBlock;
+  src.draw_log_w = nullptr;
   src.sample_bias = 0.f;
+  src.to_score = LOG2E / scale_log2;
   if (HAS_SAMPLES) {
     const long long sample_row = b * ss_b + hk * ss_h + tile.seg * ss_s;
     src.samples = Samples + sample_row;
     src.sample_block = SampleBlock + sample_row;
-    src.sample_bias = LogW[tile.seg] * LOG2E / scale_log2;  // in raw score units
+    src.sample_bias = LogW[tile.seg] * src.to_score;  // in raw score units
+    if (DRAW_WEIGHTS) src.draw_log_w = DrawLogW + sample_row;
   }
   const int steps = src.block_steps + (HAS_SAMPLES ? (src.num_samples + BLOCK_N - 1) / BLOCK_N : 0);
 
@@ -646,7 +656,7 @@ attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     const int pos = q0 + i;
     qidx[i] = pos < q1 ? (PERMUTED ? q_order[pos] : pos) : -1;
   }
-  SlotFetch next{-1, -1, false, false};
+  SlotFetch next{-1, -1, 0.f, false, false};
   if (tid < BLOCK_N) {
     if (steps > 0) commit_slot(fetch_slot<BLOCK_N, PERMUTED, HAS_SAMPLES>(src, 0, tid), src, kidx, kbias, tid);
     if (steps > 1) next = fetch_slot<BLOCK_N, PERMUTED, HAS_SAMPLES>(src, 1, tid);
@@ -715,13 +725,16 @@ attention_fwd(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #define HYPERATTN_FWD_PARAMS(T, TOut)                                                                            \
   const T* __restrict__, const T* __restrict__, const T* __restrict__, TOut* __restrict__, float* __restrict__,  \
       const long long* __restrict__, const int* __restrict__, const int* __restrict__, const int* __restrict__,  \
-      const int* __restrict__, const float* __restrict__, long long, long long, long long, long long, long long, \
+      const int* __restrict__, const float* __restrict__, const float* __restrict__, long long, long long,      \
       long long, long long, long long, long long, long long, long long, long long, long long, long long,         \
       long long, long long, long long, long long, long long, long long, long long, long long, long long,         \
-      long long, long long, long long, int, int, float, int
-#define HYPERATTN_FWD(T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER)                       \
-  template __global__ void hyperattn::attention_fwd<T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER>( \
+      long long, long long, long long, long long, long long, long long, int, int, float, int
+#define HYPERATTN_FWD_W(T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER, DRAW)                     \
+  template __global__ void                                                                                   \
+  hyperattn::attention_fwd<T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER, DRAW>(                 \
       HYPERATTN_FWD_PARAMS(T, TOut));
+#define HYPERATTN_FWD(T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER) \
+  HYPERATTN_FWD_W(T, TOut, D, DP, DV, DVP, BM, BN, W, PERM, CAUS, SAMP, OVER, false)
 
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, false, false, false, true)
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, false, true, false, true)
@@ -738,7 +751,11 @@ HYPERATTN_FWD(__half, __half, 128, 128, 128, 128, 64, 64, 4, true, false, true, 
 HYPERATTN_FWD(__half, float, 128, 128, 128, 128, 64, 64, 4, true, false, true, false)
 HYPERATTN_FWD(float, float, 128, 128, 128, 128, 64, 64, 4, true, false, true, false)
 HYPERATTN_FWD(__nv_bfloat16, __nv_bfloat16, 256, 256, 256, 256, 64, 32, 4, true, false, true, false)
+// sampling="key_norm": per-draw weights
+HYPERATTN_FWD_W(__nv_bfloat16, __nv_bfloat16, 64, 64, 64, 64, 128, 32, 4, true, false, true, false, true)
+HYPERATTN_FWD_W(__nv_bfloat16, __nv_bfloat16, 128, 128, 128, 128, 64, 64, 4, true, false, true, true, true)
 
 #undef HYPERATTN_FWD
+#undef HYPERATTN_FWD_W
 #undef HYPERATTN_FWD_PARAMS
 #endif  // HYPERATTN_COMPILE_CHECK

@@ -3,6 +3,7 @@
 //   row_dot        out[b, h, n] = sum_d a[b, h, n, d] * b[b, h, n, d] in fp32 (the backward's delta)
 //   cast_rows      dst[b, h, n, :] = src[b, h, n, :] in dst's type (ADD: dst += src), e.g. fp32 -> bf16
 //   draw_samples   the residual's key samples, hyperattn.sampling.sample_keys bit for bit
+//   draw_key_norm_samples  sampling="key_norm": hyperattn.sampling.sample_keys_by_key_norm
 //   sample_blocks  out[b, h, s, j] = k_rank[b, h, samples[b, h, s, j]] / block_size
 //
 // Row kernels: a block owns `block_rows` rows of one (batch, head): blockIdx.x = bh * row_blocks +
@@ -84,6 +85,26 @@ constexpr unsigned long long SPLITMIX_GOLDEN = 0x9E3779B97F4A7C15ull;
 constexpr unsigned long long SPLITMIX_MIX1 = 0xBF58476D1CE4E5B9ull;
 constexpr unsigned long long SPLITMIX_MIX2 = 0x94D049BB133111EBull;
 constexpr unsigned long long SAMPLE_STREAM = 0xD1B54A32D192ED03ull;
+// hyperattn.sampling.PREFIX_FLOOR (2**-24): a segment lighter than this share of the prefix sum at
+// its end draws uniformly.
+constexpr double KEY_NORM_PREFIX_FLOOR = 5.9604644775390625e-08;
+
+// The stream's key: seed (or, seed_in_memory, the int64 at seed_ptr, read when the kernel runs)
+// + stream * STREAM, mod 2**64.
+__device__ __forceinline__ unsigned long long stream_key(unsigned long long seed, const long long* seed_ptr,
+                                                         int seed_in_memory, unsigned long long stream) {
+  const unsigned long long s0 = seed_in_memory ? static_cast<unsigned long long>(*seed_ptr) : seed;
+  return s0 + stream * SAMPLE_STREAM;
+}
+
+// hyperattn.sampling.mix: SplitMix64's finaliser of key + (i + 1) * GOLDEN, its high 32 bits.
+__device__ __forceinline__ unsigned long long counter_bits(unsigned long long key, long long i) {
+  unsigned long long z = key + (static_cast<unsigned long long>(i) + 1ull) * SPLITMIX_GOLDEN;
+  z = (z ^ (z >> 30)) * SPLITMIX_MIX1;
+  z = (z ^ (z >> 27)) * SPLITMIX_MIX2;
+  z = z ^ (z >> 31);
+  return z >> 32;
+}
 
 // out [B, Hk, S, m] contiguous (OutT: int, or long long from n_k = 2**31): element i (the
 // spec's counter, ((b * Hk + h) * S + s) * m + j) is
@@ -98,20 +119,70 @@ __global__ void draw_samples(OutT* __restrict__ out, const long long* __restrict
                              const long long* __restrict__ k_len, unsigned long long seed,
                              const long long* __restrict__ seed_ptr, int seed_in_memory, unsigned long long stream,
                              long long total, long long per_head, long long m, int block_elems) {
-  const unsigned long long s0 = seed_in_memory ? static_cast<unsigned long long>(*seed_ptr) : seed;
-  const unsigned long long key = s0 + stream * SAMPLE_STREAM;
+  const unsigned long long key = stream_key(seed, seed_ptr, seed_in_memory, stream);
   const long long begin = static_cast<long long>(blockIdx.x) * block_elems;
   const long long end = min(total, begin + block_elems);
   for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    unsigned long long z = key + (static_cast<unsigned long long>(i) + 1ull) * SPLITMIX_GOLDEN;
-    z = (z ^ (z >> 30)) * SPLITMIX_MIX1;
-    z = (z ^ (z >> 27)) * SPLITMIX_MIX2;
-    z = z ^ (z >> 31);
-    const unsigned long long bits = z >> 32;
+    const unsigned long long bits = counter_bits(key, i);
     const long long segment = (i % per_head) / m;
     const unsigned long long span = static_cast<unsigned long long>(k_len[segment]);
     const long long drawn = static_cast<long long>((bits * span) >> 32) + k_start[segment];
     out[i] = static_cast<OutT>(drawn);
+  }
+}
+
+// sampling="key_norm" (hyperattn.sampling.sample_keys_by_key_norm, up to the rounding of the prefix
+// sums): out (OutT keys) and log_w (float32), contiguous [B, Hk, S, m], from the key weights
+// `weights` (float32 ||k||**4) and their inclusive float64 prefix sums `prefix` (both contiguous
+// [B, Hk, Nk]).  Draw j < m_u of a segment is stratified uniform over m_u strata; the others are
+// stratified on the segment's CDF (a binary search of `search_steps` >= the bit length of the
+// longest span halvings), or uniform over m_n strata where the segment's total is not above
+// KEY_NORM_PREFIX_FLOOR of the prefix sum at its end.  Each draw's log weight is
+// -log(m_u / n + m_n * p_x) (p_x = w_x / total, or 1 / n uniformly).  The counter of element
+// (b, h, s, j) is (b * kv_total + head_ids[h]) * S * m + s * m + j (a KV head of a larger call).
+template <typename OutT>
+__global__ void draw_key_norm_samples(OutT* __restrict__ out, float* __restrict__ log_w,
+                                      const float* __restrict__ weights, const double* __restrict__ prefix,
+                                      const long long* __restrict__ k_start, const long long* __restrict__ k_len,
+                                      const long long* __restrict__ head_ids, unsigned long long seed,
+                                      const long long* __restrict__ seed_ptr, int seed_in_memory,
+                                      unsigned long long stream, long long total, long long per_head, long long m,
+                                      long long m_u, long long m_n, int kv_heads, long long kv_total, long long n_k,
+                                      int search_steps, int block_elems) {
+  const unsigned long long key = stream_key(seed, seed_ptr, seed_in_memory, stream);
+  const long long begin = static_cast<long long>(blockIdx.x) * block_elems;
+  const long long end = min(total, begin + block_elems);
+  for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const long long bh = i / per_head, offs = i - bh * per_head;
+    const long long b = bh / kv_heads, head = head_ids[bh - b * kv_heads];
+    const unsigned long long bits = counter_bits(key, (b * kv_total + head) * per_head + offs);
+    const long long segment = offs / m, slot = offs - segment * m;
+    const long long start = k_start[segment], span = k_len[segment];
+    const double* pre = prefix + bh * n_k;
+    const double base = start > 0 ? pre[start - 1] : 0.0;
+    const double last = pre[start + span - 1];
+    const double seg_total = last - base;
+    const bool weighed = seg_total > last * KEY_NORM_PREFIX_FLOOR;
+    const bool norm_draw = slot >= m_u;
+    const long long stratum = norm_draw ? slot - m_u : slot;
+    const long long strata = norm_draw ? max(m_n, 1ll) : m_u;
+    const long long offset = static_cast<long long>((bits * static_cast<unsigned long long>(span)) >> 32);
+    long long drawn = start + (stratum * span + offset) / strata;
+    if (norm_draw && weighed) {  // the first key whose inclusive prefix sum passes the target
+      const double target = base + (static_cast<double>(stratum) + static_cast<double>(bits) * 0x1p-32) /
+                                       static_cast<double>(max(m_n, 1ll)) * seg_total;
+      long long lo = start, hi = start + span;
+      for (int step = 0; step < search_steps && lo < hi; ++step) {
+        const long long mid = (lo + hi) / 2;
+        if (pre[mid] > target) hi = mid;
+        else lo = mid + 1;
+      }
+      drawn = min(lo, start + span - 1);
+    }
+    const double n = static_cast<double>(span);
+    const double p = weighed ? static_cast<double>(weights[bh * n_k + drawn]) / seg_total : 1.0 / n;
+    out[i] = static_cast<OutT>(drawn);
+    log_w[i] = -logf(static_cast<float>(static_cast<double>(m_u) / n + static_cast<double>(m_n) * p));
   }
 }
 
@@ -161,6 +232,14 @@ HYPERATTN_CAST_ALL(true)
                                                       unsigned long long, long long, long long, long long, int);
 HYPERATTN_DRAW(int)
 HYPERATTN_DRAW(long long)
+
+#define HYPERATTN_DRAW_KEY_NORM(O)                                                                              \
+  template __global__ void hyperattn::draw_key_norm_samples<O>(                                                 \
+      O*, float*, const float*, const double*, const long long*, const long long*, const long long*,           \
+      unsigned long long, const long long*, int, unsigned long long, long long, long long, long long, long long, \
+      long long, int, long long, long long, int, int);
+HYPERATTN_DRAW_KEY_NORM(int)
+HYPERATTN_DRAW_KEY_NORM(long long)
 
 #define HYPERATTN_SAMPLE_BLOCKS(S, R)                                                                            \
   template __global__ void hyperattn::sample_blocks<S, R>(const S*, const R*, int*, long long, long long, int,   \
