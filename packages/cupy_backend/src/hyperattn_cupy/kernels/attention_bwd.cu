@@ -30,8 +30,9 @@
 // Element types: T in {__half, __nv_bfloat16, float} for Q, K, V; TDO is T or float (dO is converted
 // to T when staged); Lse, Delta and the gradients DQ, DK, DV are float32.  Index arrays are int32:
 // QOrder [B, Hq, Nq], KOrder [B, Hk, Nk], Samples / SampleBlock [B, Hk, S, m] (slots contiguous),
-// LogW float32 [S], DrawLogW float32 [B, Hk, S, m] (Samples' strides), QBlock int32 [Nq] (contiguous).  Every stride is an int64 element stride (any
-// layout); row and key indices are int (they come from int32 orders), offsets are int64.
+// LogW float32 [S], DrawLogW float32 [B, Hk, S, m] (Samples' strides), QBlock int32 [Nq] (contiguous).
+// Every stride is an int64 element stride (any layout); row and key indices are int (they come from
+// int32 orders), offsets are int64.
 //
 // Template parameters: D_PAD, DV_PAD (the head dims padded to a power of two >= 16, see
 // launches.padded_dim) are compile-time; the true head dims head_dim, v_dim are runtime arguments, so
@@ -293,7 +294,7 @@ struct DkdvArgs {
   int b, hk, group;
   int q0, q1, k0, k1, diag;
   int head_dim, v_dim;
-  float scale, scale_log2, bias2;  // bias2: the sample slots' log weight in base 2 (0 for keys and per-draw weights)
+  float scale, scale_log2, bias2;  // bias2: the sample slots' log weight in base 2 (0: keys, per-draw weights)
 };
 
 // Shared-memory layouts (byte offsets).  16-bit: rows padded by 8 elements (16 bytes), so the 8 rows
