@@ -41,9 +41,11 @@ except ImportError:  # pragma: no cover
 ESTIMATOR_FAMILIES = {**FAMILIES, "local": testing.local_drift_inputs}
 
 
-def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> dict[str, dict | int]:
+def settings(block: int, samples: int, sinks: int, band: int, causal: bool,
+             model_bands: tuple[int, ...] = ()) -> dict[str, dict | int]:
     """name -> HyperAttention parameters, or the width of a local window (an int).  The band
-    settings are for causal calls only."""
+    settings are for causal calls only; ``model_bands``: widths w of the "band w + 64 samples"
+    settings that the perplexity benchmark compares (README, Estimators)."""
     chosen = {
         f"paper b{block} s{samples}": dict(block_size=block, sample_size=samples, estimator="paper"),
         f"stratified b{block} s{samples} (default)": dict(block_size=block, sample_size=samples),
@@ -60,6 +62,8 @@ def settings(block: int, samples: int, sinks: int, band: int, causal: bool) -> d
                                                                    band_keys=band)
         chosen[f"sinks {sinks} + band {band} + b{block} s{samples - band}"] = dict(
             block_size=block, sample_size=samples - band, band_keys=band, sink_keys=sinks)
+        for width in model_bands:
+            chosen[f"band {width} + b{block} s64"] = dict(block_size=block, sample_size=64, band_keys=width)
     chosen[f"window {block + samples}"] = block + samples
     return chosen
 
@@ -82,7 +86,7 @@ def measure(args) -> list[dict]:
                 q, k, v = make(np.random.default_rng(1000 * seed + args.n), args.heads, args.n, args.dim)
                 want_out, want_lse = testing.exact_attention_f64(q, k, v, causal=causal)
                 for name, setting in settings(args.block_size, args.sample_size, args.sinks, args.band,
-                                               causal).items():
+                                               causal, tuple(args.model_bands)).items():
                     if isinstance(setting, int):
                         weights = np.broadcast_to(window_weights(args.n, setting, causal), (1, args.heads, args.n, args.n))
                         out, lse = testing.weighted_softmax_attention(q, k, v, weights, args.dim ** -0.5)
@@ -113,6 +117,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sample_size", type=int, default=256)
     parser.add_argument("--sinks", type=int, default=64)
     parser.add_argument("--band", type=int, default=128, help="previous keys of the band settings (causal)")
+    parser.add_argument("--model_bands", type=int, nargs="*", default=[256, 384],
+                        help="widths of the 'band w + 64 samples' settings (causal), as in the model's table")
     parser.add_argument("--lsh_num_projs", type=int, default=7)
     parser.add_argument("--min_seq_len", type=int, default=512, help="causal leaves below 2x this are exact")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -93,9 +93,10 @@ def test_estimators_benchmark_writes_every_family_setting_and_mode(monkeypatch, 
 
     estimators.main(["--n", "256", "--seeds", "1", "--heads", "1", "--dim", "16", "--block_size", "32",
                      "--sample_size", "32", "--sinks", "8", "--band", "16", "--min_seq_len", "64",
-                     "--out", str(tmp_path)])
+                     "--model_bands", "24", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "estimators.json").read_text())["rows"]
-    assert len(rows) == 5 * (6 + 10)  # families x (non-causal settings + causal ones: the band's four more)
+    assert len(rows) == 5 * (6 + 11)  # families x (non-causal settings + causal ones: the bands' five more)
+    assert "band 24 + b32 s64" in {row["setting"] for row in rows if row["causal"]}
     assert {row["family"] for row in rows} == {"gaussian", "clustered", "sinks", "copy", "local"}
     assert {row["setting"] for row in rows if not row["causal"]} == {
         "paper b32 s32", "stratified b32 s32 (default)", "sinks 8 + b32 s24", "sinks 8 + b32 s32", "key_norm b32 s32",
