@@ -39,7 +39,7 @@ class CupyBackend(Backend):
         priority=5,
         running_out_dtype="input",
         device_seed=True,
-        samplings=("uniform", "stratified", "key_norm"),  # key_norm: the kernels' draw_weights
+        samplings=("uniform", "stratified", "key_norm"),  # key_norm: the kernels' DRAW_WEIGHTS variants
         per_draw_weights=True,
     )
 
