@@ -106,3 +106,21 @@ def test_more_positions_than_int32_indices_are_refused():
     assert "int32" in CupyBackend().unsupported_reason(long_keys)
     grid = Problem("torch", "cuda:0", "bfloat16", 4, 20000, 20000, 64, 64, 16, 16, False)
     assert "grid" in CupyBackend().unsupported_reason(grid)
+
+
+def test_a_call_inside_a_cuda_graph_capture_is_refused_with_its_reason(monkeypatch):
+    """CuPy's memory pool is not the graph's: under a capture (torch's or CuPy's) dispatch names the
+    reason and a call already dispatched stops at its scope, before any allocation; with nothing
+    capturing (here: no GPU at all) neither refuses."""
+    from hyperattn_cupy import arrays, backend
+
+    from hyperattn.protocol import Problem
+
+    problem = Problem("torch", "cuda:0", "bfloat16", 1, 2, 2, 64, 64, 64, 64, False)
+    assert arrays.capture_in_progress() is None
+    assert backend.CupyBackend().unsupported_reason(problem) is None
+    monkeypatch.setattr(arrays, "capture_in_progress", lambda: "torch")
+    reason = backend.CupyBackend().unsupported_reason(problem)
+    assert "CUDA graph is being captured (torch)" in reason and "backend='triton'" in reason
+    with pytest.raises(RuntimeError, match="cannot run this call: a CUDA graph is being captured"):
+        backend.CupyBackend().call_scope(np.zeros(1))

@@ -303,3 +303,19 @@ def test_short_calls_with_torch_tensors_are_sdpa(causal, monkeypatch):
     want_out.float().square().sum().backward()
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, [want_out.detach(), q.grad, k.grad, v.grad]):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
+
+
+def test_a_call_inside_a_cuda_graph_capture_is_refused():
+    """The backend's arrays come from CuPy's pool, which a torch graph does not own: a call under
+    ``torch.cuda.graph`` raises with the reason instead of being recorded, and eager calls after it
+    still run."""
+    torch = pytest.importorskip("torch")
+    import hyperattn
+
+    q, k, v = (torch.randn(1, 2, 8192, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    want = hyperattn.attention(q, k, v, backend="cupy", seed=0, exact_crossover=False)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="a CUDA graph is being captured \\(torch\\)"):
+        with torch.cuda.graph(graph):
+            hyperattn.attention(q, k, v, backend="cupy", seed=0, exact_crossover=False)
+    torch.testing.assert_close(hyperattn.attention(q, k, v, backend="cupy", seed=0, exact_crossover=False), want)

@@ -9,6 +9,7 @@ allocations, table copies and kernels are ordered with the caller's torch work.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 
@@ -116,3 +117,20 @@ def on_device_of(x, streams: StreamBridge):
 
     with cupy.cuda.Device(x.device.id), streams.scope():
         yield
+
+
+def capture_in_progress() -> str | None:
+    """Which CUDA graph capture records the current stream: ``"torch"`` (``torch.cuda.graph``,
+    ``torch.compile``'s graph trees) or ``"cupy"`` (``cupy.cuda.Stream.begin_capture``), else None
+    (also without a GPU or driver: nothing can be capturing there)."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "torch"
+        cupy = sys.modules.get("cupy")
+        if cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0 \
+                and cupy.cuda.get_current_stream().is_capturing():
+            return "cupy"
+    except Exception:  # no driver, or one older than the runtime: no stream to capture
+        return None
+    return None

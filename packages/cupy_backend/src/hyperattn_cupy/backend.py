@@ -83,7 +83,7 @@ class CupyBackend(Backend):
         if problem.requires_grad and _deterministic_requested():
             return ("torch.use_deterministic_algorithms(True) is on and this backend's backward adds the "
                     "sample slots' gradients with atomics: use backend='triton' or 'reference'")
-        return None
+        return _capture_refusal()
 
     # -- arrays ---------------------------------------------------------------------------------
     def to_native(self, x):
@@ -106,7 +106,11 @@ class CupyBackend(Backend):
 
     def call_scope(self, like):
         """The inputs' device and the caller's stream (see ``arrays.on_device_of``) for a whole call:
-        the core's allocations and fills too, not only this backend's kernels."""
+        the core's allocations and fills too, not only this backend's kernels.  Raises RuntimeError
+        inside a CUDA graph capture (see ``_capture_refusal``), also for a call dispatched before it."""
+        refusal = _capture_refusal()
+        if refusal is not None:
+            raise RuntimeError(f"the cupy backend cannot run this call: {refusal}")
         return arrays.on_device_of(like, self.streams)
 
     def from_host(self, values: np.ndarray, like):
@@ -248,6 +252,18 @@ class CupyBackend(Backend):
         attention_backward.backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix, structure is not None,
                                     lambda: self.structure_indices.query_blocks(q, structure), scale, dq, dk, dv,
                                     causal, overwrite, dq_launch, dkdv_launch)
+
+
+def _capture_refusal() -> str | None:
+    """Why a call cannot run now, if a CUDA graph capture records the current stream: the call's
+    arrays come from CuPy's memory pool, which the graph does not own, so a replay could write
+    memory that CuPy has handed out again since."""
+    capture = arrays.capture_in_progress()
+    if capture is None:
+        return None
+    return (f"a CUDA graph is being captured ({capture}) and this backend's arrays come from CuPy's memory "
+            "pool, which the graph does not own (a replay could write memory CuPy has handed out since): "
+            "capture with backend='triton'")
 
 
 def _deterministic_requested() -> bool:
