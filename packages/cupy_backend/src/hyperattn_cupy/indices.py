@@ -89,16 +89,15 @@ class StructureIndices:
 
         dummy, _ = self._dummy(q)
         q_order, k_order = as_int32(structure.q_order), as_int32(structure.k_order)
-        samples = sample_blocks = draw_log_w = dummy
+        samples = sample_blocks = dummy
         if structure.samples is not None:
             samples = as_int32(structure.samples)
             if not samples.flags.c_contiguous:
                 samples = samples.copy()
             sample_blocks = utility.sample_blocks(samples, structure.k_rank, structure.block_size, self._launches())
         draws = structure.samples is not None and structure.sample_log_weights is not None
-        if draws:  # C-contiguous like the samples: the kernels read it with their strides
-            draw_log_w = cupy.ascontiguousarray(structure.sample_log_weights, dtype=cupy.float32)
+        # C-contiguous like the samples: the kernels read the weights with the samples' strides
+        draw_log_w = cupy.ascontiguousarray(structure.sample_log_weights, dtype=cupy.float32) if draws else None
         log_w = self._tables.get(log_sample_weights, q, structure)
-        return IndexArrays(q_order, k_order, samples, sample_blocks, log_w, structure.sample_size,
-                           draw_log_w if draws else None, draws)
+        return IndexArrays(q_order, k_order, samples, sample_blocks, log_w, structure.sample_size, draw_log_w, draws)
 
