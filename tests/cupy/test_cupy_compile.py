@@ -52,3 +52,15 @@ ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90'
 ptxas info    : Used 12 registers"""
     assert compiler.parse_ptxas(report) == [compiler.PtxasEntry("_Z3fooPf", 40, 4, 4),
                                             compiler.PtxasEntry("_Z3barPf", 12, 0, 0)]
+
+
+def test_the_key_norm_draws_use_the_specifications_floor():
+    """utility.cu's KEY_NORM_PREFIX_FLOOR is ``hyperattn.sampling.PREFIX_FLOOR`` (a C++ constant
+    written out, so it must not drift from the specification)."""
+    import re
+
+    from hyperattn import sampling
+
+    source = (compiler.KERNEL_DIR / "utility.cu").read_text()
+    value = re.search(r"constexpr double KEY_NORM_PREFIX_FLOOR = ([0-9.e+-]+);", source).group(1)
+    assert float(value) == sampling.PREFIX_FLOOR

@@ -147,8 +147,7 @@ class CupyBackend(Backend):
         an int seed is a launch argument, a device seed (0-d int64) is read when the kernel runs."""
         from . import utility
 
-        if arrays.is_torch(seed):  # a device seed: a 0-d int64 tensor on the inputs' device
-            seed = arrays.torch_to_cupy(seed)
+        seed = _native_seed(seed)
         with arrays.on_device_of(like, self.streams):
             k_start, k_len = self.device_tables.get(_sample_bounds, like, segments)
             return utility.draw_samples(seed, stream, heads[0], heads[1], k_start, k_len, m, n_k,
@@ -168,8 +167,7 @@ class CupyBackend(Backend):
         target in the prefix sums; the seed as in :meth:`draw_samples`."""
         from . import utility
 
-        if arrays.is_torch(seed):
-            seed = arrays.torch_to_cupy(seed)
+        seed = _native_seed(seed)
         kv_heads = key_weights[0].shape[1]
         ids = tuple(range(kv_heads)) if head_ids is None else tuple(head_ids)
         with arrays.on_device_of(like, self.streams):
@@ -252,6 +250,12 @@ class CupyBackend(Backend):
         attention_backward.backward(q, k, v, lse, dout, delta, q_tiles, k_tiles, ix, structure is not None,
                                     lambda: self.structure_indices.query_blocks(q, structure), scale, dq, dk, dv,
                                     causal, overwrite, dq_launch, dkdv_launch)
+
+
+def _native_seed(seed):
+    """An int seed as it is; a device seed (a 0-d int64 torch tensor on the inputs' device) as the
+    cupy array over its memory, which the draw kernels read when they run."""
+    return arrays.torch_to_cupy(seed) if arrays.is_torch(seed) else seed
 
 
 def _capture_refusal() -> str | None:

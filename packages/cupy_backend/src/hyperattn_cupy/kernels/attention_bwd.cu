@@ -277,11 +277,11 @@ template <typename T, typename TDO>
 struct DqArgs {
   const T* q; const T* k; const T* v; const TDO* dout; const float* lse; const float* delta; float* dq;
   const int* q_order; const int* k_order; const int* samples; const int* sample_blocks;  // samples: the segment's row
-  const float* draw_log_w;  // the segment's row of DrawLogW, or nullptr: every slot weighs log_w2
+  const float* draw_log_w;  // DRAW_WEIGHTS: the segment's row of DrawLogW (else nullptr: every slot weighs log_w2)
   long long sq_n, sq_d, sk_n, sk_d, sv_n, sv_d, sdo_n, sdo_d, sl_n, sdq_n, sdq_d;
   int q0, q1, k0, k1, diag, blk;
   int num_samples, head_dim, v_dim;
-  float scale, scale_log2, log_w2;  // log_w2: the segment's log sample weight in base 2
+  float scale, scale_log2, log_w2;  // log_w2: the segment's log sample weight in base 2 (0: per-draw weights)
 };
 
 template <typename T, typename TDO>
@@ -456,9 +456,9 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
   constexpr bool draws = HAS_SAMPLES && DRAW_WEIGHTS;
   auto bias_at = [&](int step, int r) -> float {
     const int slot = (step - block_steps) * BLOCK_N + r;
-    return (draws && step >= block_steps && slot < a.num_samples) ? a.draw_log_w[slot] * LOG2E : 0.0f;
+    return (step >= block_steps && slot < a.num_samples) ? a.draw_log_w[slot] * LOG2E : 0.0f;
   };
-  float off2[MT][2];  // sample slots: lse2 minus the slots' log weight
+  float off2[MT][2];  // sample slots: lse2 minus the segment's log weight (lse2 itself with per-draw weights)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -505,12 +505,8 @@ __device__ __forceinline__ void dq_body_mma(const DqArgs<T, TDO>& a, unsigned ch
       dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, CAUSAL, false, L>(smem, step & 1, keys, biases, warp_row0, lane, lse2,
                                                                    delta, row_lim, a.scale, a.scale_log2, a.head_dim,
                                                                    a.v_dim, dq);
-    else if (draws)  // per-draw weights: lse2 and each slot's bias
-      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, true, L>(smem, step & 1, keys, biases, warp_row0, lane, lse2,
-                                                                 delta, row_lim, a.scale, a.scale_log2, a.head_dim,
-                                                                 a.v_dim, dq);
-    else
-      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, false, L>(smem, step & 1, keys, biases, warp_row0, lane, off2,
+    else  // sample slots (with per-draw weights: each slot's bias)
+      dq_step_mma<T, D_PAD, DV_PAD, BLOCK_N, MT, false, draws, L>(smem, step & 1, keys, biases, warp_row0, lane, off2,
                                                                   delta, row_lim, a.scale, a.scale_log2, a.head_dim,
                                                                   a.v_dim, dq);
   }
@@ -660,10 +656,10 @@ __device__ __forceinline__ void dq_body_simt(const DqArgs<float, TDO>& a, unsign
                                                                          a.scale_log2, a.head_dim, a.v_dim, dq);
   }
   if (HAS_SAMPLES) {
-    constexpr bool draws = DRAW_WEIGHTS;  // per-draw weights: lse2 and each slot's bias
+    constexpr bool draws = DRAW_WEIGHTS;  // per-draw weights: each slot's bias (and log_w2 = 0)
     float off2[RI];
 #pragma unroll
-    for (int i = 0; i < RI; ++i) off2[i] = draws ? lse2[i] : lse2[i] - a.log_w2;
+    for (int i = 0; i < RI; ++i) off2[i] = lse2[i] - a.log_w2;
     for (int start = 0; start < a.num_samples; start += BLOCK_N) {
       auto key_of = [&](int r) -> int {
         const int slot = start + r;
@@ -677,13 +673,8 @@ __device__ __forceinline__ void dq_body_simt(const DqArgs<float, TDO>& a, unsign
         if (draws) s_bias[r] = start + r < a.num_samples ? a.draw_log_w[start + r] * LOG2E : 0.0f;
       }
       __syncthreads();
-      if (draws)
-        dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, false, true, L>(smem, tx, ty, off2, delta, row_lim, a.scale,
-                                                                           a.scale_log2, a.head_dim, a.v_dim, dq);
-      else
-        dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, false, false, L>(smem, tx, ty, off2, delta, row_lim,
-                                                                            a.scale, a.scale_log2, a.head_dim, a.v_dim,
-                                                                            dq);
+      dq_step_simt<D_PAD, DV_PAD, BLOCK_N, NTHREADS, RI, false, draws, L>(smem, tx, ty, off2, delta, row_lim, a.scale,
+                                                                          a.scale_log2, a.head_dim, a.v_dim, dq);
     }
   }
 #pragma unroll
